@@ -1,0 +1,94 @@
+"""The one `picochat` command line: thin dispatch to the stage modules.
+
+Each command lives in its own module, which provides `add_cli(parser)` (its flags, or its own sub-commands) and
+`cli_main(args) -> int`. Modules are imported only when their command runs, so `picochat --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from picochat import __version__
+
+# command -> (module, one-line help). Order is the pipeline's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("picochat.doctor", "probe hardware and software, and recommend settings"),
+    "data": ("picochat.data", "synth | download | prepare pretraining shards"),
+    "tokenizer": ("picochat.tokenizer", "train | eval the BPE tokenizer"),
+    "pretrain": ("picochat.pretrain", "pretrain the base model"),
+    "midtrain": ("picochat.midtrain", "midtrain the base model on the conversation mixture"),
+    "sft": ("picochat.sft", "supervised fine-tuning on conversations (masked loss)"),
+    "rl": ("picochat.rl", "reinforcement learning on GSM8K-style problems with tool use"),
+    "eval": ("picochat.evaluate", "base (bpb, CORE, samples) | chat (ARC, MMLU, GSM8K, HumanEval, SpellingBee)"),
+    "chat": ("picochat.chat_cli", "talk to a model in the terminal"),
+    "serve": ("picochat.serve", "web chat UI and OpenAI-compatible /v1 API"),
+    "report": ("picochat.report", "write report.md (with plots) for a run"),
+    "speedrun": ("picochat.speedrun", "run the whole pipeline for a preset, resumably"),
+    "launch": ("picochat.launch", "run a stage under torchrun (multi-GPU, multi-node, no libuv needed)"),
+    "bench": ("picochat.bench", "pretrain | infer | tokenizer | loader benchmarks (one JSON line last)"),
+}
+
+
+class NotImplementedCommand(Exception):
+    pass
+
+
+def _load(command: str):
+    module_name, _ = COMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise NotImplementedCommand(command) from None
+        raise
+    if not hasattr(module, "add_cli") or not hasattr(module, "cli_main"):
+        raise NotImplementedCommand(command)
+    return module
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="picochat",
+        description="Train your own small ChatGPT from scratch, end to end. `picochat speedrun` runs it all.",
+    )
+    parser.add_argument("--version", action="version", version=f"picochat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        if name == command:  # only the chosen command's module is imported
+            _load(name).add_cli(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    try:
+        parser = build_parser(command)
+    except NotImplementedCommand:
+        print(f"picochat {command}: not implemented yet in picochat {__version__}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = _load(args.command)
+    from picochat.config import UserError
+
+    try:
+        rc = module.cli_main(args)
+    except UserError as e:
+        print(f"picochat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"picochat {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

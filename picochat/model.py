@@ -1,0 +1,328 @@
+"""The GPT: a small decoder-only transformer. It does not know where it runs.
+
+Architecture (each choice measured by nanochat/modded-nanogpt; see README "Model"):
+- token embedding -> RMSNorm -> n_layer x [pre-norm attention, pre-norm ReLU^2 MLP] -> RMSNorm -> untied lm_head
+- RoPE (base 100k), QK-norm, parameter-free RMSNorm, no biases, optional GQA, optional sliding windows per layer
+- value embeddings on alternating layers (ResFormer, arXiv 2410.17897) and per-layer residual scalars
+- logits soft-capped at 15 in fp32; vocab padded to a multiple of 64 (tensor cores, sharded optimizers)
+
+Build it on the meta device, move it with `to_empty`, then call `init_weights()`: `__init__` values are not the init.
+Compile, dtype policy, fp8 and distribution are applied from outside (pretrain.py, engine.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from picochat import attention
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "L"   # tiled over layers; S = short window, L = full context; the last layer is always L
+    value_embeds: bool = True   # ResFormer value embeddings on alternating layers
+    softcap: float = 15.0
+    rope_base: float = 100_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return ((self.vocab_size + 63) // 64) * 64
+
+    def validate(self) -> None:
+        from picochat.config import require
+
+        require(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        require(self.n_head % self.n_kv_head == 0,
+                f"n_head {self.n_head} must be divisible by n_kv_head {self.n_kv_head} (GQA groups)")
+        require(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
+        require(set(self.window_pattern.upper()) <= {"S", "L"} and self.window_pattern != "",
+                f"window_pattern {self.window_pattern!r}: use letters S (short window) and L (long)")
+
+    def window_sizes(self) -> list[int | None]:
+        """Per-layer attention window (None = full causal). S is a quarter of the context, rounded up to 128."""
+        short = max(128, math.ceil(self.sequence_len / 4 / 128) * 128)
+        short = min(short, self.sequence_len)
+        pat = self.window_pattern.upper()
+        out: list[int | None] = [short if pat[i % len(pat)] == "S" else None for i in range(self.n_layer)]
+        out[-1] = None
+        return [None if (w is not None and w >= self.sequence_len) else w for w in out]
+
+    def has_value_embed(self, layer: int) -> bool:
+        # alternating layers, always including the last one
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """Bias-free Linear whose fp32 master weight is cast to the activation dtype in forward (no autocast)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); cos/sin: (1, T, 1, D/2). Rotates (first half, second half) pairs."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Static preallocated cache: k/v of shape (n_layer, B, max_len, n_kv_head, head_dim); rows share a position.
+
+    `pos` is the number of tokens already in the cache. Layers insert as the forward pass goes; the model advances
+    `pos` after the last layer.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t0, t1 = self.pos, self.pos + k.shape[1]
+        if t1 > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {t1} tokens > max_len {self.max_len}")
+        self.k[layer, :, t0:t1] = k
+        self.v[layer, :, t0:t1] = v
+        return self.k[layer, :, :t1], self.v[layer, :, :t1]
+
+    def copy_from(self, other: "KVCache") -> None:
+        """Broadcast a (batch 1) prefilled cache into every row of this one."""
+        n = other.pos
+        self.k[:, :, :n] = other.k[:, :, :n]
+        self.v[:, :, :n] = other.v[:, :, :n]
+        self.pos = n
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d = config.n_embd
+        self.c_q = Linear(d, self.n_head * self.head_dim)
+        self.c_k = Linear(d, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(d, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(self.n_head * self.head_dim, d)
+        self.ve_gate = Linear(min(12, d), self.n_kv_head) if config.has_value_embed(layer) else None
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                window: int | None, kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            assert self.ve_gate is not None
+            gate = 2.0 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rms_norm(q), rms_norm(k)
+        if kv_cache is None:
+            y = attention.causal_attention(q, k, v, window=window)
+        else:
+            q_offset = kv_cache.pos
+            k, v = kv_cache.insert(self.layer, k, v)
+            y = attention.cached_attention(q, k, v, q_offset=q_offset, window=window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        V, d = config.padded_vocab_size, config.n_embd
+        kv_dim = config.n_kv_head * config.head_dim
+        self.wte = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
+                                           if config.has_value_embed(i)})
+        self.lm_head = Linear(d, V)
+        # per-layer residual scalars: x <- resid_lambda * x + x0_lambda * x0 before each block
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.window_sizes = config.window_sizes()
+        self.rotary_len = config.sequence_len * 4
+        self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, config.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, config.head_dim // 2), persistent=False)
+        self.compute_dtype = torch.float32  # set from outside (set_compute_dtype); embeddings are cast to it
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation lives here.
+
+        | param                 | init                                   |
+        | wte, value embeds     | N(0, 0.8) / U(+-sqrt(3/d))             |
+        | c_q, c_k, c_v, c_fc   | U(+-sqrt(3/d_in)) (std 1/sqrt(d_in))   |
+        | c_proj (attn and mlp) | zeros: each block starts as identity   |
+        | lm_head               | N(0, 0.001)                            |
+        | ve_gate               | zeros (gate = 1.0 at start)            |
+        | resid / x0 lambdas    | 1.0 / 0.1                              |
+        """
+        d = self.config.n_embd
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
+        bound = math.sqrt(3.0 / d)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -bound, bound)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                b = math.sqrt(3.0 / lin.in_features)
+                nn.init.uniform_(lin.weight, -b, b)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        self.init_rotary()
+
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        """(Re)compute the RoPE tables; they are buffers, not saved in checkpoints."""
+        hd = self.config.head_dim
+        device = self.wte.weight.device
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        t = torch.arange(self.rotary_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        self.cos = freqs.cos()[None, :, None, :]
+        self.sin = freqs.sin()[None, :, None, :]
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> "GPT":
+        """Activations (and the matmuls) run in `dtype`; parameters stay fp32 master weights."""
+        self.compute_dtype = dtype
+        return self
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1)."""
+        B, T = idx.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        if t0 + T > self.rotary_len:
+            raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.rotary_len})")
+        cos = self.cos[:, t0:t0 + T].to(self.compute_dtype)
+        sin = self.sin[:, t0:t0 + T].to(self.compute_dtype)
+        x = rms_norm(self.wte(idx).to(self.compute_dtype))
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = rms_norm(x)
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Accounting (from shapes, so it stays right under fp8 or any Linear subclass)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_scaling_params(self) -> int:
+        """Kaplan-style N: transformer matrices + lm_head (no embeddings, no scalars). Used by the depth dial."""
+        return num_scaling_params(self.config)
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.config)
+
+    def kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> KVCache:
+        c = self.config
+        return KVCache(batch_size, max_len, c.n_layer, c.n_kv_head, c.head_dim, dtype or self.compute_dtype,
+                       device or self.wte.weight.device)
+
+
+def num_scaling_params(c: GPTConfig) -> int:
+    d, hd = c.n_embd, c.head_dim
+    attn = d * (c.n_head * hd) * 2 + d * (c.n_kv_head * hd) * 2
+    mlp = 2 * d * 4 * d
+    return c.n_layer * (attn + mlp) + d * c.padded_vocab_size
+
+
+def flops_per_token(c: GPTConfig) -> float:
+    """Training FLOPs per token (fwd+bwd = 3x fwd): 6 x matmul weights + attention scores/values over the window.
+
+    Embedding lookups count zero; attention counts 12 * H * hd * min(window, T) per layer (QK^T and AV, fwd+bwd,
+    averaged over causal positions as nanochat does, i.e. the full-window upper bound).
+    """
+    matmul = num_scaling_params(c)
+    attn = 0
+    for w in c.window_sizes():
+        span = c.sequence_len if w is None else min(w, c.sequence_len)
+        attn += 12 * c.n_head * c.head_dim * span
+    return 6.0 * matmul + attn
+
+
+def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+    """Construct on the meta device, materialise on `device`, and initialise."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

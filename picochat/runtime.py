@@ -1,0 +1,246 @@
+"""Where the code runs: device, compute dtype, distributed init/teardown, rank-0 printing, seeding, paths.
+
+This is the only module that knows about torchrun's environment. Everything else asks it.
+- device: CUDA if present, else MPS, else CPU; override with PICOCHAT_DEVICE=cpu|cuda|mps.
+- compute dtype: bf16 on CUDA sm80+, fp32 elsewhere; override with PICOCHAT_DTYPE=bfloat16|float16|float32.
+- distributed: when torchrun's RANK/WORLD_SIZE/LOCAL_RANK are set, NCCL on CUDA and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paths
+
+
+def picochat_home() -> Path:
+    """Root of everything picochat writes: PICOCHAT_HOME, default ~/.cache/picochat."""
+    return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+
+
+def run_dir(run: str) -> Path:
+    """Directory of one named run: runs/<run>/{base,mid,sft,rl,eval}/..."""
+    if not run or "/" in run or run.startswith("."):
+        raise ValueError(f"--run {run!r}: a run name is a plain folder name such as 'tiny' or 'd20'")
+    return picochat_home() / "runs" / run
+
+
+def stage_dir(run: str, stage: str) -> Path:
+    return run_dir(run) / stage
+
+
+def default_tokenizer_dir() -> Path:
+    return picochat_home() / "tokenizer"
+
+
+def default_data_dir(name: str = "synth") -> Path:
+    return picochat_home() / "data" / name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank helpers (valid before and after init)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's env (0, 0, 1 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else dist_env()[0]
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else dist_env()[2]
+
+
+def is_rank0() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print on rank 0 only, flushed (logs are streamed through pipes by launchers)."""
+    if is_rank0():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def detect_device(override: str | None = None) -> torch.device:
+    name = override or os.environ.get("PICOCHAT_DEVICE") or ""
+    if not name:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} (from --device or PICOCHAT_DEVICE): expected one of cpu, cuda, mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False; "
+                           "run `picochat doctor` to see why, or use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", dist_env()[1] % max(1, torch.cuda.device_count()))
+    return torch.device(name)
+
+
+def compute_dtype(device: torch.device, override: str | None = None) -> torch.dtype:
+    """bf16 on CUDA sm80+ (tensor cores, no loss scaling), fp32 elsewhere. PICOCHAT_DTYPE overrides."""
+    name = override or os.environ.get("PICOCHAT_DTYPE")
+    if name:
+        if name not in _DTYPES:
+            raise ValueError(f"PICOCHAT_DTYPE={name!r}: expected one of {sorted(set(_DTYPES))}")
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# Dense bf16 peak FLOP/s per GPU, for MFU. Matched by substring of the device name; unknown -> None (MFU not shown).
+PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("B100", 1750e12), ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L4", 121e12),
+    ("RTX 5090", 209.5e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12), ("V100", 125e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeding and init
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # numpy is a dependency, but seeding should never be the thing that fails
+        pass
+
+
+@dataclass
+class Runtime:
+    """What a stage needs to know about where it runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"device={self.device} dtype={dt} rank={self.rank}/{self.world_size}"
+
+
+def init_runtime(device: str | None = None, dtype: str | None = None, seed: int = 1337) -> Runtime:
+    """Pick the device and dtype, join the torchrun process group if launched by torchrun, and seed.
+
+    Safe to call twice (a stage called from the speedrun orchestrator in the same process).
+    """
+    rank, local_rank, world_size = dist_env()
+    dev = detect_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("PICOCHAT_DIST_TIMEOUT", 1800)))
+        kwargs: dict[str, Any] = dict(backend=backend, timeout=timeout)
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    seed_everything(seed)
+    return Runtime(device=dev, dtype=compute_dtype(dev, dtype), rank=rank, local_rank=local_rank,
+                   world_size=world_size)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Provenance (run headers, report)
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Versions and hardware, for run headers and the report card."""
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_path": str(Path(torch.__file__).parent),
+        "cuda": torch.version.cuda,
+        "git_sha": git_sha(),
+        "hostname": os.uname().nodename if hasattr(os, "uname") else None,
+        "cpu_count": os.cpu_count(),
+        "world_size": get_world_size(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
