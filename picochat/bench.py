@@ -1,0 +1,37 @@
+"""`picochat bench pretrain|infer|tokenizer|loader`: benchmarks that print one JSON line last.
+
+Thin dispatch: each benchmark lives next to the code it measures and provides `add_bench_args(parser)` and
+`bench_main(args) -> dict`; this module prints the dict as the final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+BENCHES = {
+    "pretrain": ("picochat.pretrain", "training tok/s, MFU and peak memory for a depth (compile once, time steady state)"),
+    "infer": ("picochat.engine", "time to first token, per-token latency and tok/s at batch 1, 8, 64"),
+    "tokenizer": ("picochat.tokenizer", "tokenizer training time and encode throughput on parquet shards"),
+    "loader": ("picochat.loader", "tokenizing loader throughput (tokens/s per process)"),
+}
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, helptext) in BENCHES.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        mod = importlib.import_module(module)
+        if hasattr(mod, "add_bench_args"):
+            mod.add_bench_args(p)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    mod = importlib.import_module(BENCHES[args.bench][0])
+    if not hasattr(mod, "bench_main"):
+        print(f"picochat bench {args.bench}: not implemented yet")
+        return 2
+    result = mod.bench_main(args)
+    print(json.dumps({"bench": args.bench, **result}, default=str), flush=True)
+    return 0
