@@ -1,0 +1,449 @@
+"""`picochat report`: the report card of a run, `runs/<run>/report.md` with PNG plots (and optional HTML).
+
+It only reads what the stages left behind: `speedrun.json` (stage times), each stage's `run.json` (resolved config,
+versions, hardware) and `metrics.jsonl` (per-step lines and evals), and `eval/*.json` (CORE and chat evals).
+A stage that did not run is simply absent from the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from picochat.config import UserError
+
+STAGES = [("base", "Pretraining (base)"), ("mid", "Midtraining"), ("sft", "SFT"), ("rl", "RL")]
+SOURCES = ["base", "mid", "sft", "rl"]
+# summary rows: (label, [keys to look for in eval results])
+SUMMARY_ROWS = [
+    ("CORE", ["core", "CORE"]),
+    ("ARC-Easy", ["arc_easy", "ARC-Easy"]),
+    ("ARC-Challenge", ["arc_challenge", "ARC-Challenge"]),
+    ("MMLU", ["mmlu", "MMLU"]),
+    ("GSM8K", ["gsm8k", "GSM8K"]),
+    ("HumanEval", ["humaneval", "HumanEval"]),
+    ("SpellingBee", ["spellingbee", "SpellingBee"]),
+    ("Synth (embedded eval)", ["synth", "Synth"]),
+    ("ChatCORE", ["chatcore", "ChatCORE"]),
+]
+
+# metric names as the training loop may spell them
+KEYS = {
+    "loss": ["loss", "train_loss", "smooth_loss"],
+    "val_bpb": ["val_bpb"],
+    "tok_per_sec": ["tok_per_sec", "tokens_per_sec", "tok_s"],
+    "mfu": ["mfu"],
+    "lr": ["lr", "lrm", "lr_mult"],
+    "flops": ["total_flops", "flops"],
+}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: skip it, keep the rest
+            continue
+    return out
+
+
+def _get(rec: dict[str, Any], name: str) -> float | None:
+    for k in KEYS[name]:
+        v = rec.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def series(records: list[dict[str, Any]], name: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = _get(r, name)
+        if v is not None and isinstance(r.get("step"), (int, float)):
+            xs.append(float(r["step"]))
+            ys.append(v)
+    return xs, ys
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _flatten_scores(obj: Any, out: dict[str, float], prefix: str = "") -> None:
+    """Collect numeric scores from an eval result, whatever its nesting ({"results": {"arc_easy": {"acc": ..}}})."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.setdefault(k.lower(), float(v))
+                if prefix:
+                    out.setdefault(f"{prefix}.{k}".lower(), float(v))
+            elif isinstance(v, dict):
+                acc = next((v[a] for a in ("accuracy", "acc", "score", "centered", "pass@1") if
+                            isinstance(v.get(a), (int, float))), None)
+                if acc is not None:
+                    out.setdefault(k.lower(), float(acc))
+                _flatten_scores(v, out, k)
+
+
+def collect_evals(run_dir: Path) -> dict[str, dict[str, float]]:
+    """source -> {metric: value} from runs/<run>/eval/<source>_*.json."""
+    out: dict[str, dict[str, float]] = {s: {} for s in SOURCES}
+    edir = run_dir / "eval"
+    if not edir.is_dir():
+        return out
+    for p in sorted(edir.glob("*.json")):
+        m = re.match(r"(base|mid|sft|rl)_(\w+)\.json$", p.name)
+        if not m:
+            continue
+        _flatten_scores(_read_json(p), out[m.group(1)])
+    return out
+
+
+def _nvidia_driver() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=10)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def make_plots(run_dir: Path, stage_records: dict[str, list[dict[str, Any]]]) -> list[tuple[str, Path]]:
+    """PNG plots under runs/<run>/plots/. Returns (title, path) pairs; empty when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    pdir = run_dir / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    plots: list[tuple[str, Path]] = []
+
+    def save(fig, name: str, title: str) -> None:
+        path = pdir / name
+        tmp = path.with_suffix(".part.png")
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        plots.append((title, path))
+
+    base = stage_records.get("base", [])
+    # training loss per stage vs step
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drew = False
+    for stage, label in STAGES:
+        xs, ys = series(stage_records.get(stage, []), "loss")
+        if xs:
+            ax.plot(xs, ys, label=label, lw=1)
+            drew = True
+    if drew:
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.set_title("Training loss")
+        ax.legend()
+        save(fig, "loss.png", "Training loss vs step")
+    else:
+        plt.close(fig)
+    # val bpb vs step and vs FLOPs
+    xs, ys = series(base, "val_bpb")
+    if xs:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        axes[0].plot(xs, ys, marker="o", ms=3)
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel("val bpb")
+        axes[0].set_title("Validation bits per byte")
+        fxs, fys = [], []
+        for r in base:
+            v, f = _get(r, "val_bpb"), _get(r, "flops")
+            if v is not None and f is not None:
+                fxs.append(f)
+                fys.append(v)
+        if fxs:
+            axes[1].plot(fxs, fys, marker="o", ms=3)
+            axes[1].set_xscale("log")
+            axes[1].set_xlabel("training FLOPs")
+            axes[1].set_title("Validation bpb vs FLOPs")
+        else:
+            axes[1].axis("off")
+        save(fig, "val_bpb.png", "Validation bpb vs step and vs FLOPs")
+    # loss vs FLOPs
+    fxs, fys = [], []
+    for r in base:
+        v, f = _get(r, "loss"), _get(r, "flops")
+        if v is not None and f is not None and f > 0:
+            fxs.append(f)
+            fys.append(v)
+    if fxs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(fxs, fys, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("train loss")
+        ax.set_title("Training loss vs FLOPs")
+        save(fig, "loss_flops.png", "Training loss vs FLOPs")
+    # throughput and MFU
+    txs, tys = series(base, "tok_per_sec")
+    mxs, mys = series(base, "mfu")
+    if txs or mxs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if txs:
+            ax.plot(txs, tys, lw=1, color="tab:blue")
+            ax.set_ylabel("tokens/s", color="tab:blue")
+        if mxs and any(y > 0 for y in mys):
+            ax2 = ax.twinx()
+            ax2.plot(mxs, mys, lw=1, color="tab:orange")
+            ax2.set_ylabel("MFU %", color="tab:orange")
+        ax.set_xlabel("step")
+        ax.set_title("Pretraining throughput")
+        save(fig, "throughput.png", "Throughput (tokens/s) and MFU")
+    # learning rate
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    drew = False
+    for stage, label in STAGES:
+        xs, ys = series(stage_records.get(stage, []), "lr")
+        if xs:
+            ax.plot(xs, ys, label=label, lw=1)
+            drew = True
+    if drew:
+        ax.set_xlabel("step")
+        ax.set_ylabel("LR multiplier")
+        ax.set_title("Learning-rate schedule")
+        ax.legend()
+        save(fig, "lr.png", "Learning-rate schedule")
+    else:
+        plt.close(fig)
+    return plots
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = float(s)
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def build_report(run: str, price: float | None = None, html_out: bool = False) -> Path:
+    from picochat.checkpoint import atomic_write_text
+    from picochat.runtime import run_dir as _run_dir
+
+    rdir = _run_dir(run)
+    if not rdir.is_dir():
+        raise UserError(f"--run {run!r}: {rdir} does not exist; run `picochat speedrun` (or a stage) first")
+    speed = _read_json(rdir / "speedrun.json")
+    headers = {s: _read_json(rdir / s / "run.json") for s, _ in STAGES}
+    records = {s: read_jsonl(rdir / s / "metrics.jsonl") for s, _ in STAGES}
+    evals = collect_evals(rdir)
+    env = next((h.get("env") for h in headers.values() if h.get("env")), None) or {}
+    if not env:
+        from picochat.runtime import environment_info
+
+        env = environment_info()
+
+    lines: list[str] = [f"# picochat report card: run `{run}`", ""]
+    lines.append(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')}"
+                 + (f" · preset `{speed['preset']}`" if speed.get("preset") else ""))
+    lines += ["", "## Environment", "", "| | |", "|---|---|"]
+    gpu = env.get("gpu")
+    gpu_line = f"{env.get('gpu_count', 1)} x {gpu} ({env.get('gpu_memory_gb', '?')} GB)" if gpu else "none (CPU)"
+    for k, v in [("GPU", gpu_line), ("driver", _nvidia_driver() or "n/a"), ("CUDA", env.get("cuda") or "n/a"),
+                 ("torch", f"{env.get('torch')} ({env.get('torch_path', '')})"), ("python", env.get("python")),
+                 ("git SHA", env.get("git_sha") or "n/a"), ("host", env.get("hostname")),
+                 ("CPU cores", env.get("cpu_count")), ("world size", env.get("world_size"))]:
+        lines.append(f"| {k} | {v} |")
+
+    # summary table
+    lines += ["", "## Summary", ""]
+    present = [s for s in SOURCES if evals[s]]
+    if present:
+        lines.append("| metric | " + " | ".join(s.upper() for s in present) + " |")
+        lines.append("|---|" + "---|" * len(present))
+        for label, keys in SUMMARY_ROWS:
+            cells = []
+            for s in present:
+                v = next((evals[s][k.lower()] for k in keys if k.lower() in evals[s]), None)
+                cells.append(f"{v:.4f}" if v is not None else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("_No evaluation results yet._")
+    stage_times = {k: v.get("seconds", 0.0) for k, v in speed.get("stages", {}).items()}
+    total = sum(stage_times.values())
+    if total:
+        lines += ["", f"Total wall time (all stages): **{_fmt_seconds(total)}**"]
+        n_gpu = int(env.get("gpu_count") or 0) if gpu else 0
+        if price is not None and n_gpu:
+            lines.append(f"Estimated cost: **${total / 3600 * n_gpu * price:.2f}** "
+                         f"({n_gpu} GPU(s) x {_fmt_seconds(total)} x ${price}/GPU-hour)")
+        lines += ["", "| stage | time |", "|---|---|"]
+        for k, v in stage_times.items():
+            lines.append(f"| {k} | {_fmt_seconds(v)} |")
+
+    # per-stage sections
+    for stage, title in STAGES:
+        h, recs = headers[stage], records[stage]
+        if not h and not recs:
+            continue
+        lines += ["", f"## {title}", ""]
+        cfg = h.get("config") or {}
+        if cfg:
+            keys = [k for k in ("depth", "source", "num_iterations", "device_batch_size", "total_batch_size",
+                                "seq_len", "window_pattern", "matrix_lr", "embedding_lr", "unembedding_lr",
+                                "weight_decay", "task") if k in cfg]
+            if keys:
+                lines.append("Config: " + ", ".join(f"`{k}={cfg[k]}`" for k in keys))
+                lines.append("")
+        facts: list[tuple[str, Any]] = []
+        for k in ("num_params", "params", "flops_per_token"):
+            if k in h:
+                facts.append((k, h[k]))
+        steps = [r["step"] for r in recs if isinstance(r.get("step"), (int, float))]
+        if steps:
+            facts.append(("steps", int(max(steps))))
+        xs, ys = series(recs, "loss")
+        if ys:
+            facts.append(("final train loss", ys[-1]))
+        xs, ys = series(recs, "val_bpb")
+        if ys:
+            facts += [("final val bpb", ys[-1]), ("min val bpb", min(ys))]
+        for name, label in (("tok_per_sec", "median tokens/s"), ("mfu", "median MFU %")):
+            _, vs = series(recs, name)
+            if vs:
+                facts.append((label, sorted(vs)[len(vs) // 2]))
+        for r in recs:
+            for k in ("peak_memory_gb", "peak_mem_gb", "val_loss", "reward", "mean_reward", "accuracy"):
+                if isinstance(r.get(k), (int, float)):
+                    facts.append((k, r[k]))
+        seen: dict[str, Any] = {}
+        for k, v in facts:
+            seen[k] = v  # last value wins for repeated keys
+        stage_key = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}[stage]
+        if stage_key in stage_times:
+            seen["wall time"] = _fmt_seconds(stage_times[stage_key])
+        if seen:
+            lines += ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in seen.items()]
+
+    # evaluation details
+    for s in SOURCES:
+        if evals[s]:
+            lines += ["", f"## Evaluation: {s}", "", "| metric | value |", "|---|---|"]
+            for k, v in sorted(evals[s].items()):
+                if "." not in k:
+                    lines.append(f"| {k} | {v:.4f} |")
+
+    plots = make_plots(rdir, records)
+    if plots:
+        lines += ["", "## Plots", ""]
+        for title, path in plots:
+            lines += [f"### {title}", "", f"![{title}](plots/{path.name})", ""]
+    else:
+        lines += ["", "_Plots need matplotlib (`pip install picochat[report]`)._"]
+
+    text = "\n".join(lines) + "\n"
+    out = rdir / "report.md"
+    atomic_write_text(out, text)
+    if html_out:
+        atomic_write_text(rdir / "report.html", markdown_to_html(text, rdir))
+    return out
+
+
+def markdown_to_html(md: str, base: Path) -> str:
+    """Just enough Markdown for our own report: headings, tables, images (inlined as data URIs), paragraphs."""
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>picochat report</title><style>",
+           "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}",
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px}",
+           "img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}</style></head><body>"]
+    lines = md.splitlines()
+    i = 0
+
+    def inline(t: str) -> str:
+        t = html.escape(t)
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        t = re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+        return re.sub(r"_(.+?)_", r"<i>\1</i>", t)
+
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                if not re.match(r"^\|[-| ]+\|$", lines[i]):
+                    rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            out.append("<table>" + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>"
+                                           for r in rows) + "</table>")
+            continue
+        elif m := re.match(r"!\[(.*?)\]\((.*?)\)", line):
+            path = base / m.group(2)
+            if path.exists():
+                data = base64.b64encode(path.read_bytes()).decode()
+                out.append(f"<img alt='{html.escape(m.group(1))}' src='data:image/png;base64,{data}'>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+        i += 1
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default=None, help="run name (default: the most recently modified run)")
+    parser.add_argument("--price", type=float, default=None, help="$ per GPU-hour, for the cost line")
+    parser.add_argument("--html", action="store_true", help="also write report.html (plots inlined)")
+
+
+def latest_run() -> str:
+    from picochat.runtime import picochat_home
+
+    root = picochat_home() / "runs"
+    runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if not runs:
+        raise UserError(f"no runs under {root}; run `picochat speedrun --preset tiny` first")
+    return max(runs, key=lambda p: p.stat().st_mtime).name
+
+
+def run(run_name: str | None = None, price: float | None = None, html_out: bool = False) -> dict[str, Any]:
+    name = run_name or latest_run()
+    path = build_report(name, price=price, html_out=html_out)
+    return {"report": str(path)}
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    result = run(args.run, args.price, args.html)
+    print(f"[report] wrote {result['report']}")
+    return 0
