@@ -1,0 +1,414 @@
+"""Training-loop machinery shared by every training stage (pretrain, midtrain, sft, rl).
+
+Nothing here knows about a particular stage. A stage uses it like this:
+
+    write_run_header(stage_dir, cfg, rt.device)                  # run.json: config, versions, GPU, git SHA
+    metrics = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start_step)
+    stop = StopFlag.install()                                     # SIGTERM/SIGINT -> stop at the next step boundary
+    model = maybe_compile(model, cfg.compile, rt.device)
+    with Heartbeat("pretrain", "compiling the first step"):      # a line every 30 s while nothing else prints
+        ...first step...
+    for step in ...:
+        ...
+        loss, stop_now = agree_on_step(loss_sum, stop.requested, rt.device)   # one host sync per step
+        check_finite(loss, step, last_ckpt)                       # NaN/inf -> NonFiniteLoss (clear message)
+        print0(format_step_line(...)); metrics.log({...})
+        if stop_now: save; break
+
+Resume: `find_resume_checkpoint(ckpt_root, mode)` picks the checkpoint to continue from; `capture_rng_state()` /
+`restore_rng_state()` make the continuation exact.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from picochat.config import UserError, to_dict
+from picochat.runtime import environment_info, is_rank0, print0
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run header and metrics
+
+
+def write_run_header(stage_dir: Path, config: Any, device: torch.device | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `run.json` (resolved config, versions, GPU, git SHA) on rank 0. Returns the header dict on every rank.
+
+    `config` is a dataclass or a dict. Re-running a stage (resume) rewrites the header; the previous one is kept as
+    `run.prev.json` so a changed config stays visible.
+    """
+    cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
+    header = {"config": cfg, "env": environment_info(device), **(extra or {})}
+    if is_rank0():
+        from picochat.checkpoint import atomic_write_text
+
+        stage_dir = Path(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        path = stage_dir / "run.json"
+        if path.exists():
+            os.replace(path, stage_dir / "run.prev.json")
+        atomic_write_text(path, json.dumps(header, indent=2, default=str))
+    return header
+
+
+class MetricsLogger:
+    """Rank-0 JSON-lines metrics: one object per step / eval, appended and flushed at once.
+
+    With `resume_step`, lines of steps after the resume point (written by the interrupted run after its last
+    checkpoint) are dropped first, so the file holds exactly one curve.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool | None = None):
+        self.path = Path(path)
+        self.enabled = is_rank0() if enabled is None else enabled
+        self._f = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line from a kill -9
+                    continue
+                if int(rec.get("step", 0)) <= resume_step:
+                    keep.append(line)
+            from picochat.checkpoint import atomic_write_text
+
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        elif resume_step is None and self.path.exists():
+            os.replace(self.path, self.path.with_suffix(".jsonl.prev"))
+        self._f = open(self.path, "a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            return
+        self._f.write(json.dumps(record, default=_json_default) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (torn lines skipped)."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-step log line
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_step_line(step: int, total: int, loss: float, lrm: float, dt: float, tokens_per_s: float,
+                     mfu: float | None = None, eta_s: float | None = None, peak_mem_gb: float | None = None,
+                     extra: str = "") -> str:
+    """`step 00123/01000 | loss 3.1234 | lrm 1.00 | dt 812ms | tok/s 645,123 | mfu 52.1% | eta 11m52s | mem 41.2GB`"""
+    width = len(str(total))
+    parts = [f"step {step:0{width}d}/{total}", f"loss {loss:.4f}", f"lrm {lrm:.2f}", f"dt {dt * 1000:.0f}ms",
+             f"tok/s {tokens_per_s:,.0f}"]
+    if mfu is not None:
+        parts.append(f"mfu {mfu * 100:.1f}%")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    if peak_mem_gb is not None:
+        parts.append(f"mem {peak_mem_gb:.1f}GB")
+    if extra:
+        parts.append(extra)
+    return " | ".join(parts)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+class StepTimer:
+    """Step timing that ignores the first `skip` steps (compilation) for tok/s averages and the ETA."""
+
+    def __init__(self, skip: int = 1):
+        self.skip = skip
+        self.n = 0
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        dt = time.perf_counter() - self._t0
+        self.n += 1
+        if self.n > self.skip:
+            self.total += dt
+        return dt
+
+    def mean(self) -> float | None:
+        k = self.n - self.skip
+        return self.total / k if k > 0 else None
+
+    def eta(self, steps_left: int, last_dt: float) -> float:
+        m = self.mean()
+        return steps_left * (m if m is not None else last_dt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heartbeat
+
+
+class Heartbeat:
+    """Print `[heartbeat] <stage> alive, <what> for <n>s` every `interval` s while the block runs silently.
+
+    Used around anything that can be quiet for minutes (torch.compile's first step, a long eval, a checkpoint
+    write), so log watchers and humans can tell a slow stage from a hung one. `beat()` resets the silence timer;
+    `what` may be updated on the fly. Rank 0 only; a daemon thread, so it never keeps the process alive.
+    """
+
+    def __init__(self, stage: str, what: str, interval: float = 30.0):
+        self.stage, self.what, self.interval = stage, what, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self._last = 0.0
+
+    def beat(self, what: str | None = None) -> None:
+        self._last = time.monotonic()
+        if what is not None:
+            self.what = what
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval / 4)):
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                print0(f"[heartbeat] {self.stage} alive, {self.what} for {now - self._t0:.0f}s")
+                self._last = now
+
+    def __enter__(self) -> "Heartbeat":
+        self._t0 = self._last = time.monotonic()
+        if is_rank0():
+            self._thread = threading.Thread(target=self._run, name="picochat-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals: SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary (the loop saves, then exits 0).
+
+    Spot preemption and `kill` send SIGTERM; Ctrl-C sends SIGINT. A second SIGINT restores the default behaviour
+    (KeyboardInterrupt) so a stuck process can still be interrupted. `restore()` puts the old handlers back.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signame = ""
+        self._old: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls) -> "StopFlag":
+        flag = cls()
+        if threading.current_thread() is not threading.main_thread():
+            return flag  # signal handlers can only be set from the main thread (e.g. a stage run in a test thread)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            flag._old[sig] = signal.signal(sig, flag._handle)
+        return flag
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signame = signal.Signals(signum).name
+        print(f"[signal] {self.signame} received: saving a checkpoint at the next step boundary, then exiting",
+              flush=True)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old.clear()
+
+
+def agree_on_step(loss_sum: torch.Tensor, stop: bool, device: torch.device, count: int = 1) -> tuple[float, bool]:
+    """The step's one host sync: mean loss over ranks and whether any rank wants to stop.
+
+    `loss_sum` is this rank's summed (detached) micro-batch loss and `count` the number of micro-batches in it.
+    One small all-reduce carries both numbers, so all ranks see the same loss (NaN checks agree) and stop together.
+    """
+    t = torch.stack([loss_sum.detach().float().reshape(()) / count,
+                     torch.tensor(float(stop), device=loss_sum.device)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t[0] /= dist.get_world_size()
+    loss, s = t.tolist()
+    return loss, s > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN / inf guard
+
+
+class NonFiniteLoss(UserError):
+    """Training produced a NaN/inf loss. The run stops; the last good checkpoint is left untouched."""
+
+
+def check_finite(loss: float, step: int, last_checkpoint: Path | None = None) -> None:
+    if math.isfinite(loss):
+        return
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+    raise NonFiniteLoss(
+        f"loss became {loss} at step {step}; stopping without saving ({where}). Lower the learning rate "
+        f"(--matrix-lr / --embedding-lr), check the data, or resume from the checkpoint with a different --seed")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume helpers
+
+
+RESUME_MODES = ("auto", "never")
+
+
+def find_resume_checkpoint(ckpt_root: Path, mode: str = "auto") -> Path | None:
+    """The checkpoint to continue from: the latest complete one under `ckpt_root` for mode 'auto', else None.
+
+    Mode 'never' starts fresh (existing checkpoints of the stage are overwritten as the new run saves). A path
+    given as `mode` resumes from that checkpoint directory.
+    """
+    from picochat.checkpoint import latest_checkpoint, read_meta
+
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(ckpt_root)
+    p = Path(mode)
+    if not (p / "meta.json").exists():
+        raise UserError(f"--resume {mode!r}: expected auto, never, or a checkpoint directory holding meta.json")
+    read_meta(p)
+    return p
+
+
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, torch CPU and (if used) CUDA RNG states of this process."""
+    import random
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    import random
+
+    if "python" in state:
+        random.setstate(state["python"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile and GC
+
+
+def should_compile(flag: bool | None, device: torch.device) -> bool:
+    """torch.compile on CUDA by default, off on CPU/MPS (compile time dominates tiny CPU runs). Flag overrides;
+    PICOCHAT_COMPILE=0/1 overrides both (handy for debugging a graph break on the GPU)."""
+    env = os.environ.get("PICOCHAT_COMPILE")
+    if env in ("0", "1"):
+        return env == "1"
+    if flag is not None:
+        return flag
+    return device.type == "cuda"
+
+
+def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.device) -> torch.nn.Module:
+    """The model to call in the training loop (compiled or not). Save/load `state_dict` from the original module.
+
+    dynamic=False: shapes are fixed in training, and a dynamic-shape graph is slower; eval with another batch shape
+    compiles one more graph.
+    """
+    if not should_compile(flag, device):
+        return model
+    print0("[compile] torch.compile(model, dynamic=False): the first step takes a while")
+    return torch.compile(model, dynamic=False)
+
+
+def freeze_gc() -> None:
+    """Collect once and stop the cyclic GC: long-lived training state makes gen-2 collections cost ~0.5 s
+    pauses (measured by nanochat); reference counting still frees everything the loop allocates."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+
+def unfreeze_gc() -> None:
+    gc.unfreeze()
+    gc.enable()
