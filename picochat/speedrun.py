@@ -644,3 +644,9 @@ def cli_main(args: argparse.Namespace) -> int:
     if result.get("failed_stage"):
         return int(result.get("rc") or 1)
     return 0
+
+
+def run_dir_for_tests(run: str) -> Path:
+    from picochat.runtime import run_dir
+
+    return run_dir(run)
