@@ -1,0 +1,663 @@
+"""The generation engine: static KV cache, prefill then decode, sampling, and the python tool state machine.
+
+One `Engine(model, tokenizer)` serves every caller (chat CLI, web server, evals, RL). Contract:
+
+    for token_column, mask_column in engine.generate(prompt, num_samples=B, ...):   # one step, one token per row
+        ...
+    sequences, masks = engine.generate_batch(prompt, num_samples=B, ...)              # prompt + completion
+
+How it is fast (see performance.md section 6: an eager 20-layer decode is launch-bound at ~15 ms/token):
+- Prefill runs the model's own forward over the prompt once (batch 1), and its keys/values are broadcast into every
+  row of a static decode cache of shape (n_layer, B, n_kv_head, T_cap, head_dim). Rows share the position, so it
+  is one device tensor; T_cap is rounded up to a multiple of 256 so a few cache shapes cover all requests.
+- The one-token decode step is a functional copy of `GPT.forward` that reads the position from that device tensor
+  (no Python ints, fixed shapes), attends over the whole static cache with a mask, and advances the position
+  itself. On CUDA it is captured once per (batch, T_cap) in a CUDA graph (optionally with torch.compile'd pieces
+  inside for kernel fusion) and replayed each step. On CPU it runs eagerly.
+- The host never waits for the GPU more than it must: the next step is launched before the sampled tokens of this
+  step are read back (a pinned copy + event), so the Python state machine overlaps the GPU work.
+
+Rows are independent (the first token is sampled per row, not broadcast), sampling is reproducible from `seed`, and
+forced tool-output tokens carry mask 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from picochat.model import GPT, apply_rotary, rms_norm
+
+CACHE_BUCKET = 256  # decode caches are allocated in multiples of this many positions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy; top-k then top-p (nucleus) restrict the
+    candidates; rows draw independently from the seeded generator."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    idx = None
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+    if top_p is not None and 0.0 < top_p < 1.0:
+        if idx is None:
+            logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(logits, dim=-1)
+        # drop a candidate when the mass before it already reaches top_p (the top one always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return idx.gather(-1, choice[:, None]).squeeze(-1) if idx is not None else choice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text helpers
+
+
+class StreamDecoder:
+    """Token ids in, text out, never emitting half of a multi-byte UTF-8 character.
+
+    Tokens are byte sequences that can split a character; an incremental UTF-8 decoder holds the incomplete tail
+    until the rest arrives (or `flush()` at the end replaces it with U+FFFD). Special tokens become their names
+    unless `skip_special`.
+    """
+
+    def __init__(self, tokenizer, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._special = set(tokenizer.special_tokens.values())
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        if token in self._special:
+            if self.skip_special:
+                return ""
+            name = next(k for k, v in self.tokenizer.special_tokens.items() if v == token)
+            return self._dec.decode(b"", final=True) + name
+        return self._dec.decode(self.tokenizer.id_to_bytes(token))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+def tokens_to_parts(tokenizer, ids: Iterable[int]) -> list[dict[str, str]]:
+    """Generated assistant tokens -> conversation parts (text / python / python_output), as conversation.py renders.
+
+    A trailing `<|assistant_end|>` and anything after it is ignored; an unterminated python block stays a python part.
+    """
+    sp = tokenizer.special_tokens
+    kinds = {sp["<|python_start|>"]: "python", sp["<|output_start|>"]: "python_output"}
+    ends = {sp["<|python_end|>"], sp["<|output_end|>"]}
+    stop = {sp["<|assistant_end|>"], sp["<|bos|>"]}
+    parts: list[dict[str, str]] = []
+    kind, buf = "text", []
+
+    def close() -> None:
+        text = tokenizer.decode(buf)
+        if text or kind != "text":
+            parts.append({"type": kind, "text": text})
+
+    for t in ids:
+        if t in stop:
+            break
+        if t in kinds:
+            close()
+            kind, buf = kinds[t], []
+        elif t in ends:
+            close()
+            kind, buf = "text", []
+        elif t not in sp.values():
+            buf.append(t)
+    close()
+    return parts
+
+
+def parts_to_text(parts: list[dict[str, str]]) -> str:
+    """Readable text of assistant parts: a tool call shows as `<<expr=result>>` (the GSM8K calculator notation)."""
+    out = []
+    for i, p in enumerate(parts):
+        if p["type"] == "text":
+            out.append(p["text"])
+        elif p["type"] == "python":
+            has_out = i + 1 < len(parts) and parts[i + 1]["type"] == "python_output"
+            out.append(f"<<{p['text']}" + ("=" if has_out else ">>"))
+        else:
+            out.append(f"{p['text']}>>")
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoders: how one step of the model is run
+
+
+@dataclass
+class _Slot:
+    """Static buffers for one (batch, T_cap) shape: the decode cache and the CUDA graph that reads/writes it."""
+
+    k: torch.Tensor            # (L, B, Hkv, T_cap, D)
+    v: torch.Tensor
+    tok: torch.Tensor          # (B, 1) int64: the tokens fed at this step
+    pos: torch.Tensor          # (1,) int64: their position (= tokens already in the cache)
+    logits: torch.Tensor | None = None
+    graph: Any = None
+
+
+class _GPTDecoder:
+    """Prefill with `GPT.forward`, decode with a functional, CUDA-graph-friendly copy of it over a static cache."""
+
+    def __init__(self, model: GPT, cuda_graph: bool, compile: bool):
+        self.model = model
+        c = model.config
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.device = model.wte.weight.device
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.max_len = model.rotary_len
+        self.slots: collections.OrderedDict[tuple[int, int], _Slot] = collections.OrderedDict()
+        self.max_slots = 2 if self.device.type == "cuda" else 1
+        self.slot: _Slot | None = None
+        self.mode = "cuda-graph" if self.cuda_graph else "eager"
+        self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
+        if compile and self.device.type == "cuda":
+            try:
+                kw = dict(fullgraph=True, dynamic=False)
+                self._pre = torch.compile(_attn_pre, **kw)
+                self._post = torch.compile(_attn_post_mlp, **kw)
+                self._head = torch.compile(_lm_head, **kw)
+                self.mode += "+compile"
+            except Exception as e:  # torch.compile missing or broken: the graph alone is still most of the win
+                warnings.warn(f"[engine] torch.compile unavailable ({e}); decoding without it")
+
+    # -- the decode step ------------------------------------------------------------------------------------------
+
+    def _step(self, s: _Slot) -> torch.Tensor:
+        """One token per row at position `s.pos`: writes the cache, advances `s.pos`, returns fp32 logits (B, V)."""
+        m = self.model
+        dt = m.compute_dtype
+        idx = s.tok
+        T = s.k.shape[3]
+        cos = m.cos.index_select(1, s.pos).to(dt)
+        sin = m.sin.index_select(1, s.pos).to(dt)
+        # additive masks over the whole static cache: key j is visible when j <= pos (and pos - j < window)
+        kpos = torch.arange(T, device=idx.device)
+        dist = s.pos - kpos
+        masks: dict[int | None, torch.Tensor] = {}
+        for w in set(m.window_sizes):
+            ok = dist >= 0 if w is None else (dist >= 0) & (dist < w)
+            masks[w] = torch.zeros(T, dtype=dt, device=idx.device).masked_fill(~ok, float("-inf"))
+        x = rms_norm(m.wte(idx).to(dt))
+        x0 = x
+        B, H, Hkv, D = idx.shape[0], self.n_head, self.n_kv_head, self.head_dim
+        for i, block in enumerate(m.blocks):
+            a = block.attn
+            ve = m.value_embeds[str(i)](idx) if str(i) in m.value_embeds else None
+            gate_w = a.ve_gate.weight if a.ve_gate is not None else None
+            x, q, k, v = self._pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], a.c_q.weight, a.c_k.weight,
+                                   a.c_v.weight, ve, gate_w, cos, sin, H, Hkv, D)
+            # (B, 1, Hkv, D) -> the cache's (B, Hkv, T, D) at position pos
+            s.k[i].index_copy_(2, s.pos, k.transpose(1, 2))
+            s.v[i].index_copy_(2, s.pos, v.transpose(1, 2))
+            # GQA without repeating the cache: the G query heads of a kv head play the role of G query positions
+            qg = q.view(B, Hkv, H // Hkv, D)
+            mask = masks[m.window_sizes[i]].view(1, 1, 1, T).expand(B, Hkv, H // Hkv, T)
+            y = F.scaled_dot_product_attention(qg, s.k[i], s.v[i], attn_mask=mask)
+            x = self._post(x, y.reshape(B, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)
+        s.pos.add_(1)
+        return self._head(x, m.lm_head.weight, m.config.vocab_size, m.config.softcap)
+
+    # -- slots and graphs -----------------------------------------------------------------------------------------
+
+    def _get_slot(self, batch: int, need: int) -> _Slot:
+        t_cap = min(self.max_len, math.ceil(need / CACHE_BUCKET) * CACHE_BUCKET)
+        key = (batch, t_cap)
+        if key in self.slots:
+            self.slots.move_to_end(key)
+            return self.slots[key]
+        while len(self.slots) >= self.max_slots:
+            self.slots.popitem(last=False)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        c = self.model.config
+        shape = (c.n_layer, batch, c.n_kv_head, t_cap, c.head_dim)
+        dt = self.model.compute_dtype
+        s = _Slot(k=torch.zeros(shape, dtype=dt, device=self.device), v=torch.zeros(shape, dtype=dt, device=self.device),
+                  tok=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+                  pos=torch.zeros(1, dtype=torch.long, device=self.device))
+        if self.cuda_graph:
+            self._capture(s)
+        self.slots[key] = s
+        return s
+
+    def _capture(self, s: _Slot) -> None:
+        """Warm up (compiles, cuBLAS handles) on a side stream, then capture one decode step into a CUDA graph."""
+        s.pos.fill_(s.k.shape[3] - 1)  # scratch position: the graph is captured before any real data is written
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):
+                    s.pos.fill_(s.k.shape[3] - 1)
+                    self._step(s)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            s.pos.fill_(s.k.shape[3] - 1)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                s.logits = self._step(s)
+            s.graph = graph
+        except Exception as e:
+            if self._pre is not _attn_pre:  # the compiled pieces failed: retry with plain kernels in the graph
+                warnings.warn(f"[engine] compiled decode failed to capture ({type(e).__name__}: {e}); "
+                              f"using the CUDA graph without torch.compile")
+                torch.cuda.synchronize(self.device)
+                self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
+                self.mode = "cuda-graph"
+                return self._capture(s)
+            warnings.warn(f"[engine] CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
+            torch.cuda.synchronize(self.device)
+            self.cuda_graph = False
+            self.mode = "eager"
+            s.graph = None
+
+    # -- public ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int], batch: int, need: int) -> torch.Tensor:
+        """Run the prompt once, broadcast its cache into `batch` rows; returns last-position logits (batch, V)."""
+        m = self.model
+        n = len(prompt)
+        s = self._get_slot(batch, need)
+        pre = m.kv_cache(1, n)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = m(ids, kv_cache=pre)[:, -1]
+        # model cache (L, 1, n, Hkv, D) -> decode cache (L, B, Hkv, n, D)
+        s.k[:, :, :, :n] = pre.k.permute(0, 1, 3, 2, 4)
+        s.v[:, :, :, :n] = pre.v.permute(0, 1, 3, 2, 4)
+        s.pos.fill_(n)
+        self.slot = s
+        return logits.expand(batch, -1)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) on the device; returns logits (B, V) for the next position."""
+        s = self.slot
+        assert s is not None, "prefill() first"
+        s.tok.copy_(tokens.view(-1, 1))
+        if s.graph is not None:
+            s.graph.replay()
+            return s.logits
+        return self._step(s)
+
+
+def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):
+    """Residual mix, pre-norm, q/k/v projections, value embeds, RoPE and QK-norm for one decode token per row."""
+    dt = x.dtype
+    x = lam_r.to(dt) * x + lam_0.to(dt) * x0
+    h = rms_norm(x)
+    B, T, _ = h.shape
+    q = F.linear(h, wq.to(dt)).view(B, T, H, D)
+    k = F.linear(h, wk.to(dt)).view(B, T, Hkv, D)
+    v = F.linear(h, wv.to(dt)).view(B, T, Hkv, D)
+    if ve is not None:
+        gate = 2.0 * torch.sigmoid(F.linear(h[..., : gate_w.shape[1]], gate_w.to(dt)))
+        v = v + gate.unsqueeze(-1) * ve.to(dt).view(B, T, Hkv, D)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return x, rms_norm(q), rms_norm(k), v
+
+
+def _attn_post_mlp(x, y, wo, wfc, wproj):
+    dt = x.dtype
+    x = x + F.linear(y, wo.to(dt))
+    h = F.linear(rms_norm(x), wfc.to(dt))
+    return x + F.linear(F.relu(h).square(), wproj.to(dt))
+
+
+def _lm_head(x, w, vocab_size: int, softcap: float):
+    logits = F.linear(rms_norm(x), w.to(x.dtype))[:, -1, :vocab_size].float()
+    return softcap * torch.tanh(logits / softcap)
+
+
+class _GenericDecoder:
+    """Any `model(idx) -> logits (B, T, V)` without a cache (stub models in tests, foreign models): re-runs the
+    whole sequence each step. Correct, not fast."""
+
+    mode = "no-cache"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.max_len = int(getattr(model, "max_len", 1 << 30))
+        self.seqs: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int], batch: int, need: int) -> torch.Tensor:
+        self.seqs = torch.tensor([prompt] * batch, dtype=torch.long, device=self.device)
+        return self.model(self.seqs[:1])[:, -1].float().expand(batch, -1)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.seqs = torch.cat([self.seqs, tokens.view(-1, 1)], dim=1)
+        return self.model(self.seqs)[:, -1].float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class _Row:
+    """Per-row state of the tool state machine."""
+
+    done: bool = False
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    forced: collections.deque = field(default_factory=collections.deque)
+
+
+def _default_tool(expr: str) -> str | None:
+    from picochat.sandbox import run_expression
+
+    return run_expression(expr)
+
+
+class Engine:
+    """KV-cache generation with sampling and the python tool. Not thread-safe: one caller at a time per engine
+    (the server gives each model replica its own engine and worker thread)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, cuda_graph: bool = True, compile: bool | None = None,
+                 tool: Callable[[str], str | None] | None = None, tool_workers: int = 4):
+        self.model, self.tokenizer = model, tokenizer
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        if compile is None:
+            compile = os.environ.get("PICOCHAT_ENGINE_COMPILE", "1") != "0"
+        if isinstance(model, GPT):
+            self.decoder: _GPTDecoder | _GenericDecoder = _GPTDecoder(model, cuda_graph=cuda_graph, compile=compile)
+        else:
+            self.decoder = _GenericDecoder(model, self.device)
+        self.tool = tool or _default_tool
+        self._tool_pool = ThreadPoolExecutor(max_workers=tool_workers, thread_name_prefix="picochat-tool")
+        sp = tokenizer.special_tokens
+        self.bos = sp["<|bos|>"]
+        self.assistant_end = sp["<|assistant_end|>"]
+        self.python_start, self.python_end = sp["<|python_start|>"], sp["<|python_end|>"]
+        self.output_start, self.output_end = sp["<|output_start|>"], sp["<|output_end|>"]
+
+    @property
+    def mode(self) -> str:
+        return self.decoder.mode
+
+    @property
+    def max_context(self) -> int:
+        """Most positions a prompt + completion may span (the RoPE table of the model)."""
+        return self.decoder.max_len
+
+    def _run_tools(self, calls: list[tuple[_Row, list[int]]]) -> None:
+        """Run this step's tool calls (in parallel when several rows call at once) and queue their forced output."""
+        exprs = [self.tokenizer.decode(toks) for _, toks in calls]
+        results = list(self._tool_pool.map(self._safe_tool, exprs))
+        for (row, _), result in zip(calls, results):
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+
+    def _safe_tool(self, expr: str) -> str | None:
+        try:
+            return self.tool(expr)
+        except Exception as e:  # a broken tool must not kill generation; the model just sees no output
+            warnings.warn(f"[engine] python tool failed: {type(e).__name__}: {e}")
+            return None
+
+    @torch.no_grad()
+    def generate(self, prompt_tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 42,
+                 stop: Iterable[int] | None = None, *, ignore_eos: bool = False
+                 ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, mask_column) per step: one token per row; mask 1 = sampled, 0 = forced tool output.
+
+        A row completes on `<|assistant_end|>`, `<|bos|>` or a token in `stop` (that token is yielded); generation
+        ends when every row has completed or after `max_tokens` steps. Completed rows keep receiving (ignored)
+        tokens until then. `ignore_eos` (benchmarks) never completes a row.
+        """
+        prompt = [int(t) for t in prompt_tokens]
+        if not prompt:
+            raise ValueError("generate: prompt_tokens is empty (start it with <|bos|>)")
+        if num_samples < 1:
+            raise ValueError(f"generate: num_samples {num_samples} must be >= 1")
+        room = self.max_context - len(prompt) + 1  # the last sampled token is never fed back
+        if room < 1:
+            raise ValueError(f"generate: prompt of {len(prompt)} tokens exceeds the model's context "
+                             f"({self.max_context})")
+        max_tokens = min(max_tokens, room)
+        if max_tokens <= 0:
+            return
+        terminal = {self.assistant_end, self.bos, *(int(t) for t in (stop or ()))}
+        B = num_samples
+        dev = self.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+        rows = [_Row() for _ in range(B)]
+        pinned = dev.type == "cuda"
+        host = torch.empty(B, dtype=torch.long, pin_memory=pinned)
+        logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
+        for step in range(max_tokens):
+            col_dev = sample_next_token(logits, gen, temperature, top_k, top_p)
+            mask = [1] * B
+            forced = [(i, r.forced.popleft()) for i, r in enumerate(rows) if r.forced and not r.done]
+            if forced:
+                rows_idx = torch.tensor([i for i, _ in forced], device=dev)
+                col_dev = col_dev.index_put((rows_idx,), torch.tensor([t for _, t in forced], device=dev))
+                for i, _ in forced:
+                    mask[i] = 0
+            host.copy_(col_dev, non_blocking=pinned)
+            ready = torch.cuda.Event() if pinned else None
+            if ready is not None:
+                ready.record()
+            if step + 1 < max_tokens:  # launch the next step now; the host reads this one while the GPU works
+                logits = self.decoder.step(col_dev)
+            if ready is not None:
+                ready.synchronize()
+            col = host.tolist()
+            calls = []
+            for i, (row, tok) in enumerate(zip(rows, col)):
+                if row.done:
+                    continue
+                if mask[i] == 0:
+                    continue  # forced tokens never trigger the state machine
+                if tok in terminal and not ignore_eos:
+                    row.done = True
+                elif tok == self.python_start:
+                    row.in_python, row.python_tokens = True, []
+                elif tok == self.python_end and row.in_python:
+                    row.in_python = False
+                    if row.python_tokens:
+                        calls.append((row, row.python_tokens))
+                elif row.in_python:
+                    row.python_tokens.append(tok)
+            if calls:
+                self._run_tools(calls)
+            yield col, mask
+            if all(r.done for r in rows):
+                return
+
+    def generate_batch(self, prompt_tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
+                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int = 42, stop: Iterable[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+        """Non-streaming: (sequences, masks), each prompt + completion per row, terminal token dropped.
+
+        masks: 0 for prompt and forced tokens, 1 for sampled ones."""
+        prompt = [int(t) for t in prompt_tokens]
+        terminal = {self.assistant_end, self.bos, *(int(t) for t in (stop or ()))}
+        seqs = [list(prompt) for _ in range(num_samples)]
+        masks = [[0] * len(prompt) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for col, mcol in self.generate(prompt, num_samples, max_tokens, temperature, top_k, top_p, seed, stop):
+            for i, (tok, m) in enumerate(zip(col, mcol)):
+                if done[i]:
+                    continue
+                if m == 1 and tok in terminal:
+                    done[i] = True
+                    continue
+                seqs[i].append(tok)
+                masks[i].append(m)
+            if all(done):
+                break
+        return seqs, masks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading for inference (chat CLI, server, bench)
+
+
+def prepare_model(model: GPT) -> GPT:
+    """Inference-only models on CUDA keep their weights in the compute dtype (bf16): half the bytes per decode step,
+    and no per-step cast of fp32 master weights. Casting is exact w.r.t. what the forward computes anyway."""
+    if next(model.parameters()).device.type == "cuda" and model.compute_dtype != torch.float32:
+        model.to(model.compute_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_engine(source: str = "sft", run: str | None = None, checkpoint: str | None = None,
+                device: str | torch.device | None = None, **engine_kw: Any) -> tuple[Engine, dict]:
+    """Load the latest `source` checkpoint of `run` (or an explicit checkpoint dir) as an inference Engine."""
+    from pathlib import Path
+
+    from picochat.checkpoint import find_run_with_stage, load_model
+    from picochat.runtime import compute_dtype, detect_device
+
+    dev = device if isinstance(device, torch.device) else detect_device(device)
+    if checkpoint is None:
+        _, ckpt = find_run_with_stage(source, run)
+    else:
+        ckpt = Path(checkpoint)
+    model, tok, meta = load_model(ckpt, dev, compute_dtype(dev))
+    meta = dict(meta, checkpoint_dir=str(ckpt))
+    return Engine(prepare_model(model), tok, **engine_kw), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `picochat bench infer`
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory to benchmark")
+    parser.add_argument("--source", default=None, choices=["base", "mid", "sft", "rl"],
+                        help="benchmark the latest checkpoint of this stage (with --run)")
+    parser.add_argument("--run", default=None, help="run name for --source")
+    parser.add_argument("--depth", type=int, default=20, help="random-init model depth (without --checkpoint)")
+    parser.add_argument("--random-init", action="store_true", help="benchmark a random-weight model of --depth")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab of the random-init model")
+    parser.add_argument("--window-pattern", default="L", help="window pattern of the random-init model")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch-sizes", default="1,8,64", help="comma-separated decode batch sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size (median kept)")
+    parser.add_argument("--no-compile", action="store_true", help="CUDA graph without torch.compile'd kernels")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="eager decode (to measure the graph's gain)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: auto)")
+
+
+def _config_for_depth(depth: int, vocab_size: int, window_pattern: str):
+    """nanochat's depth dial: width 64 x depth, 128-dim heads. Prefer picochat.scaling's when it exists."""
+    from picochat.model import GPTConfig
+
+    try:  # the scaling module owns the dial; fall back to the plain rule if it is not there (yet)
+        from picochat import scaling  # type: ignore[attr-defined]
+
+        fn = getattr(scaling, "model_config", None) or getattr(scaling, "config_for_depth", None)
+        if fn is not None:
+            cfg = fn(depth)
+            if isinstance(cfg, GPTConfig):
+                cfg.vocab_size, cfg.window_pattern = vocab_size, window_pattern
+                return cfg
+    except ImportError:
+        pass
+    n_embd = depth * 64
+    n_head = max(1, n_embd // 128)
+    return GPTConfig(sequence_len=2048, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                     n_embd=n_embd, window_pattern=window_pattern)
+
+
+def bench_main(args: argparse.Namespace) -> dict:
+    from picochat.model import build_model
+    from picochat.runtime import compute_dtype, detect_device, peak_flops, synchronize
+
+    dev = detect_device(args.device)
+    kw = dict(cuda_graph=not args.no_cuda_graph, compile=not args.no_compile)
+    if args.checkpoint or args.source:
+        engine, meta = load_engine(args.source or "sft", args.run, args.checkpoint, dev, **kw)
+        model, what = engine.model, meta["checkpoint_dir"]
+    else:
+        cfg = _config_for_depth(args.depth, args.vocab_size, args.window_pattern)
+        model = build_model(cfg, device=dev).set_compute_dtype(compute_dtype(dev))
+
+        class _BenchTok:  # a random-init model has no tokenizer; the engine only needs the special ids
+            special_tokens = {n: cfg.vocab_size - 9 + i for i, n in enumerate(
+                ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                 "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"])}
+
+        engine, what = Engine(prepare_model(model), _BenchTok(), **kw), f"random-init depth {args.depth}"
+    cfg = model.config
+    batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    n_prompt = min(args.prompt_tokens, engine.max_context - args.new_tokens)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size - 16, (n_prompt,), generator=g).tolist()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"[bench infer] {what}: {model.num_params() / 1e6:.1f}M params, {weight_bytes / 1e9:.2f} GB weights, "
+          f"prompt {n_prompt}, {args.new_tokens} new tokens, device {dev}, decode mode {engine.mode}", flush=True)
+
+    def one(batch: int, new_tokens: int) -> tuple[float, list[float]]:
+        """(ttft_s, [time of each later step])"""
+        synchronize(dev)
+        t0 = time.perf_counter()
+        times = []
+        for _ in engine.generate(prompt, num_samples=batch, max_tokens=new_tokens, temperature=1.0, seed=1,
+                                 ignore_eos=True):
+            times.append(time.perf_counter())
+        synchronize(dev)
+        times[-1] = time.perf_counter()
+        return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
+
+    results = []
+    for batch in batch_sizes:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        one(batch, min(8, args.new_tokens))  # warm-up: allocates the cache, compiles and captures the graph
+        runs = [one(batch, args.new_tokens) for _ in range(max(1, args.repeats))]
+        ttft = sorted(r[0] for r in runs)[len(runs) // 2]
+        step_s = sorted(sum(r[1]) / max(1, len(r[1])) for r in runs)[len(runs) // 2]
+        row = {"batch": batch, "ttft_ms": round(ttft * 1e3, 3), "per_token_ms": round(step_s * 1e3, 4),
+               "tokens_per_s": round(batch / step_s, 1) if step_s > 0 else None}
+        if dev.type == "cuda":
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        print(f"[bench infer] batch {batch:4d}: TTFT {row['ttft_ms']:.2f} ms, {row['per_token_ms']:.3f} ms/token, "
+              f"{row['tokens_per_s']:,} tok/s" + (f", peak {row['peak_mem_gb']} GB" if "peak_mem_gb" in row else ""),
+              flush=True)
+        results.append(row)
+    out: dict[str, Any] = {"model": what, "params": model.num_params(), "device": str(dev),
+                           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                           "dtype": str(model.compute_dtype).replace("torch.", ""), "mode": engine.mode,
+                           "prompt_tokens": n_prompt, "new_tokens": args.new_tokens, "results": results}
+    if dev.type == "cuda":
+        bw = 3.35e12 if peak_flops(dev) else None
+        if bw and results:
+            out["bw_ceiling_tok_s_batch1"] = round(bw / weight_bytes, 1)
+    return out
