@@ -1,0 +1,180 @@
+"""The depth dial: every training hyperparameter as a pure function of `depth` (and of the step for schedules).
+
+One knob, as in nanochat (nanochat.md section 2.4, HEAD 92d63d4); each rule cites where it comes from:
+
+| quantity        | rule                                                               | source |
+|-----------------|--------------------------------------------------------------------|--------|
+| width           | d_model = ceil(64 * depth / head_dim) * head_dim                   | nanochat sweeps: aspect 64, head_dim 128 |
+| heads           | n_head = d_model / head_dim                                        | same |
+| horizon         | D = ratio * N_scaling, ratio 12                                    | nanochat HEAD (2026-03-24), Kaplan-style N |
+| batch (tokens)  | B = 2^round(log2(2^19 * (D / D_ref)^0.383)), D_ref = D(depth 12)   | Power Lines, arXiv 2505.13738 |
+| learning rates  | every group x sqrt(B / 2^19)                                       | square-root batch scaling (Adam/Muon) |
+| Muon WD         | 0.28 * sqrt(B / 2^19) * (D_ref / D), cosine to 0                   | T_epoch framework, arXiv 2405.13698 |
+| steps           | D // B                                                             | |
+| LR schedule     | linear warmup 40 steps, constant, last 65% linear to 0.05          | nanochat HEAD |
+| Muon momentum   | 0.85 -> 0.97 over 400 steps, hold, 0.97 -> 0.90 during warmdown    | nanochat HEAD |
+
+`derive(depth)` returns all of it as one dict (the speedrun's --dry-run prints it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+ASPECT_RATIO = 64          # d_model / n_layer
+HEAD_DIM = 128
+DEFAULT_RATIO = 12.0       # tokens per scaling parameter (nanochat HEAD default since 2026-03-24)
+REF_DEPTH = 12             # the depth whose batch is 2^19 tokens
+REF_BATCH = 2**19
+BATCH_EXPONENT = 0.383     # Power Lines: B_opt ~ D^0.383
+MUON_WD_REF = 0.28         # Muon weight decay at the reference depth and batch
+
+# Base learning rates at B = 2^19 and d_model = 768 (nanochat HEAD, nanochat.md section 3.3).
+MATRIX_LR = 0.02
+EMBEDDING_LR = 0.3
+VALUE_EMBED_LR = 0.15
+UNEMBEDDING_LR = 0.008
+RESID_LR = 0.005
+X0_LR = 0.5
+
+
+def model_dims(depth: int, head_dim: int = HEAD_DIM, aspect_ratio: int = ASPECT_RATIO) -> tuple[int, int, int]:
+    """(n_layer, d_model, n_head): width = aspect_ratio * depth rounded up to a multiple of head_dim."""
+    if depth < 1:
+        raise ValueError(f"--depth {depth}: must be >= 1")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"--head-dim {head_dim}: must be an even number >= 2 (RoPE rotates pairs)")
+    d_model = math.ceil(aspect_ratio * depth / head_dim) * head_dim
+    return depth, d_model, d_model // head_dim
+
+
+def gpt_config(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, head_dim: int = HEAD_DIM,
+               window_pattern: str = "L", value_embeds: bool = True, n_kv_head: int = 0,
+               aspect_ratio: int = ASPECT_RATIO):
+    """The GPTConfig of a depth. n_kv_head 0 = as many as query heads (MHA)."""
+    from picochat.model import GPTConfig
+
+    n_layer, d_model, n_head = model_dims(depth, head_dim, aspect_ratio)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                     n_kv_head=n_kv_head or n_head, n_embd=d_model, window_pattern=window_pattern,
+                     value_embeds=value_embeds)
+
+
+def scaling_params(depth: int, vocab_size: int = 32768, head_dim: int = HEAD_DIM,
+                   aspect_ratio: int = ASPECT_RATIO) -> int:
+    """Kaplan-style N of a depth: block matrices + lm_head (what the horizon and batch rules are fitted on)."""
+    from picochat.model import num_scaling_params
+
+    return num_scaling_params(gpt_config(depth, vocab_size, head_dim=head_dim, aspect_ratio=aspect_ratio))
+
+
+def target_tokens(n_scaling: int, ratio: float = DEFAULT_RATIO) -> int:
+    return int(ratio * n_scaling)
+
+
+def batch_size_tokens(tokens: float, ref_tokens: float) -> int:
+    """Power Lines (arXiv 2505.13738): the optimal batch grows as D^0.383; anchored at 2^19 tokens for D_ref."""
+    return 2 ** round(math.log2(REF_BATCH * (tokens / ref_tokens) ** BATCH_EXPONENT))
+
+
+def lr_scale(batch_tokens: int) -> float:
+    """Square-root scaling of every learning rate with the batch, relative to 2^19 tokens."""
+    return math.sqrt(batch_tokens / REF_BATCH)
+
+
+def width_scale(d_model: int) -> float:
+    """AdamW LRs of embeddings/lm_head scale as 1/sqrt(d_model / 768) (muP-style, nanochat)."""
+    return (d_model / 768) ** -0.5
+
+
+def muon_weight_decay(batch_tokens: int, tokens: float, ref_tokens: float) -> float:
+    """T_epoch rule (arXiv 2405.13698): keep lr*wd*steps constant: 0.28 * sqrt(B/2^19) * D_ref / D."""
+    return MUON_WD_REF * lr_scale(batch_tokens) * (ref_tokens / tokens)
+
+
+def num_steps(tokens: float, batch_tokens: int) -> int:
+    return max(1, int(tokens // batch_tokens))
+
+
+def device_batch_size(depth: int, sequence_len: int = 2048, gpu_memory_gb: float = 80.0) -> int:
+    """Default micro-batch rows per GPU: 64K tokens per micro-step up to d20, 32K up to d26, 16K beyond
+    (what fits an 80 GB GPU with our fused loss; halved per halving of memory)."""
+    tokens = 65536 if depth <= 20 else (32768 if depth <= 26 else 16384)
+    tokens = int(tokens * min(1.0, gpu_memory_gb / 80.0))
+    return max(1, tokens // sequence_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step
+
+
+def lr_multiplier(step: int, total: int, warmup: int = 40, warmdown_frac: float = 0.65,
+                  final_frac: float = 0.05) -> float:
+    """Linear warmup over `warmup` steps, constant, then linear warmdown over the last `warmdown_frac` of training
+    to `final_frac`. Step is 0-based; the multiplier is for the update made at that step."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    warmdown = int(round(warmdown_frac * total))
+    start = total - warmdown
+    if warmdown <= 0 or step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / warmdown)
+    return 1.0 + (final_frac - 1.0) * progress
+
+
+def muon_momentum(step: int, total: int, warmdown_frac: float = 0.65, start: float = 0.85, peak: float = 0.97,
+                  end: float = 0.90, ramp_steps: int = 400) -> float:
+    """0.85 -> 0.97 linearly over the first `ramp_steps`, hold, then 0.97 -> 0.90 during the LR warmdown."""
+    m = start + (peak - start) * min(1.0, step / ramp_steps) if ramp_steps > 0 else peak
+    warmdown = int(round(warmdown_frac * total))
+    wd_start = total - warmdown
+    if warmdown > 0 and step >= wd_start:
+        progress = min(1.0, (step - wd_start + 1) / warmdown)
+        m = min(m, peak) + (end - min(m, peak)) * progress
+    return m
+
+
+def weight_decay_multiplier(step: int, total: int) -> float:
+    """Cosine from 1 at step 0 to 0 at the last step (nanochat HEAD schedules Muon WD this way)."""
+    if total <= 1:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / (total - 1))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Everything at once
+
+
+def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio: float = DEFAULT_RATIO,
+           head_dim: int = HEAD_DIM, window_pattern: str = "L", value_embeds: bool = True,
+           total_batch_size: int = 0, num_iterations: int = 0, aspect_ratio: int = ASPECT_RATIO) -> dict[str, Any]:
+    """All derived quantities of a depth (plain JSON types). total_batch_size / num_iterations override the rules
+    (0 = derive). The reference horizon D_ref always uses depth 12 at the same vocab, ratio and head_dim."""
+    import torch
+
+    from picochat.model import GPT, flops_per_token, num_scaling_params
+
+    cfg = gpt_config(depth, vocab_size, sequence_len, head_dim, window_pattern, value_embeds,
+                     aspect_ratio=aspect_ratio)
+    n_scaling = num_scaling_params(cfg)
+    ref = gpt_config(REF_DEPTH, vocab_size, sequence_len, head_dim, window_pattern, value_embeds,
+                     aspect_ratio=aspect_ratio)
+    ref_tokens = target_tokens(num_scaling_params(ref), ratio)
+    tokens = target_tokens(n_scaling, ratio)
+    batch = total_batch_size or batch_size_tokens(tokens, ref_tokens)
+    steps = num_iterations or num_steps(tokens, batch)
+    with torch.device("meta"):  # count parameters without allocating them
+        total_params = GPT(cfg).num_params()
+    fpt = flops_per_token(cfg)
+    return {
+        "depth": depth, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+        "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim, "vocab_size": vocab_size,
+        "sequence_len": sequence_len, "window_pattern": window_pattern, "value_embeds": value_embeds,
+        "params_total": total_params, "params_scaling": n_scaling, "ratio": ratio,
+        "tokens": steps * batch, "tokens_target": tokens, "total_batch_size": batch, "num_iterations": steps,
+        "flops_per_token": fpt, "train_flops": fpt * steps * batch,
+        "lr_scale": lr_scale(batch), "width_scale": width_scale(cfg.n_embd),
+        "muon_weight_decay": muon_weight_decay(batch, steps * batch, ref_tokens),
+        "device_batch_size": device_batch_size(depth, sequence_len),
+    }
