@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_UNSET = "__picochat_unset__"
+class _Unset:
+    """Default of every generated flag, to tell "not given" from any real value. Not a string: argparse runs string
+    defaults through `type` (int("...") would fail for every int flag left out)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
 
 
 class UserError(Exception):
