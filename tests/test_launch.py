@@ -1,0 +1,203 @@
+"""picochat launch: planning (pure), the no-libuv store patch, and real multi-process launches on CPU (gloo).
+
+The libuv-less build is simulated with a sitecustomize shim on PYTHONPATH: in every Python process it replaces
+torch.distributed.TCPStore by a subclass that raises, like a torch built without libuv, whenever a store is made
+with use_libuv=True (torch's default). A bare torchrun then fails; `picochat launch` must still work.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from picochat.config import UserError
+from picochat.launch import no_libuv_stores, parse_launch_args, plan_launch, worker_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+SHIM = textwrap.dedent('''
+    """Simulate a torch built without libuv: any TCPStore asked for libuv raises like the real build does."""
+    import sys
+    import torch.distributed as _dist
+
+    _Real = _dist.TCPStore
+
+    class TCPStore(_Real):
+        def __init__(self, *args, **kwargs):
+            use = args[8] if len(args) > 8 else kwargs.get("use_libuv", True)
+            if use:
+                raise RuntimeError("use_libuv was requested but PyTorch was build without libuv support, "
+                                   "run with USE_LIBUV=0 to disable it.")
+            super().__init__(*args, **kwargs)
+
+    for _m in list(sys.modules.values()):
+        if getattr(_m, "TCPStore", None) is _Real:
+            setattr(_m, "TCPStore", TCPStore)
+''')
+
+
+def _plan(argv, env=None):
+    return plan_launch(parse_launch_args(argv), env=env if env is not None else {})
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.pop("USE_LIBUV", None)
+    env.update(PICOCHAT_DEVICE="cpu", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _results(out: Path, n: int) -> list[dict]:
+    files = sorted(out.glob("rank*.json"))
+    assert len(files) == n, f"expected {n} rank files, got {[f.name for f in files]}"
+    return [json.loads(f.read_text()) for f in files]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def test_single_node_plan():
+    p = _plan(["--nproc-per-node", "2", "--libuv", "on", "pretrain", "--depth", "4"])
+    a = p.torchrun_args
+    assert "--nproc-per-node=2" in a and "--nnodes=1" in a and "--rdzv-backend=c10d" in a
+    assert "--rdzv-endpoint=127.0.0.1:0" in a  # the OS picks a free port atomically
+    assert a[-5:] == ["-m", "picochat", "pretrain", "--depth", "4"]
+    assert p.env["OMP_NUM_THREADS"] and p.env["PYTHONUNBUFFERED"] == "1"
+    assert p.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "USE_LIBUV" not in p.env
+    assert str(REPO) in p.env["PYTHONPATH"].split(os.pathsep)
+    # CPU "auto" is one process; a pinned port is honoured
+    p = _plan(["--nproc-per-node", "auto", "--master-port", "29511", "--libuv", "on", "doctor"])
+    assert p.nproc_per_node == 1 and "--rdzv-endpoint=127.0.0.1:29511" in p.torchrun_args
+
+
+def test_multi_node_plan_and_validation():
+    p = _plan(["-n", "8", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "j7",
+               "--libuv", "on", "pretrain"])
+    a = p.torchrun_args
+    assert "--rdzv-endpoint=node0:29400" in a and "--rdzv-id=j7" in a and "--rdzv-conf=is_host=0" in a
+    p = _plan(["-n", "1", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "node0", "--libuv", "on",
+               "pretrain"], env={"SLURM_JOB_ID": "123"})
+    assert "--rdzv-endpoint=node0:29400" in p.torchrun_args and "--rdzv-id=123" in p.torchrun_args
+    assert "--rdzv-conf=is_host=1" in p.torchrun_args
+    p = _plan(["-n", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "static", "--master-addr", "n0",
+               "--libuv", "on", "sft"])
+    assert {"--rdzv-backend=static", "--node-rank=1", "--master-addr=n0", "--master-port=29400"} <= set(
+        p.torchrun_args)
+    bad = [
+        ["-n", "2", "--nnodes", "2", "pretrain"],               # multi-node without an endpoint
+        ["-n", "0", "pretrain"], ["-n", "lots", "pretrain"],
+        ["--nnodes", "x", "pretrain"],
+        ["-n", "1", "--nnodes", "2", "--rdzv-endpoint", "h:notaport", "pretrain"],
+        ["-n", "1", "nosuchstage"], ["-n", "1"],
+        ["-n", "2", "speedrun", "--preset", "tiny"],            # speedrun launches its own stages
+    ]
+    for argv in bad:
+        with pytest.raises(UserError):
+            _plan(argv + ["--libuv", "on"] if argv[-1] != "1" else argv)
+
+
+def test_no_libuv_plan_covers_every_store_path():
+    p = _plan(["-n", "2", "--libuv", "off", "pretrain"])
+    assert p.libuv is False and p.env["USE_LIBUV"] == "0"  # env:// store and the static rendezvous store
+    assert "--rdzv-conf=is_host=1,use_libuv=0" in p.torchrun_args  # c10d rendezvous (older torch reads it)
+    assert p.torchrun_args[-5:] == ["-m", "picochat.launch", "_worker", "picochat", "pretrain"]  # worker stores
+    # an explicit USE_LIBUV=0 from the user is trusted without probing
+    assert _plan(["-n", "1", "doctor"], env={"USE_LIBUV": "0"}).libuv is False
+
+
+def test_worker_env_keeps_user_settings():
+    env = worker_env({"OMP_NUM_THREADS": "7", "PYTHONPATH": "/x"}, nproc=4, use_cuda=True, libuv=True)
+    assert "OMP_NUM_THREADS" not in env and env["PYTHONPATH"].split(os.pathsep)[0] == "/x"
+    assert worker_env({}, nproc=4, use_cuda=True, libuv=True)["OMP_NUM_THREADS"] == "1"
+
+
+def test_no_libuv_stores_patches_and_restores():
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as c10d_backend
+
+    real = dist.TCPStore
+    with no_libuv_stores():
+        assert dist.TCPStore is not real and c10d_backend.TCPStore is dist.TCPStore
+        s = dist.TCPStore("127.0.0.1", 0, 1, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+        assert s.libuvBackend is False and isinstance(s, real)
+        s2 = dist.TCPStore("127.0.0.1", 0, 1, True, datetime.timedelta(seconds=5), False, False, None, True)
+        assert s2.libuvBackend is False  # positional use_libuv=True is overridden too
+        assert os.environ["USE_LIBUV"] == "0"
+    os.environ.pop("USE_LIBUV", None)
+    assert dist.TCPStore is real and c10d_backend.TCPStore is real
+
+
+def test_dry_run_prints_command():
+    out = subprocess.run([sys.executable, "-m", "picochat", "launch", "-n", "2", "--libuv", "off", "--dry-run",
+                          "pretrain", "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=_env())
+    assert out.returncode == 0, out.stderr
+    assert "USE_LIBUV=0" in out.stdout and "torch.distributed.run" in out.stdout and "pretrain" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real launches (gloo on CPU)
+
+
+@pytest.fixture
+def no_libuv_shim(tmp_path):
+    d = tmp_path / "shim"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(SHIM)
+    return d
+
+
+def test_launch_works_on_a_torch_without_libuv(tmp_path, no_libuv_shim):
+    env = _env(PYTHONPATH=os.pathsep.join([str(no_libuv_shim), str(REPO)]))
+    # the shim bites: plain torchrun cannot even create its rendezvous store
+    bare = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           "-m", "tests.dist_probe", str(tmp_path / "bare")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and "without libuv" in bare.stdout + bare.stderr
+    assert not (tmp_path / "bare").exists()
+    # picochat launch probes, notices, and disables libuv everywhere
+    out = tmp_path / "ok"
+    r = subprocess.run([sys.executable, "-m", "picochat", "launch", "--nproc-per-node", "2", "--module",
+                        "tests.dist_probe", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no libuv" in r.stderr
+    res = _results(out, 2)
+    assert [x["rank"] for x in res] == [0, 1]
+    assert all(x["world_size"] == 2 and x["sum"] == 3.0 for x in res)
+    assert all(x["use_libuv_env"] == "0" and x["libuv"] is False for x in res)
+
+
+def test_two_nodes_on_one_machine_c10d(tmp_path):
+    """Two launcher processes (2 nodes x 1 process) meet at a c10d rendezvous on 127.0.0.1 and all_reduce."""
+    port, out = _free_port(), tmp_path / "two"
+    env = _env(PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-m", "picochat", "launch", "--nproc-per-node", "1", "--nnodes", "2",
+                               "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t2n",
+                               "--module", "tests.dist_probe", str(out)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=180)[0])
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)
+    res = _results(out, 2)
+    assert {x["rank"] for x in res} == {0, 1} and all(x["world_size"] == 2 and x["sum"] == 3.0 for x in res)
+    assert len({x["pid"] for x in res}) == 2
