@@ -281,12 +281,10 @@ def render_prompts(spec: TaskSpec, item: dict[str, Any], shots: list[dict[str, A
     return [without.strip(), without + item["continuation"]]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 @dataclass
@@ -300,6 +298,7 @@ class Example:
 
 def build_example(spec: TaskSpec, token_lists: list[list[int]], gold: int, max_len: int | None) -> Example:
     """Continuation spans from the tokenized prompts (see render_prompts), cropped on the left to max_len."""
+    token_lists = [np.asarray(t, dtype=np.int32) for t in token_lists]
     if spec.task_type == "language_modeling":
         without, with_ = token_lists
         start = _common_prefix(without, with_)
@@ -323,7 +322,7 @@ def build_example(spec: TaskSpec, token_lists: list[list[int]], gold: int, max_l
             drop = len(t) - max_len
             t = t[drop:]
             s, e = max(1, s - drop), e - drop
-        out_seqs.append(np.asarray(t, dtype=np.int32))
+        out_seqs.append(t)
         out_spans.append((s, e))
     return Example(out_seqs, out_spans, gold)
 
