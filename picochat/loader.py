@@ -163,6 +163,7 @@ class DataLoader:
                 upos += 1
                 if upos == len(self.units):
                     epoch, upos = epoch + 1, 0
+                    self._check_epoch_had_tokens()
                 self._pos = (epoch, upos, 0)
             if not self._pending:
                 self._submit_more()
@@ -172,6 +173,15 @@ class DataLoader:
             self._submit_more()
             self._cur = (deque((None, f) for f in fut.result()), epoch, upos, first)
             self._pos = (epoch, upos, first)
+
+    def _check_epoch_had_tokens(self) -> None:
+        # Without this, a rank that gets no text (e.g. 1-document row groups and 2 ranks) would spin forever.
+        content = self._stats["tokens_in"] - self._stats["docs"]
+        if self._content_at_wrap is not None and content == self._content_at_wrap:
+            raise UserError(f"{self.shards[0].parent}: rank {self.rank} of {self.world_size} got no text in a whole "
+                            f"pass over {len(self.shards)} shard(s) (ranks take every {self.world_size}th document "
+                            f"of each row group); use more data or fewer processes")
+        self._content_at_wrap = content
 
     # ------------------------------------------------------------------------------------------------------------
     # Packing buffer
@@ -319,6 +329,8 @@ class DataLoader:
         self._reset(*state["pos"])
         self._seq, self._batches, self._exhausted = state["seq"], state["batches"], state["exhausted"]
         self._stats.update(state["stats"])
+        if self._content_at_wrap is not None:
+            self._content_at_wrap = self._stats["tokens_in"] - self._stats["docs"]
         by_unit: dict[tuple[int, int], list] = {}
         for seq, epoch, upos, dpos, start, end in state["items"]:
             by_unit.setdefault((epoch, upos), []).append((seq, dpos, start, end))
@@ -344,6 +356,8 @@ class DataLoader:
         self._batches = 0
         self._exhausted = False
         self._stats = {"docs": 0, "tokens_in": 0, "tokens_yielded": 0, "tokens_dropped": 0, "bos_added": 0}
+        # Content tokens seen at the last epoch boundary; from the start of an epoch, the first pass counts too.
+        self._content_at_wrap: int | None = 0 if (upos, dpos) == (0, 0) else None
 
     def stats(self) -> dict:
         s = dict(self._stats)

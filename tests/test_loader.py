@@ -180,3 +180,16 @@ def test_cuda_pinned(corpus):
     for _ in range(5):
         (x, y), (xc, yc) = loader.next_batch(), cpu.next_batch()
         assert x.is_cuda and torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)
+
+
+def test_rank_without_text_is_a_clear_error(corpus, tmp_path):
+    from picochat.config import UserError
+
+    _, tok, _ = corpus
+    write_shards(["only one document here", "val doc"], tmp_path, docs_per_shard=1)
+    train, _ = list_shards(tmp_path)
+    for loop in (True, False):
+        loader = DataLoader(train, tok, 1, 16, rank=1, world_size=2, loop=loop, threads=1)
+        with pytest.raises(UserError, match="rank 1 of 2 got no text"):
+            loader.next_batch()
+        loader.close()
