@@ -228,7 +228,7 @@ def plan_launch(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
             endpoint = f"{host}:{port}"
             if args.node_rank is not None:  # the node-rank-0 agent hosts the rendezvous store, the others join
                 conf["is_host"] = "1" if args.node_rank == 0 else "0"
-            rdzv_id = args.rdzv_id or env.get("SLURM_JOB_ID") or env.get("SKYPILOT_TASK_ID") or "picochat"
+            rdzv_id = args.rdzv_id or env.get("SLURM_JOB_ID") or "picochat"
         else:
             # One node: a private rendezvous on 127.0.0.1. Port 0 lets the OS pick a free port atomically (no
             # race with other jobs on the box); --master-port pins one.
@@ -300,8 +300,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="this node's rank (0 hosts the rendezvous; e.g. $SLURM_NODEID, $SKYPILOT_NODE_RANK)")
     parser.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node; same on "
                         f"every node; default port {DEFAULT_RDZV_PORT})")
-    parser.add_argument("--rdzv-id", default=None, help="job id shared by all nodes (default: $SLURM_JOB_ID, "
-                        "$SKYPILOT_TASK_ID or 'picochat')")
+    parser.add_argument("--rdzv-id", default=None, help="job id shared by all nodes (default: $SLURM_JOB_ID or 'picochat')")
     parser.add_argument("--rdzv-backend", choices=["c10d", "static"], default="c10d",
                         help="c10d (elastic, default) or static (fixed --node-rank, --master-addr/--master-port)")
     parser.add_argument("--master-addr", default=None, help="static rendezvous: the node-rank-0 host")
