@@ -1,57 +1,94 @@
 """The attention shim: one place decides which kernel runs causal attention, and says so.
 
-Layout everywhere is (B, T, H, D). Backends:
-- "sdpa": torch SDPA. On CUDA the cuDNN backend is preferred for full causal attention (measured on H100 here:
-  ~430 TFLOP/s fwd+bwd vs ~230 for the FA2 backend); on CPU/MPS it is the math/efficient kernel.
-- sliding windows: an explicit boolean mask with SDPA (correct everywhere, the fallback).
-PICOCHAT_ATTN=sdpa|math forces a choice (tests use it to compare paths numerically).
+Layout everywhere is (B, T, H, D). `choose()` is the only decision point:
+
+| case                                   | backend   | why |
+|----------------------------------------|-----------|-----|
+| full causal, CUDA sm90/sm100 (Hopper, Blackwell DC) | `cudnn` | SDPA's cuDNN kernel: ~430 TFLOP/s fwd+bwd on H100 here vs ~230 for SDPA-FA2 (performance.md section 3) |
+| full causal, other CUDA (Ampere, Ada, sm_120 ...)   | `sdpa`  | PyTorch's own SDPA priority (flash/efficient); no kernel that may lack a build for the arch |
+| sliding window, CUDA                   | `flex`    | FlexAttention (compiled Triton), block mask built once per (T, window) |
+| anything on CPU / MPS                  | `sdpa` / `mask` | plain SDPA; windows via an explicit boolean mask |
+
+`PICOCHAT_ATTN=sdpa|cudnn|flash|math|flex|mask` forces a backend (tests compare the paths numerically with it).
+The first use of each (backend, case) prints one `[attention]` line on rank 0.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-_announced = False
+BACKENDS = ("sdpa", "cudnn", "flash", "math", "flex", "mask")
+_announced: set[tuple[str, str]] = set()
+_block_masks: dict[tuple[int, int, str], Any] = {}
+_flex_fn: Any = None
+
+
+def _forced() -> str | None:
+    name = os.environ.get("PICOCHAT_ATTN", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"PICOCHAT_ATTN={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(device: torch.device, window: int | None, seq_len: int) -> str:
+    """The backend for training/prefill attention over `seq_len` tokens with an optional sliding window."""
+    forced = _forced()
+    windowed = window is not None and window < seq_len
+    if forced:
+        if forced in ("cudnn", "flash") and device.type != "cuda":
+            return "sdpa"
+        if forced in ("cudnn", "flash", "sdpa", "math") and windowed:
+            return "mask" if forced != "math" else "math"
+        return forced
+    if device.type == "cuda":
+        if windowed:
+            return "flex"
+        major, _ = torch.cuda.get_device_capability(device)
+        return "cudnn" if major in (9, 10) else "sdpa"
+    return "mask" if windowed else "sdpa"
 
 
 def backend_name(device: torch.device | None = None) -> str:
-    forced = os.environ.get("PICOCHAT_ATTN")
-    if forced:
-        return forced
-    if device is not None and device.type == "cuda":
-        return "sdpa-cudnn"
-    return "sdpa"
+    """The backend full causal attention uses on `device` (for doctor/bench reports)."""
+    return choose(device or torch.device("cpu"), None, 1)
 
 
-def _announce(device: torch.device) -> None:
-    global _announced
-    if not _announced:
-        _announced = True
-        from picochat.runtime import print0
+def _announce(name: str, window: int | None) -> None:
+    key = (name, "window" if window is not None else "causal")
+    if key in _announced:
+        return
+    _announced.add(key)
+    from picochat.runtime import print0
 
-        print0(f"[attention] backend: {backend_name(device)}")
+    what = f"sliding window {window}" if window is not None else "full causal"
+    print0(f"[attention] {what}: {name}" + (" (forced by PICOCHAT_ATTN)" if _forced() else ""))
 
 
-def _sdpa(q, k, v, is_causal=False, mask=None, enable_gqa=False):
-    # (B, T, H, D) -> (B, H, T, D)
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _sdpa(q, k, v, is_causal=False, mask=None, enable_gqa=False, backend: str = "sdpa"):
+    """SDPA on (B, T, H, D) inputs; `backend` picks the kernel priority."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    kw = dict(attn_mask=mask, is_causal=is_causal)
+    kw: dict[str, Any] = dict(attn_mask=mask, is_causal=is_causal)
     if enable_gqa:
         kw["enable_gqa"] = True
-    if os.environ.get("PICOCHAT_ATTN") == "math":
+    if backend in ("math", "cudnn", "flash"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.MATH]):
-            y = F.scaled_dot_product_attention(q, k, v, **kw)
-    elif q.device.type == "cuda" and mask is None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.MATH], set_priority=True):
+        order = {"math": [SDPBackend.MATH],
+                 "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                           SDPBackend.MATH],
+                 "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}[backend]
+        with sdpa_kernel(order, set_priority=backend != "math"):
             y = F.scaled_dot_product_attention(q, k, v, **kw)
     else:
         y = F.scaled_dot_product_attention(q, k, v, **kw)
@@ -68,19 +105,67 @@ def window_mask(tq: int, tk: int, q_offset: int, window: int | None, device) -> 
     return m
 
 
+def block_mask(seq_len: int, window: int, device: torch.device) -> Any:
+    """FlexAttention block mask for causal attention with a sliding window, built once per (T, window, device)."""
+    key = (seq_len, window, str(device))
+    bm = _block_masks.get(key)
+    if bm is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def sliding_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        bm = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+        _block_masks[key] = bm
+    return bm
+
+
+def prepare(window_sizes: list[int | None], seq_len: int, device: torch.device) -> None:
+    """Build the block masks a model will need before torch.compile traces it (keeps them out of the graph)."""
+    for w in set(window_sizes):
+        if w is not None and w < seq_len and choose(device, w, seq_len) == "flex":
+            block_mask(seq_len, w, device)
+
+
+def _flex(q, k, v, window: int, enable_gqa: bool):
+    global _flex_fn
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_fn is None:
+        # compiled: eager flex is a slow reference implementation. Inside an already compiled model this nests fine.
+        _flex_fn = torch.compile(flex_attention, dynamic=False) if q.device.type == "cuda" else flex_attention
+    bm = block_mask(q.shape[1], window, q.device)
+    y = _flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=enable_gqa)
+    return y.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points used by the model
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Training / full-sequence causal attention, optionally with a sliding window."""
-    _announce(q.device)
     gqa = k.shape[2] != q.shape[2]
     T = q.shape[1]
-    if window is None or window >= T:
-        return _sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
-    return _sdpa(q, k, v, mask=window_mask(T, T, 0, window, q.device), enable_gqa=gqa)
+    if window is not None and window >= T:
+        window = None
+    name = choose(q.device, window, T)
+    _announce(name, window)
+    if window is None:
+        if name in ("flex", "mask"):  # forced: still full causal, through the forced kernel family
+            if name == "flex":
+                return _flex(q, k, v, T, gqa)
+            return _sdpa(q, k, v, mask=window_mask(T, T, 0, None, q.device), enable_gqa=gqa)
+        return _sdpa(q, k, v, is_causal=True, enable_gqa=gqa, backend=name)
+    if name == "flex":
+        return _flex(q, k, v, window, gqa)
+    return _sdpa(q, k, v, mask=window_mask(T, T, 0, window, q.device), enable_gqa=gqa,
+                 backend="math" if name == "math" else "sdpa")
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
                      window: int | None = None) -> torch.Tensor:
-    """Attention of new queries (absolute positions q_offset..) against the whole cache prefix k/v."""
+    """Attention of new queries (absolute positions q_offset..) against the whole cache prefix k/v (inference)."""
     gqa = k.shape[2] != q.shape[2]
     Tq, Tk = q.shape[1], k.shape[1]
     if q_offset == 0 and Tq == Tk and window is None:

@@ -1,0 +1,124 @@
+"""The GPT: forward/backward, init statistics, accounting from shapes, fused loss, KV cache equivalence."""
+
+import math
+
+import pytest
+import torch
+
+from picochat.model import GPT, GPTConfig, build_model, flops_per_token, fused_linear_cross_entropy, num_scaling_params
+
+CFG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def _model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def test_forward_backward_and_initial_loss():
+    m = _model()
+    idx = torch.randint(0, CFG.vocab_size, (2, 64))
+    logits = m(idx)
+    assert logits.shape == (2, 64, CFG.vocab_size) and logits.dtype == torch.float32
+    assert logits.abs().max() <= CFG.softcap
+    loss = m(idx, idx)
+    # lm_head starts near zero, so the first loss is ~ln(V): a broken init shows up here
+    assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.05
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.lm_head.weight.grad.abs().sum() > 0 and m.blocks[0].attn.c_proj.weight.grad.abs().sum() > 0
+
+
+def test_init_statistics():
+    cfg = GPTConfig(sequence_len=64, vocab_size=1024, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+    m = _model(cfg)
+    assert abs(m.wte.weight.std().item() - 0.8) < 0.02
+    assert abs(m.lm_head.weight.std().item() - 0.001) < 1e-4
+    d = cfg.n_embd
+    assert abs(m.blocks[0].attn.c_q.weight.std().item() - d ** -0.5) < 0.005
+    assert abs(m.blocks[0].mlp.c_fc.weight.std().item() - 0.4 * d ** -0.5) < 0.003
+    for b in m.blocks:
+        assert b.attn.c_proj.weight.abs().sum() == 0 and b.mlp.c_proj.weight.abs().sum() == 0
+    assert torch.allclose(m.resid_lambdas[[0, -1]], torch.tensor([1.15, 1.05]))
+    assert torch.allclose(m.x0_lambdas[[0, -1]], torch.tensor([0.20, 0.05]))
+    assert set(m.value_embeds.keys()) == {"1", "3"}  # alternating, including the last layer
+    assert m.lm_head.weight.shape[0] == 1024 and GPTConfig(vocab_size=1000).padded_vocab_size == 1024
+
+
+def test_accounting_from_shapes():
+    c = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
+                  window_pattern="SSSL")
+    assert num_scaling_params(c) == 12 * 12 * 768 ** 2 + 768 * 32768 == 110_100_480
+    # attention: 12 * H * hd * span per layer; S layers see 512 keys, L (and the forced-L last layer) 2048
+    spans = [512, 512, 512, 2048] * 3
+    assert flops_per_token(c) == 6 * 110_100_480 + sum(12 * 6 * 128 * s for s in spans)
+    with torch.device("meta"):
+        m = GPT(c)
+    assert m.num_params() == sum(p.numel() for p in m.parameters())
+    assert m.flops_per_token() == flops_per_token(c)
+    gqa = GPTConfig(n_layer=1, n_head=8, n_kv_head=2, n_embd=512, vocab_size=64)
+    assert num_scaling_params(gqa) == 512 * 512 * 2 + 512 * 128 * 2 + 8 * 512 ** 2 + 512 * 64
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_loss_matches_plain_path(reduction):
+    m = _model()
+    with torch.no_grad():  # make every gradient path non-trivial
+        for b in m.blocks:
+            b.attn.c_proj.weight.normal_(0, 0.02)
+            b.mlp.c_proj.weight.normal_(0, 0.02)
+        m.lm_head.weight.normal_(0, 0.05)
+    idx = torch.randint(0, CFG.vocab_size, (3, 64))
+    tgt = torch.randint(0, CFG.vocab_size, (3, 64))
+    tgt[0, :17] = -1
+    grads, losses = [], []
+    for fused in (True, False):
+        m.fused_loss = fused
+        m.zero_grad()
+        loss = m(idx, tgt, loss_reduction=reduction)
+        (loss * 1.7).backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+    # chunking does not change the result
+    x = torch.randn(50, 64, requires_grad=True)
+    w = torch.randn(320, 64, requires_grad=True)
+    t = torch.randint(0, 300, (50,))
+    a = fused_linear_cross_entropy(x, w, t, 300, 15.0, reduction, chunk=7)
+    b = fused_linear_cross_entropy(x, w, t, 300, 15.0, reduction, chunk=64)
+    assert torch.allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL"])
+def test_kv_cache_decode_equals_full_forward(pattern):
+    # seq 512 -> S window 128 < the 200 tokens decoded, so windows really cut
+    cfg = GPTConfig(sequence_len=512, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                    window_pattern=pattern)
+    assert (cfg.window_sizes()[0] == 128) == (pattern == "SL")
+    m = _model(cfg)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.c_proj.weight.normal_(0, 0.05)
+            b.mlp.c_proj.weight.normal_(0, 0.05)
+        m.lm_head.weight.normal_(0, 0.05)
+    idx = torch.randint(0, 300, (2, 200))
+    with torch.no_grad():
+        full = m(idx)
+        cache = m.kv_cache(2, 200)
+        out = [m(idx[:, :150], kv_cache=cache)]
+        for t in range(150, 200):
+            out.append(m(idx[:, t:t + 1], kv_cache=cache))
+    assert cache.pos == 200
+    assert torch.allclose(torch.cat(out, dim=1), full, atol=1e-4)
+
+
+def test_config_validation():
+    from picochat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        build_model(GPTConfig(n_layer=1, n_head=4, n_kv_head=3, n_embd=64, vocab_size=64))
+    with pytest.raises(ConfigError, match="window_pattern"):
+        build_model(GPTConfig(n_layer=1, n_head=2, n_kv_head=2, n_embd=64, vocab_size=64, window_pattern="X"))
