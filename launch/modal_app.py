@@ -336,9 +336,10 @@ def run_task(cmd: list[str], vol_dir: str, commit: Optional[Callable[[], None]] 
     return rc
 
 
-def prepare_body(preset: str, run: str, vol_dir: str, commit=None, heartbeat_s: float = HEARTBEAT_S) -> int:
+def prepare_body(preset: str, run: str, vol_dir: str, commit=None, heartbeat_s: float = HEARTBEAT_S,
+                 stages: str = "data,tokenizer") -> int:
     """CPU only: data shards and the tokenizer (no GPU billed while downloading and counting bytes)."""
-    return run_task(speedrun_command(preset, run, stages="data,tokenizer"), vol_dir, commit, heartbeat_s=heartbeat_s)
+    return run_task(speedrun_command(preset, run, stages=stages), vol_dir, commit, heartbeat_s=heartbeat_s)
 
 
 def train_body(preset: str, run: str, vol_dir: str, commit=None, gpu_kind: str = "cpu", force_restart: bool = False,
@@ -397,8 +398,8 @@ if modal is not None:
         return modal.current_input_id() or modal.current_function_call_id() or "local"
 
     @app.function(cpu=8.0, memory=32768, timeout=6 * 3600, volumes={VOL: volume}, retries=_retries)
-    def prepare(preset: str, run: str) -> int:
-        return prepare_body(preset, run, VOL, commit=volume.commit)
+    def prepare(preset: str, run: str, stages: str = "data,tokenizer") -> int:
+        return prepare_body(preset, run, VOL, commit=volume.commit, stages=stages)
 
     @app.function(gpu=validate_gpu(DEFAULT_GPU), cpu=16.0, memory=131072, timeout=DAY_S, volumes={VOL: volume},
                   retries=_retries)
@@ -421,7 +422,9 @@ if modal is not None:
         """Runs inside Modal, so a detached client cannot orphan the GPU step: CPU prepare, then the GPU work."""
         gpu = validate_gpu(gpu)
         if task == "smoke":
-            prepare.remote(preset, f"smoke-{preset}")
+            # data is shared by all runs: fetch it on CPU. The smoke itself starts from scratch (--force-restart), so
+            # its small tokenizer is trained again on the GPU box as part of what the smoke validates.
+            prepare.remote(preset, f"smoke-{preset}", "data")
             smoke.with_options(gpu=gpu).remote(preset, gpu)
             return f"smoke of {preset} on {gpu}: ok"
         prepare.remote(preset, run)
