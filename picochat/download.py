@@ -166,8 +166,9 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, retr
     finally:
         if bar is not None:
             bar.close()
+    resume = f" (the {part.stat().st_size} bytes in {part.name} are resumed)" if part.exists() else ""
     raise UserError(f"{url}: download failed after {retries + 1} attempts (last error: {last_error}); "
-                    f"check the URL and your network, then rerun (partial data in {part.name} is resumed)")
+                    f"check the URL and your network, then rerun{resume}")
 
 
 def _valid(path: Path, sha256: str | None, validator: Callable[[Path], None] | None) -> str | None:
