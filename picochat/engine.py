@@ -219,7 +219,7 @@ class _GPTDecoder:
             # GQA without repeating the cache: the G query heads of a kv head play the role of G query positions
             qg = q.view(B, Hkv, H // Hkv, D)
             mask = masks[m.window_sizes[i]].view(1, 1, 1, T).expand(B, Hkv, H // Hkv, T)
-            y = F.scaled_dot_product_attention(qg, s.k[i], s.v[i], attn_mask=mask)
+            y = _masked_sdpa(qg, s.k[i], s.v[i], mask)
             x = self._post(x, y.reshape(B, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)
         s.pos.add_(1)
         return self._head(x, m.lm_head.weight, m.config.vocab_size, m.config.softcap)
@@ -260,7 +260,8 @@ class _GPTDecoder:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             s.pos.fill_(s.k.shape[3] - 1)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad():
+            # thread_local: other replicas (threads) may use their GPUs while this one captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
                 s.logits = self._step(s)
             s.graph = graph
         except Exception as e:
@@ -305,6 +306,16 @@ class _GPTDecoder:
             s.graph.replay()
             return s.logits
         return self._step(s)
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # pinned to the memory-efficient kernel (masks, graph-capturable, one launch); math as the last resort
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):
@@ -383,6 +394,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, cuda_graph: bool = True, compile: bool | None = None,
                  tool: Callable[[str], str | None] | None = None, tool_workers: int = 4):
+        model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: decode with the module itself
         self.model, self.tokenizer = model, tokenizer
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
@@ -450,6 +462,8 @@ class Engine:
         terminal = {self.assistant_end, self.bos, *(int(t) for t in (stop or ()))}
         B = num_samples
         dev = self.device
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # per thread: a server replica's worker thread drives its own GPU
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed)
         rows = [_Row() for _ in range(B)]
