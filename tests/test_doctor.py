@@ -1,8 +1,6 @@
 """picochat doctor: pure decision helpers, probes with faked hardware, and the real CLI on this (CPU) box."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,11 +114,11 @@ def test_libuv_probe_reports_a_libuv_less_build(monkeypatch):
     assert p["available"] is False and "without libuv" in p["error"]
 
 
-def test_doctor_cli_json_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "picochat", "doctor", "--json"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
+def test_doctor_cli_json_on_cpu(capsys):
+    from picochat.cli import main
+
+    assert main(["doctor", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
     assert r["versions"]["torch"] and Path(r["versions"]["torch_path"]).is_dir()
     assert r["attention_backend"] and r["distributed"]["gloo"] is True
     assert r["disk"]["free_gb"] > 0 and r["recommendations"]["preset"]
