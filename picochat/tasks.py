@@ -308,10 +308,44 @@ class SynthMC(MCTask):
         return self.items[index]
 
 
+class SynthChatMC(MCTask):
+    """The multiple-choice turns of a synth chat split (e.g. chat_val.jsonl), each as a one-turn question.
+
+    Unlike `SynthMC` (held-out facts only stated in pretraining), these ask about chat-visible facts in unseen
+    conversations: the direct check that fine-tuning on the chat set worked."""
+
+    def __init__(self, split: str = "val", directory: str | Path | None = None, **kw: Any):
+        super().__init__(**kw)
+        self.name = f"synth_chat_mc:{split}"
+        chats = SynthChat(split, directory)
+        self.items = []
+        for conv in chats:
+            msgs = conv["messages"]
+            for u, a in zip(msgs[0::2], msgs[1::2]):
+                content = a["content"]
+                if isinstance(content, str) and len(content) == 1 and content in "ABCD" and "\nA. " in u["content"]:
+                    self.items.append({"messages": [u, a], "letters": list("ABCD"), "answer": content})
+        if not self.items:
+            raise UserError(f"{chats.path}: no multiple-choice turns found")
+
+    def num_examples(self) -> int:
+        return len(self.items)
+
+    def get_example(self, index: int) -> dict:
+        return self.items[index]
+
+
 def synth_row_to_mc(row: dict) -> dict | None:
     """One eval row of the synthetic world -> an MC conversation (None for rows that are not multiple choice)."""
     if "messages" in row and "letters" in row and "answer" in row:
         return row
+    if row.get("kind") == "mc" and isinstance(row.get("answer"), int):  # picochat.synth: question holds the options
+        letters = [str(c) for c in row["choices"]]
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": letters[row["answer"]]}],
+                "letters": letters, "answer": letters[row["answer"]]}
+    if row.get("kind") == "gen":
+        return None
     choices = row.get("choices") or row.get("options")
     question = row.get("question") or row.get("prompt")
     answer = row.get("answer", row.get("gold", row.get("label")))
@@ -693,6 +727,78 @@ class Identity(Task):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Problems with a numeric answer (RL): the synthetic world's arithmetic, or any JSONL of problems
+
+
+def last_number(text: str) -> str | None:
+    """The final answer of a reply: the number after `####` when there is one, else the last number in the text."""
+    final = extract_final_number(text)
+    if final is not None:
+        return final
+    found = _NUMBER.findall(text)
+    return normalise_number(found[-1]) if found else None
+
+
+class NumberAnswerTask(Task):
+    """Problems `{"messages": [user, (assistant)], "answer": "42"}`; a reply is right when its final number
+    (`#### n`, else the last number) equals the answer. Generative; RL's reward is 1 for right, else 0."""
+
+    def __init__(self, rows: Sequence[dict], name: str, **kw: Any):
+        super().__init__(**kw)
+        self.rows, self.name = list(rows), name
+        if not self.rows:
+            raise UserError(f"{name}: no problems with a numeric answer")
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        return self.rows[index]
+
+    def evaluate(self, conv: dict, response: str) -> bool:
+        pred = last_number(response)
+        return pred is not None and pred == normalise_number(str(conv["answer"]))
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> "NumberAnswerTask":
+        path = Path(path)
+        rows = []
+        for i, row in enumerate(read_jsonl(path), 1):
+            if "answer" not in row or "messages" not in row:
+                raise UserError(f"{path.name} line {i}: expected {{\"messages\": [...], \"answer\": number}}")
+            validate(row, f"{path.name} line {i}")
+            rows.append(row)
+        return cls(rows, name=f"jsonl:{path.name}")
+
+
+def synth_arithmetic(split: str = "train", directory: str | Path | None = None) -> NumberAnswerTask:
+    """The synthetic world's arithmetic. train: the single-turn tool-use questions of chat_train.jsonl (answer =
+    the tool's output); test: the held-out `gen` items of eval.jsonl (operand triples never seen in chat data)."""
+    d = Path(directory or synth_dir())
+    if split == "train":
+        rows = []
+        for conv in JSONLConversations(d / "chat_train.jsonl"):
+            msgs = conv["messages"]
+            if len(msgs) != 2 or isinstance(msgs[1]["content"], str):
+                continue
+            parts = msgs[1]["content"]
+            outs = [p["text"] for p in parts if p["type"] == "python_output"]
+            codes = [p["text"] for p in parts if p["type"] == "python"]
+            if len(outs) == 1 and codes and re.fullmatch(r"\d+[-+*]\d+", codes[0]):
+                rows.append({"messages": msgs, "answer": outs[0]})
+        return NumberAnswerTask(rows, name="synth_arith:train")
+    if split in ("test", "val"):
+        path = d / "eval.jsonl"
+        if not path.exists():
+            raise UserError(f"{path}: the synthetic eval set is missing; run `picochat data synth` first")
+        rows = [{"messages": [{"role": "user", "content": r["question"]},
+                              {"role": "assistant", "content": str(r["answer"])}], "answer": str(r["answer"])}
+                for r in read_jsonl(path) if r.get("kind") == "gen"]
+        return NumberAnswerTask(rows, name="synth_arith:test")
+    raise UserError(f"synth arithmetic split {split!r}: expected train or test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Mixtures and sequences
 
 
@@ -781,6 +887,8 @@ def build_task(name: str, split: str | None = None, task_dir: str | Path | None 
         return SynthChat(split or "train")
     if name == "synth_mc":
         return SynthMC()
+    if name == "synth_chat_mc":
+        return SynthChatMC(split or "val")
     if name == "spelling_bee":
         return SpellingBee(size=size or 1000, split=split or "train", words=words)
     if name == "simple_spelling":
