@@ -220,6 +220,10 @@ def download_many(items: Iterable[tuple], workers: int = 4, progress: bool | Non
                 errors.append(str(e))
             if bar is not None:
                 bar.update(1)
+            elif progress is None:  # not a terminal (logs, launchers): one line per file instead of a bar
+                done = len(results) + len(errors)
+                print(f"[download] {done}/{len(items)} {Path(items[i][1]).name} "
+                      f"({'failed' if i not in results else 'ok'}, {byte_count[0] / 1e6:.1f} MB so far)", flush=True)
     if bar is not None:
         bar.close()
     if errors:
