@@ -609,8 +609,14 @@ def format_table(summary: dict[str, Any]) -> str:
                      f"{r['baseline']:>6.1f} {r['centered']:>+9.4f}")
     core = summary["core"]
     lines.append(f"{summary['core_label']}: " + (f"{core:.4f}" if core is not None else "n/a (no CORE task ran)"))
+    by_reason: dict[str, list[str]] = {}
     for label, why in summary["missing"].items():
-        lines.append(f"  missing {label}: {why}")
+        by_reason.setdefault(why, []).append(label)
+    for why, labels in by_reason.items():
+        if why.startswith("data file"):  # one line per file: each names a different path
+            lines += [f"  missing {label}: {why}" for label in labels]
+        else:
+            lines.append(f"  missing ({why}): {', '.join(labels)}")
     if summary.get("extra"):
         lines.append(f"  not in CORE (reported only): {', '.join(summary['extra'])}")
     return "\n".join(lines)

@@ -214,10 +214,13 @@ def _bpb(cfg: BaseEvalConfig, model: Any, tok: Any, meta: dict[str, Any], rt: An
         loader = DataLoader(shards, tok, B, T, rank=rt.rank, world_size=rt.world_size, device=rt.device,
                             loop=False)
 
+        seen = [0]
+
         def batches(loader=loader):
             for i, batch in enumerate(loader):
                 if i >= steps:
                     break
+                seen[0] += 1
                 yield batch
 
         t0 = time.time()
@@ -225,6 +228,10 @@ def _bpb(cfg: BaseEvalConfig, model: Any, tok: Any, meta: dict[str, Any], rt: An
             out[f"{split}_bpb"] = float(evaluate_bpb(model, batches(), token_bytes))
         finally:
             loader.close()
+        if seen[0] == 0:
+            raise UserError(f"--data {data}: the {split} shards hold less than one batch of {B} x {T} tokens; "
+                            f"lower --device-batch-size")
+        out[f"{split}_batches"] = seen[0]
         out[f"{split}_seconds"] = round(time.time() - t0, 2)
     return out
 
