@@ -393,10 +393,7 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
         if pin:
             idx_t, pos_t, tgt_t, seg_t = (t.pin_memory() for t in (idx_t, pos_t, tgt_t, seg_t))
         idx_t, pos_t, tgt_t, seg_t = (t.to(device, non_blocking=True) for t in (idx_t, pos_t, tgt_t, seg_t))
-        logits = model(idx_t)
-        V = logits.size(-1)
-        sel = logits.reshape(-1, V).index_select(0, pos_t).float()
-        del logits
+        sel = _scored_logits(model, idx_t, pos_t)
         ce = torch.logsumexp(sel, dim=-1) - sel.gather(1, tgt_t[:, None]).squeeze(1)
         wrong = (sel.argmax(dim=-1) != tgt_t).float()
         nrow = len(rows)
@@ -413,6 +410,32 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
         losses[order_np] = torch.cat(loss_parts).double().cpu().numpy()
         oks[order_np] = torch.cat(ok_parts).cpu().numpy()
     return losses, oks
+
+
+def _scored_logits(model: Any, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (N, V) at the flat positions `pos` of idx (B, T).
+
+    Most positions of a batch are context that is never scored, and the vocabulary projection (plus the fp32 cast
+    and softcap of a (B, T, 32K) tensor) is a large share of a forward pass. So when the model has an `lm_head`
+    module, a pre-hook hands it only the scored rows of the final hidden state; the model's own code still applies
+    everything after it. A model whose output then has an unexpected shape is re-run without the hook.
+    """
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, torch.nn.Module) and not getattr(model, "_picochat_no_select", False):
+        def select(_module: torch.nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (x.reshape(-1, x.size(-1)).index_select(0, pos)[None],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(select)
+        try:
+            logits = model(idx)
+        finally:
+            handle.remove()
+        if logits.dim() == 3 and logits.shape[:2] == (1, pos.numel()):
+            return logits[0].float()
+        model._picochat_no_select = True  # remember: this model post-processes per position; never hook it again
+    logits = model(idx)
+    return logits.reshape(-1, logits.size(-1)).index_select(0, pos).float()
 
 
 @torch.no_grad()

@@ -353,6 +353,13 @@ def test_batched_equals_one_at_a_time(bundle, tok):
         loss, ok = ce.score_sequences(model, seqs, spans, "cpu", batch_tokens=batch_tokens, pad_id=tok.bos_id)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-5)
         assert (ok == ref_ok).all()
+    # the lm_head pre-hook (project only scored positions) was used, and equals projecting everything
+    assert not getattr(model, "_picochat_no_select", False)
+    model._picochat_no_select = True
+    loss_full, ok_full = ce.score_sequences(model, seqs, spans, "cpu", batch_tokens=300, pad_id=tok.bos_id)
+    del model._picochat_no_select
+    np.testing.assert_allclose(loss_full, ref_loss, rtol=1e-4, atol=1e-5)
+    assert (ok_full == ref_ok).all()
     a = ce.evaluate_core(model, tok, bundle, device="cpu", batch_tokens=200)
     b = ce.evaluate_core(model, tok, bundle, device="cpu", reference=True)
     assert {k: v["correct"] for k, v in a["tasks"].items()} == {k: v["correct"] for k, v in b["tasks"].items()}
