@@ -51,7 +51,7 @@ class SynthConfig:
     out: Path | None = field(default=None, metadata={"help": "output directory (default PICOCHAT_HOME/data/synth)"})
     n_entities: int = field(default=150, metadata={"help": "cities + people + animal species in the world"})
     n_lands: int = field(default=6, metadata={"help": "lands the cities belong to (at least 4)"})
-    n_docs: int = field(default=20480, metadata={"help": "pretraining documents in all shards (last shard = val)"})
+    n_docs: int = field(default=24576, metadata={"help": "pretraining documents in all shards (last shard = val)"})
     docs_per_shard: int = field(default=2048, metadata={"help": "documents per parquet shard"})
     n_chat_train: int = field(default=6000, metadata={"help": "training conversations"})
     n_chat_val: int = field(default=400, metadata={"help": "validation conversations"})
