@@ -380,27 +380,32 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
         rows = order[i:i + B]
         i += len(rows)
         idx = np.full((len(rows), T), pad_id, dtype=np.int64)
-        pos, tgt, seg = [], [], []
+        pos, tgt, lens = [], [], []
         for r, j in enumerate(rows):
             s = seqs[j]
             idx[r, :len(s)] = s
             a, b = spans[j]
             pos.append(np.arange(a - 1, b - 1) + r * T)
             tgt.append(s[a:b])
-            seg.append(np.full(b - a, r))
-        pos_t, tgt_t, seg_t = (torch.from_numpy(np.concatenate(x).astype(np.int64)) for x in (pos, tgt, seg))
+            lens.append(b - a)
+        # each row's scored tokens are contiguous in the flat arrays: row sums = differences of a prefix sum
+        # (deterministic, unlike atomic scatter-adds on the GPU, so near-ties never flip between runs)
+        ends = np.cumsum(lens)
+        bounds = np.stack([ends - np.asarray(lens), ends])
+        pos_t, tgt_t, bounds_t = (torch.from_numpy(np.ascontiguousarray(x).astype(np.int64))
+                                  for x in (np.concatenate(pos), np.concatenate(tgt), bounds))
         idx_t = torch.from_numpy(idx)
         if pin:
-            idx_t, pos_t, tgt_t, seg_t = (t.pin_memory() for t in (idx_t, pos_t, tgt_t, seg_t))
-        idx_t, pos_t, tgt_t, seg_t = (t.to(device, non_blocking=True) for t in (idx_t, pos_t, tgt_t, seg_t))
+            idx_t, pos_t, tgt_t, bounds_t = (t.pin_memory() for t in (idx_t, pos_t, tgt_t, bounds_t))
+        idx_t, pos_t, tgt_t, bounds_t = (t.to(device, non_blocking=True) for t in (idx_t, pos_t, tgt_t, bounds_t))
         sel = _scored_logits(model, idx_t, pos_t)
-        ce = torch.logsumexp(sel, dim=-1) - sel.gather(1, tgt_t[:, None]).squeeze(1)
-        wrong = (sel.argmax(dim=-1) != tgt_t).float()
-        nrow = len(rows)
-        sums = torch.zeros(nrow, device=device).index_add_(0, seg_t, ce)
-        cnts = torch.zeros(nrow, device=device).index_add_(0, seg_t, torch.ones_like(ce))
-        nwrong = torch.zeros(nrow, device=device).index_add_(0, seg_t, wrong)
-        loss_parts.append(sums / cnts.clamp(min=1))
+        ce = (torch.logsumexp(sel, dim=-1) - sel.gather(1, tgt_t[:, None]).squeeze(1)).double()
+        wrong = (sel.argmax(dim=-1) != tgt_t).double()
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        ce_cs, wrong_cs = torch.cat([zero, ce.cumsum(0)]), torch.cat([zero, wrong.cumsum(0)])
+        sums = ce_cs[bounds_t[1]] - ce_cs[bounds_t[0]]
+        nwrong = wrong_cs[bounds_t[1]] - wrong_cs[bounds_t[0]]
+        loss_parts.append(sums / (bounds_t[1] - bounds_t[0]).clamp(min=1))
         ok_parts.append(nwrong == 0)
         row_ids.append(np.asarray(rows))
     losses = np.zeros(n, dtype=np.float64)
@@ -597,6 +602,41 @@ def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_ta
     return out
 
 
+def compare_with_reference(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_task: int = 20,
+                           device: torch.device | str = "cpu", batch_tokens: int | None = None,
+                           tasks: list[str] | None = None) -> dict[str, Any]:
+    """Score the first `max_per_task` examples of each task both batched and one at a time; report the largest
+    per-sequence loss difference and how many decisions differ. (On a GPU in bf16, different batch shapes pick
+    different kernels, so losses agree to rounding; on a random-init model nearly every choice is a near-tie, so
+    a few decisions can flip there without any bug.)"""
+    device = torch.device(device)
+    bundle_dir = Path(bundle_dir)
+    batch_tokens = batch_tokens or (32768 if device.type == "cuda" else 4096)
+    specs = [s for s in load_task_specs(bundle_yaml(bundle_dir)) if not tasks or s.label in tasks]
+    max_len = _model_max_len(model)
+    out: dict[str, Any] = {"tasks": {}}
+    worst, flips, total = 0.0, 0, 0
+    for spec in specs:
+        path = bundle_dir / "eval_data" / spec.dataset_uri
+        if not path.exists():
+            continue
+        rows = _shuffled(load_task_rows(path))
+        examples = prepare_task(spec, rows, tokenizer, list(range(min(max_per_task, len(rows)))), max_len)
+        seqs = [s for ex in examples for s in ex.seqs]
+        spans = [sp for ex in examples for sp in ex.spans]
+        lb, ob = score_sequences(model, seqs, spans, device, batch_tokens=batch_tokens, pad_id=tokenizer.bos_id)
+        lr, orf = score_sequences_reference(model, seqs, spans, device)
+        jb, jr = judge(spec, examples, lb, ob), judge(spec, examples, lr, orf)
+        diff = float(np.max(np.abs(lb - lr))) if len(seqs) else 0.0
+        n_flip = sum(a != b for a, b in zip(jb, jr))
+        out["tasks"][spec.label] = {"n": len(examples), "max_abs_loss_diff": diff, "decisions_differ": n_flip,
+                                    "acc_batched": float(np.mean(jb)) if jb else 0.0,
+                                    "acc_reference": float(np.mean(jr)) if jr else 0.0}
+        worst, flips, total = max(worst, diff), flips + n_flip, total + len(examples)
+    out.update(max_abs_loss_diff=worst, decisions_differ=flips, examples=total)
+    return out
+
+
 def _prefetch(specs: list[TaskSpec], fn) -> Iterator[tuple[TaskSpec, Any, float]]:
     """Yield (spec, fn(spec), seconds) in order, computing the next item on a worker thread meanwhile."""
     results: dict[int, tuple[Any, float, BaseException | None]] = {}
@@ -654,4 +694,4 @@ def throughput_line(n_tokens: int, seconds: float) -> str:
 __all__ = ["BUNDLE_URL", "CORE_TASKS", "CORE_BASELINES_V1", "TaskSpec", "Example", "load_task_specs",
            "load_baselines", "bundle_yaml", "resolve_bundle", "render_prompts", "fewshot_indices", "build_example",
            "prepare_task", "score_sequences", "score_sequences_reference", "judge", "centered", "core_label",
-           "evaluate_core", "format_table", "throughput_line"]
+           "evaluate_core", "compare_with_reference", "format_table", "throughput_line"]

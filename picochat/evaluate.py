@@ -50,6 +50,8 @@ class BaseEvalConfig:
     max_per_task: int = field(default=-1, metadata={"help": "CORE examples per task (<= 0: all)"})
     core_tasks: str | None = field(default=None, metadata={"help": "comma-separated CORE task labels (default: all)"})
     batch_tokens: int = field(default=0, metadata={"help": "CORE tokens per forward pass (0: 32768 GPU / 4096 CPU)"})
+    core_check: bool = field(default=False, metadata={"help": "also score the first --max-per-task examples (20 "
+                                                              "if unset) one at a time and compare with batched"})
     data: str | None = field(default=None, metadata={"help": "shard directory for bpb (default: the checkpoint's)"})
     eval_tokens: int = field(default=40 * 2**19, metadata={"help": "tokens per split for bpb"})
     device_batch_size: int = field(default=0, metadata={"help": "bpb rows per forward (0: auto)"})
@@ -287,6 +289,19 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
                f"(rank 0 tokens x world {rt.world_size})")
         result["core"] = core
         record.update(core=core["core"], core_label=core["core_label"])
+        if cfg.core_check and is_rank0():
+            from picochat.core_eval import compare_with_reference
+
+            n = cfg.max_per_task if cfg.max_per_task > 0 else 20
+            check = compare_with_reference(model, tok, bundle, max_per_task=n, device=rt.device,
+                                           batch_tokens=cfg.batch_tokens or None, tasks=tasks)
+            for label, c in check["tasks"].items():
+                print0(f"[core check] {label:<34} n={c['n']:<4} max|dloss| {c['max_abs_loss_diff']:.2e} "
+                       f"decisions differ {c['decisions_differ']} acc {c['acc_batched']:.3f} vs "
+                       f"{c['acc_reference']:.3f}")
+            print0(f"[core check] batched vs one-at-a-time over {check['examples']} examples: max|dloss| "
+                   f"{check['max_abs_loss_diff']:.2e}, {check['decisions_differ']} decisions differ")
+            core["reference_check"] = check
         if is_rank0():
             _write_json(edir / f"{cfg.source}_core.json", {**{k: v for k, v in result.items() if k != "samples"}})
             _write_csv(edir / f"{cfg.source}_core.csv",

@@ -418,3 +418,11 @@ def test_unpack_bundle_and_resolve(tmp_path, bundle, monkeypatch):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ce.UserError):
         ce._unpack_bundle(bad, tmp_path / "x")
+
+
+def test_compare_with_reference_reports_agreement(bundle, tok):
+    check = ce.compare_with_reference(_random_gpt(tok.vocab_size), tok, bundle, max_per_task=3, device="cpu",
+                                      batch_tokens=256)
+    assert check["examples"] == 3 + 3 + 2 + 3 + 3 and check["decisions_differ"] == 0
+    assert check["max_abs_loss_diff"] < 1e-4
+    assert set(check["tasks"]) == {"copa", "arc_easy", "winograd", "lambada_openai", "bigbench_operators"}
