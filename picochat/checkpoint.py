@@ -155,6 +155,19 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
                         f"back to the previous one") from None
 
 
+def update_meta(ckpt: Path, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into a checkpoint's meta.json (atomic rewrite; rank 0 only). Used to record the metrics of an
+    eval that ran after the checkpoint was saved. Dict values are merged one level deep."""
+    meta = read_meta(ckpt)
+    for k, v in fields.items():
+        if isinstance(v, dict) and isinstance(meta.get(k), dict):
+            meta[k] = {**meta[k], **v}
+        else:
+            meta[k] = v
+    atomic_write_text(Path(ckpt) / "meta.json", json.dumps(meta, indent=2, default=str))
+    return meta
+
+
 def load_model_state(ckpt: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return torch.load(Path(ckpt) / "model.pt", map_location=map_location, weights_only=True)
 

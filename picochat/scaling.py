@@ -175,6 +175,8 @@ def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio:
         "tokens": steps * batch, "tokens_target": tokens, "total_batch_size": batch, "num_iterations": steps,
         "flops_per_token": fpt, "train_flops": fpt * steps * batch,
         "lr_scale": lr_scale(batch), "width_scale": width_scale(cfg.n_embd),
-        "muon_weight_decay": muon_weight_decay(batch, steps * batch, ref_tokens),
+        # T_epoch uses the *target* horizon D = ratio * N (a --num-iterations override does not rescale WD,
+        # as in nanochat): short experiments at a depth keep that depth's decay.
+        "muon_weight_decay": muon_weight_decay(batch, tokens, ref_tokens),
         "device_batch_size": device_batch_size(depth, sequence_len),
     }

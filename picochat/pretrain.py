@@ -1,0 +1,686 @@
+"""`picochat pretrain`: train the base model. One code path for CPU, one GPU and N GPUs (torchrun).
+
+    picochat pretrain --preset tiny                                   # CPU, embedded corpus, minutes
+    picochat pretrain --depth 12 --data DIR --tokenizer DIR           # one GPU: accumulation fills the batch
+    torchrun --nproc-per-node 8 -m picochat pretrain --depth 20 ...    # N GPUs (or `picochat launch`)
+
+Everything not given is derived from --depth by `scaling.py` (width, heads, batch, LRs, WD, horizon). The loop:
+bf16 activations on CUDA (fp32 master weights), torch.compile on CUDA, gradient accumulation, schedules as pure
+functions of the step, val bpb every --eval-every steps, samples, checkpoints every --save-every steps and at the end
+(before the final eval). `--resume auto` (default) continues the latest checkpoint of the run exactly: weights,
+optimizer shards, loader position, RNG and step (bit-exact on CPU fp32). SIGTERM/SIGINT save and exit 0. A NaN/inf
+loss stops the run and keeps the last good checkpoint.
+
+`picochat bench pretrain --depth D --steps N` times steady-state steps on random tokens (or real shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picochat import scaling
+from picochat.config import UserError, add_config_args, config_from_args, require, to_dict
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few-million-parameter model on the embedded corpus; minutes on 2 CPU cores
+    "tiny": dict(depth=4, head_dim=64, seq_len=256, device_batch_size=32, total_batch_size=8192, num_iterations=600,
+                 eval_every=100, eval_tokens=65536, save_every=100, window_pattern="L", lr_scale=1.0,
+                 warmup_steps=20, weight_decay=0.05),
+    "d12": dict(depth=12),
+    "d20": dict(depth=20),
+    "d24": dict(depth=24),
+    "d32": dict(depth=32),
+}
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",
+                  "The planets of the solar system are:", "If yesterday was Friday, then tomorrow will be"]
+
+
+@dataclass
+class PretrainConfig:
+    preset: str | None = field(default=None, metadata={"help": "tiny | d12 | d20 | d24 | d32 (flags override)",
+                                                       "choices": list(PRESETS)})
+    run: str | None = field(default=None, metadata={"help": "run name under PICOCHAT_HOME/runs (default: preset "
+                                                            "or d<depth>)"})
+    depth: int = field(default=12, metadata={"help": "the one dial: layers; width/heads/batch/LR/horizon derive"})
+    data: str | None = field(default=None, metadata={"help": "shard directory (last shard = val), or 'random' "
+                                                             "(synthetic tokens; default: PICOCHAT_HOME/data/synth)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: "
+                                                                  "PICOCHAT_HOME/tokenizer)"})
+    vocab_size: int = field(default=32768, metadata={"help": "vocab for --data random (else the tokenizer's)"})
+    head_dim: int = 128
+    n_kv_head: int = field(default=0, metadata={"help": "KV heads for GQA (0 = as many as query heads)"})
+    aspect_ratio: int = 64
+    window_pattern: str = field(default="L", metadata={"help": "per-layer S(hort)/L(ong) attention pattern, "
+                                                               "tiled; L = full causal (fastest with cuDNN)"})
+    value_embeds: bool = True
+    seq_len: int = 2048
+    device_batch_size: int = field(default=0, metadata={"help": "rows per micro-batch per process (0 = by depth)"})
+    total_batch_size: int = field(default=0, metadata={"help": "tokens per optimizer step (0 = Power Lines rule)"})
+    num_iterations: int = field(default=0, metadata={"help": "optimizer steps (0 = ratio * params / batch)"})
+    ratio: float = field(default=scaling.DEFAULT_RATIO, metadata={"help": "tokens per scaling parameter"})
+    matrix_lr: float = scaling.MATRIX_LR
+    embedding_lr: float = scaling.EMBEDDING_LR
+    value_embed_lr: float = scaling.VALUE_EMBED_LR
+    unembedding_lr: float = scaling.UNEMBEDDING_LR
+    resid_lr: float = scaling.RESID_LR
+    x0_lr: float = scaling.X0_LR
+    lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0 = sqrt(batch / 2^19))"})
+    weight_decay: float = field(default=-1.0, metadata={"help": "Muon weight decay (negative = T_epoch rule)"})
+    normuon: bool = field(default=True, metadata={"help": "NorMuon variance reduction in Muon"})
+    warmup_steps: int = 40
+    warmdown_frac: float = 0.65
+    final_lr_frac: float = 0.05
+    eval_every: int = field(default=250, metadata={"help": "val bpb every N steps and at the end (0 = end only)"})
+    eval_tokens: int = 20 * 524288
+    sample_every: int = field(default=0, metadata={"help": "greedy samples every N steps and at the end "
+                                                           "(0 = end only, -1 = never)"})
+    core_every: int = field(default=0, metadata={"help": "CORE eval every N steps (0 = off; needs the bundle)"})
+    core_bundle: str | None = None
+    save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
+    keep_last: int = 2
+    resume: str = field(default="auto", metadata={"help": "auto (latest checkpoint of the run) | never | a "
+                                                          "checkpoint directory"})
+    stop_at_step: int = field(default=0, metadata={"help": "save and stop after this step (the schedules still "
+                                                           "span --num-iterations); 0 = off"})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model and optimizer "
+                                                                 "(default: on CUDA)"})
+    seed: int = 1337
+    loader_threads: int = 4
+    device: str | None = None
+    dtype: str | None = None
+    wandb: bool = False
+
+
+def apply_preset(cfg: PretrainConfig) -> PretrainConfig:
+    """Fields the user left at their defaults take the preset's values (for programmatic use; the CLI does the same
+    through `config_from_args`)."""
+    if not cfg.preset:
+        return cfg
+    if cfg.preset not in PRESETS:
+        raise UserError(f"--preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    defaults = PretrainConfig()
+    values = asdict(cfg)
+    for k, v in PRESETS[cfg.preset].items():
+        if values[k] == getattr(defaults, k):
+            values[k] = v
+    return PretrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the tokenizing loader, or synthetic tokens
+
+
+class RandomTokens:
+    """Synthetic, learnable token stream with exact state: each row follows a fixed random permutation of the
+    vocabulary (next = perm[current]) with 10% uniform noise. Batch c of rank r is a pure function of (seed, global
+    index c * world + r), so W processes see exactly the micro-batches one process sees with W-fold accumulation."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", seed: int = 0, **_: Any):
+        self.V, self.B, self.T = vocab_size, batch_size, seq_len
+        self.rank, self.world, self.device, self.seed = rank, world_size, torch.device(device), seed
+        self.perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+        self.count = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.count * self.world + self.rank + 1)
+        self.count += 1
+        rows = torch.empty(self.B, self.T + 1, dtype=torch.long)
+        rows[:, 0] = torch.randint(0, self.V, (self.B,), generator=g)
+        noise = torch.rand(self.B, self.T, generator=g) < 0.1
+        rnd = torch.randint(0, self.V, (self.B, self.T), generator=g)
+        for t in range(self.T):
+            rows[:, t + 1] = torch.where(noise[:, t], rnd[:, t], self.perm[rows[:, t]])
+        rows = rows.to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "rank": self.rank, "world_size": self.world}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        self.count = state["count"]
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.count}
+
+    def close(self) -> None:
+        pass
+
+
+class _CharTokenizer:
+    """Stand-in for --data random (no tokenizer): every id is one byte, so bpb = loss / ln 2."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.bos_id = 0
+
+    def token_bytes(self) -> torch.Tensor:
+        return torch.ones(self.vocab_size, dtype=torch.int32)
+
+    def encode(self, text, prepend=None, append=None):
+        return [min(b, self.vocab_size - 1) for b in text.encode()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def _load_tokenizer(cfg: PretrainConfig):
+    if cfg.data == "random":
+        return _CharTokenizer(cfg.vocab_size), None
+    from picochat.runtime import default_tokenizer_dir
+    from picochat.tokenizer import Tokenizer
+
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir()
+    if not tok_dir.exists():
+        raise UserError(f"--tokenizer {tok_dir}: no tokenizer there; train one with `picochat tokenizer train` "
+                        f"(or pass --tokenizer DIR, or --data random for a smoke test)")
+    return Tokenizer.load(tok_dir), tok_dir
+
+
+def _data_dir(cfg: PretrainConfig) -> Path:
+    from picochat.runtime import default_data_dir
+
+    return Path(cfg.data) if cfg.data else default_data_dir("synth")
+
+
+def make_loader(cfg: PretrainConfig, tok: Any, split: str, batch_size: int, rt: Any, loop: bool):
+    if cfg.data == "random":
+        seed = cfg.seed if split == "train" else cfg.seed + 7919
+        return RandomTokens(tok.vocab_size, batch_size, cfg.seq_len, rank=rt.rank, world_size=rt.world_size,
+                            device=rt.device, seed=seed)
+    from picochat.data import list_shards
+    from picochat.loader import DataLoader
+
+    train, val = list_shards(_data_dir(cfg))
+    return DataLoader(train if split == "train" else val, tok, batch_size, cfg.seq_len, rank=rt.rank,
+                      world_size=rt.world_size, device=rt.device, seed=cfg.seed, threads=cfg.loader_threads,
+                      loop=loop)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup shared by the stage and the benchmark
+
+
+@dataclass
+class Plan:
+    model_config: Any
+    derived: dict[str, Any]
+    device_batch_size: int
+    total_batch_size: int
+    grad_accum: int
+    num_iterations: int
+    lr_scale: float
+    muon_weight_decay: float
+
+
+def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: torch.device) -> Plan:
+    require(cfg.depth >= 1, f"--depth {cfg.depth}: must be >= 1")
+    require(cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: must be >= 8")
+    mc = scaling.gpt_config(cfg.depth, vocab_size, cfg.seq_len, cfg.head_dim, cfg.window_pattern.upper(),
+                            cfg.value_embeds, cfg.n_kv_head, cfg.aspect_ratio)
+    mc.validate()
+    d = scaling.derive(cfg.depth, vocab_size, cfg.seq_len, cfg.ratio, cfg.head_dim, cfg.window_pattern.upper(),
+                       cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio)
+    B = cfg.device_batch_size or scaling.device_batch_size(cfg.depth, cfg.seq_len)
+    per_micro = B * cfg.seq_len * world_size
+    total = d["total_batch_size"]
+    if total < per_micro and not cfg.device_batch_size:  # small batches (tiny runs): shrink the micro-batch
+        B = max(1, total // (cfg.seq_len * world_size))
+        per_micro = B * cfg.seq_len * world_size
+    if total % per_micro:
+        raise UserError(f"--total-batch-size {total}: must be a multiple of device batch x seq len x processes = "
+                        f"{B} x {cfg.seq_len} x {world_size} = {per_micro}; change --total-batch-size or "
+                        f"--device-batch-size")
+    lr_scale = cfg.lr_scale or d["lr_scale"]
+    wd = cfg.weight_decay if cfg.weight_decay >= 0 else d["muon_weight_decay"]
+    return Plan(mc, d, B, total, total // per_micro, d["num_iterations"], lr_scale, wd)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan, compile_step: bool):
+    from picochat.optim import build_optimizer
+
+    return build_optimizer(model, compile_step=compile_step, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                           value_embed_lr=cfg.value_embed_lr, unembedding_lr=cfg.unembedding_lr,
+                           resid_lr=cfg.resid_lr, x0_lr=cfg.x0_lr, lr_scale=plan.lr_scale,
+                           width_scale=scaling.width_scale(plan.model_config.n_embd),
+                           muon_weight_decay=plan.muon_weight_decay, normuon_beta2=0.9 if cfg.normuon else None)
+
+
+def apply_schedules(opt: Any, cfg: PretrainConfig, step: int, total: int) -> float:
+    from picochat.optim import set_schedule
+
+    lrm = scaling.lr_multiplier(step, total, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+    set_schedule(opt, lrm, momentum=scaling.muon_momentum(step, total, cfg.warmdown_frac),
+                 wd_mult=scaling.weight_decay_multiplier(step, total))
+    return lrm
+
+
+def train_step(cmodel: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], next_batch: Any,
+               grad_accum: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step over `grad_accum` micro-batches. Returns (summed detached loss, the next step's first
+    batch, fetched while the GPU works). No host sync in here."""
+    loss_sum = None
+    for micro in range(grad_accum):
+        x, y = batch
+        opt.arm(micro == grad_accum - 1)
+        loss = cmodel(x, y)
+        (loss / grad_accum).backward() if grad_accum > 1 else loss.backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        batch = next_batch()
+    opt.step()
+    cmodel.zero_grad(set_to_none=True)
+    assert loss_sum is not None
+    return loss_sum, batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samples and checkpoints
+
+
+@torch.no_grad()
+def greedy_samples(model: Any, tok: Any, prompts: list[str], max_tokens: int = 16) -> list[dict[str, str]]:
+    """Greedy continuations with the KV cache (uncompiled model: every call has a new shape)."""
+    out = []
+    was = model.training
+    model.eval()
+    dev = model.wte.weight.device
+    try:
+        for p in prompts:
+            ids = tok.encode(p, prepend=tok.bos_id)
+            cache = model.kv_cache(1, len(ids) + max_tokens)
+            logits = model(torch.tensor([ids], device=dev), kv_cache=cache)[:, -1]
+            new = []
+            for _ in range(max_tokens):
+                nxt = int(logits.argmax(-1))
+                if nxt == tok.bos_id:
+                    break
+                new.append(nxt)
+                logits = model(torch.tensor([[nxt]], device=dev), kv_cache=cache)[:, -1]
+            out.append({"prompt": p, "completion": tok.decode(new)})
+    finally:
+        model.train(was)
+    return out
+
+
+def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: Plan) -> dict[str, Any]:
+    """Restore model, optimizer shard(s), loader and RNG from `ckpt`. Returns the rank state (loop info)."""
+    from picochat.checkpoint import load_model_state, load_rank_files, read_meta
+    from picochat.config import from_dict
+    from picochat.model import GPTConfig
+    from picochat.runtime import print0
+    from picochat.training import restore_rng_state
+
+    meta = read_meta(ckpt)
+    saved_mc = from_dict(GPTConfig, meta.get("model_config", {}))
+    if saved_mc != plan.model_config:
+        raise UserError(f"{ckpt}: the checkpoint's model ({saved_mc}) differs from this run's "
+                        f"({plan.model_config}); use the same flags, a new --run, or --resume never")
+    state = load_model_state(ckpt, map_location=rt.device)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()}, strict=True)
+    old_world = int(meta.get("world_size", 1))
+    if old_world == rt.world_size:
+        optim_state, rank_state = load_rank_files(ckpt, rt.rank, map_location=rt.device)
+        if optim_state is None or rank_state is None:
+            raise UserError(f"{ckpt}: missing optim_rank{rt.rank}.pt or state_rank{rt.rank}.pt; the checkpoint "
+                            f"is incomplete; delete it to fall back to the previous one, or --resume never")
+        opt.load_state_dict(optim_state)
+        loader.load_state_dict(rank_state["loader"])
+        restore_rng_state(rank_state.get("rng", {}), rt.device)
+    else:
+        # Optimizer shards are keyed by parameter name, so all old ranks' files rebuild this rank's shard exactly.
+        # The data stream cannot be re-split exactly; it restarts at the saved position (approximate), loudly.
+        states = [load_rank_files(ckpt, r, map_location=rt.device) for r in range(old_world)]
+        if any(o is None for o, _ in states):
+            raise UserError(f"{ckpt}: written by {old_world} processes but some optim_rank*.pt files are missing; "
+                            f"resume with {old_world} processes or --resume never")
+        opt.load_state_dict([o for o, _ in states])
+        rank_state = states[min(rt.rank, old_world - 1)][1] or {}
+        loader.load_state_dict(rank_state["loader"], strict=False)
+        rank_state = dict(rank_state, held_batch=None)
+        print0(f"[resume] WARNING: checkpoint written by {old_world} processes, resuming with {rt.world_size}: "
+               f"weights and optimizer state are exact (resharded); the data order restarts at the saved stream "
+               f"position, so the loss curve will differ slightly from an uninterrupted run")
+    return rank_state
+
+
+def _meta(cfg: PretrainConfig, plan: Plan, tok_dir: Path | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    from picochat.runtime import environment_info
+
+    return {"stage": "base", "run": cfg.run, "model_config": asdict(plan.model_config), "config": to_dict(cfg),
+            "tokenizer_dir": str(tok_dir) if tok_dir else None, "metrics": metrics, "parent": None,
+            "derived": plan.derived, "env": environment_info()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
+    """Train (or continue training) the base model; returns a JSON-able summary.
+
+    `preset_applied`: the CLI already merged the preset under the explicit flags (so it is not applied twice)."""
+    from picochat import attention
+    from picochat.checkpoint import checkpoints_dir, save_checkpoint, update_meta
+    from picochat.model import build_model
+    from picochat.runtime import init_runtime, peak_flops, print0, stage_dir
+    from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
+                                   check_finite, find_resume_checkpoint, format_step_line, freeze_gc, maybe_compile,
+                                   peak_memory_gb, should_compile, unfreeze_gc, write_run_header)
+
+    if not preset_applied:
+        cfg = apply_preset(cfg)
+    if not cfg.run:
+        cfg.run = cfg.preset or f"d{cfg.depth}"
+    require(cfg.resume in ("auto", "never") or Path(cfg.resume).exists(),
+            f"--resume {cfg.resume!r}: expected auto, never or an existing checkpoint directory")
+    rt = init_runtime(cfg.device, cfg.dtype, cfg.seed)
+    tok, tok_dir = _load_tokenizer(cfg)
+    plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
+    mc = plan.model_config
+    sdir = stage_dir(cfg.run, "base")
+    ckpt_root = checkpoints_dir(cfg.run, "base")
+    print0(f"[pretrain] run {cfg.run}: {rt.describe()}")
+    print0(f"[pretrain] model: depth {mc.n_layer}, d_model {mc.n_embd}, heads {mc.n_head}/{mc.n_kv_head}, "
+           f"vocab {mc.vocab_size}, windows {mc.window_pattern}, value embeds {mc.value_embeds}; "
+           f"{plan.derived['params_total']:,} params ({plan.derived['params_scaling']:,} scaling)")
+    print0(f"[pretrain] batch {plan.total_batch_size:,} tokens = {plan.device_batch_size} x {cfg.seq_len} x "
+           f"{rt.world_size} proc x {plan.grad_accum} accum; {plan.num_iterations:,} steps "
+           f"({plan.num_iterations * plan.total_batch_size:,} tokens); lr x{plan.lr_scale:.3f}, "
+           f"muon wd {plan.muon_weight_decay:.4f}")
+
+    model = build_model(mc, device=rt.device)
+    model.set_compute_dtype(rt.dtype)
+    compiled = should_compile(cfg.compile, rt.device)
+    opt = make_optimizer(model, cfg, plan, compile_step=compiled)
+    loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
+
+    step, start_step, resumed_from = 0, 0, None
+    loop_state: dict[str, Any] = {}
+    held = None
+    ck = find_resume_checkpoint(ckpt_root, cfg.resume)
+    if ck is not None:
+        rank_state = _load_resume(ck, model, opt, loader, rt, plan)
+        loop_state = rank_state.get("loop", {})
+        step = start_step = int(loop_state.get("step", 0))
+        hb = rank_state.get("held_batch")
+        if hb is not None:
+            held = (hb[0].to(rt.device), hb[1].to(rt.device))
+        resumed_from = str(ck)
+        print0(f"[resume] continuing from {ck} at step {step}")
+    if step >= plan.num_iterations:
+        print0(f"[pretrain] {cfg.run} already trained for {step} steps (--num-iterations {plan.num_iterations})")
+
+    write_run_header(sdir, cfg, rt.device, extra={"derived": plan.derived, "resumed_from": resumed_from,
+                                                  "plan": {"device_batch_size": plan.device_batch_size,
+                                                           "grad_accum": plan.grad_accum}})
+    metrics = MetricsLogger(sdir / "metrics.jsonl", resume_step=start_step if ck is not None else None)
+    attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
+    cmodel = maybe_compile(model, cfg.compile, rt.device)
+    token_bytes = tok.token_bytes().to(rt.device)
+    peak = peak_flops(rt.device)
+    fpt = model.flops_per_token()
+    tokens_per_step = plan.total_batch_size
+    wandb_run = _wandb_init(cfg, plan) if cfg.wandb and rt.master else None
+
+    last_ckpt: Path | None = ck
+    val_bpb = loop_state.get("val_bpb")
+    min_val_bpb = loop_state.get("min_val_bpb", math.inf)
+    train_time = float(loop_state.get("train_time", 0.0))
+    last_loss = float("nan")
+    stop = StopFlag.install()
+    timer = StepTimer(skip=1)
+    stopped_early = False
+
+    def evaluate(at_step: int) -> float:
+        from picochat.loss_eval import evaluate_bpb
+
+        B = plan.device_batch_size
+        steps = max(1, cfg.eval_tokens // (B * cfg.seq_len * rt.world_size))
+        vl = make_loader(cfg, tok, "val", B, rt, loop=False)
+        try:
+            def batches():
+                for i in range(steps):
+                    try:
+                        yield vl.next_batch()
+                    except StopIteration:
+                        return
+            t0 = time.time()
+            bpb = evaluate_bpb(cmodel, batches(), token_bytes)
+        finally:
+            vl.close()
+        print0(f"[eval] step {at_step}: val bpb {bpb:.4f} ({steps * B * cfg.seq_len * rt.world_size:,} tokens, "
+               f"{time.time() - t0:.1f}s)")
+        return bpb
+
+    def save(at_step: int, next_batch: Any) -> Path:
+        rank_state = {"loader": loader.state_dict(), "rng": capture_rng_state(rt.device),
+                      "held_batch": (next_batch[0].cpu(), next_batch[1].cpu()),
+                      "loop": {"step": at_step, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
+                               "train_time": train_time}}
+        path = save_checkpoint(ckpt_root, at_step, model.state_dict() if rt.master else None, opt.state_dict(),
+                               _meta(cfg, plan, tok_dir, {"val_bpb": val_bpb, "train_loss": last_loss}),
+                               rank_state=rank_state, keep_last=cfg.keep_last)
+        print0(f"[checkpoint] saved {path}")
+        return path
+
+    def maybe_samples(at_step: int, final: bool) -> None:
+        if cfg.sample_every < 0 or cfg.data == "random":
+            return
+        if not (final or (cfg.sample_every > 0 and at_step % cfg.sample_every == 0)):
+            return
+        if rt.master:
+            for s in greedy_samples(model, tok, SAMPLE_PROMPTS):
+                print0(f"[sample] {s['prompt']!r} -> {s['completion']!r}")
+                metrics.log({"step": at_step, "sample": s})
+
+    def maybe_core(at_step: int, final: bool) -> None:
+        if cfg.core_every <= 0 or not (final or at_step % cfg.core_every == 0):
+            return
+        try:
+            from picochat import core_eval
+        except ImportError:
+            print0("[core] picochat.core_eval is not available; skipping")
+            return
+        bundle = core_eval.resolve_bundle(cfg.core_bundle)
+        res = core_eval.evaluate_core(model, tok, bundle, max_per_task=500, device=rt.device)
+        print0(f"[core] step {at_step}: {res.get('core')}")
+        metrics.log({"step": at_step, "core": res.get("core")})
+
+    batch = held if held is not None else loader.next_batch()
+    try:
+        with Heartbeat("pretrain", "running the first step (compiling)" if compiled else "running the first step") as hb:
+            while step < plan.num_iterations:
+                lrm = apply_schedules(opt, cfg, step, plan.num_iterations)
+                timer.start()
+                loss_sum, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+                loss, stop_now = agree_on_step(loss_sum, stop.requested, rt.device, plan.grad_accum)
+                dt = timer.stop()
+                step += 1
+                if timer.n > 1:
+                    train_time += dt
+                check_finite(loss, step, last_ckpt)
+                last_loss = loss
+                tok_s = tokens_per_step / dt
+                mfu = fpt * tok_s / (peak * rt.world_size) if peak else None
+                mem = peak_memory_gb(rt.device)
+                eta = timer.eta(plan.num_iterations - step, dt)
+                print0(format_step_line(step, plan.num_iterations, loss, lrm, dt, tok_s, mfu, eta, mem))
+                metrics.log({"step": step, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu,
+                             "tokens": step * tokens_per_step, "peak_mem_gb": mem})
+                if wandb_run is not None:
+                    wandb_run.log({"step": step, "loss": loss, "lrm": lrm, "tok_per_s": tok_s, "mfu": mfu})
+                if step == start_step + 1:
+                    freeze_gc()
+                hb.beat("training")
+                final = step == plan.num_iterations
+                stop_here = stop_now or (cfg.stop_at_step > 0 and step >= cfg.stop_at_step and not final)
+                if final or stop_here or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                    hb.beat("saving a checkpoint")
+                    last_ckpt = save(step, batch)  # before any final eval: an eval crash never loses the weights
+                if final or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+                    hb.beat("evaluating val bpb")
+                    val_bpb = evaluate(step)
+                    min_val_bpb = min(min_val_bpb, val_bpb)
+                    metrics.log({"step": step, "val_bpb": val_bpb})
+                    if wandb_run is not None:
+                        wandb_run.log({"step": step, "val_bpb": val_bpb})
+                    if last_ckpt is not None and last_ckpt.name == f"step_{step:06d}" and rt.master:
+                        update_meta(last_ckpt, metrics={"val_bpb": val_bpb, "train_loss": last_loss})
+                maybe_core(step, final)
+                maybe_samples(step, final)
+                if stop_here:
+                    stopped_early = True
+                    why = f"signal {stop.signame}" if stop_now else f"--stop-at-step {cfg.stop_at_step}"
+                    print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
+                    break
+    finally:
+        unfreeze_gc()
+        stop.restore()
+        metrics.close()
+        loader.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    steps_done = step - start_step
+    summary = {
+        "run": cfg.run, "step": step, "num_iterations": plan.num_iterations, "steps_this_run": steps_done,
+        "tokens": step * tokens_per_step, "val_bpb": val_bpb, "min_val_bpb": None if math.isinf(min_val_bpb)
+        else min_val_bpb, "train_loss": last_loss, "train_time_s": round(train_time, 2),
+        "tok_per_s": round(tokens_per_step / timer.mean()) if timer.mean() else None,
+        "peak_mem_gb": peak_memory_gb(rt.device), "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "stopped_early": stopped_early, "params": plan.derived["params_total"],
+    }
+    if summary["tok_per_s"] and peak:
+        summary["mfu"] = fpt * summary["tok_per_s"] / (peak * rt.world_size)
+    return summary
+
+
+def _wandb_init(cfg: PretrainConfig, plan: Plan):
+    try:
+        import wandb  # optional; not installed on the GPU machine
+    except ImportError:
+        raise UserError("--wandb: the wandb package is not installed; `pip install wandb` or drop --wandb") from None
+    return wandb.init(project="picochat", name=f"{cfg.run}-base", config={**to_dict(cfg), **plan.derived})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, PretrainConfig)
+
+
+def config_from_cli(args: argparse.Namespace) -> PretrainConfig:
+    preset = getattr(args, "preset", None)
+    base = PRESETS.get(preset, {}) if isinstance(preset, str) else {}
+    return config_from_args(PretrainConfig, args, **base)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from picochat.runtime import print0, teardown
+
+    cfg = config_from_cli(args)
+    try:
+        summary = run(cfg, preset_applied=True)
+    finally:
+        teardown()
+    import json
+
+    print0(json.dumps({"pretrain": summary}, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `picochat bench pretrain`
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after warmup)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--device-batch-size", type=int, default=0, help="rows per micro-batch (0 = by depth)")
+    parser.add_argument("--total-batch-size", type=int, default=-1,
+                        help="tokens per optimizer step (-1 = one micro-batch per process; 0 = the depth rule)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--window-pattern", default="L")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--data", default="random", help="'random' tokens, or a shard directory (needs --tokenizer)")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--device", default=None)
+
+
+def bench_main(args: argparse.Namespace) -> dict[str, Any]:
+    from picochat import attention
+    from picochat.model import build_model
+    from picochat.runtime import init_runtime, peak_flops, print0, synchronize
+    from picochat.training import Heartbeat, maybe_compile, peak_memory_gb, should_compile
+
+    rt = init_runtime(args.device, None, 0)
+    cfg = PretrainConfig(depth=args.depth, seq_len=args.seq_len, window_pattern=args.window_pattern,
+                         head_dim=args.head_dim, value_embeds=args.value_embeds, compile=args.compile,
+                         data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                         device_batch_size=args.device_batch_size)
+    tok, _ = _load_tokenizer(cfg)
+    B = args.device_batch_size or scaling.device_batch_size(args.depth, args.seq_len)
+    cfg.device_batch_size = B
+    if args.total_batch_size != 0:
+        cfg.total_batch_size = args.total_batch_size if args.total_batch_size > 0 else B * args.seq_len * rt.world_size
+    plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
+    model = build_model(plan.model_config, device=rt.device)
+    model.set_compute_dtype(rt.dtype)
+    compiled = should_compile(args.compile, rt.device)
+    opt = make_optimizer(model, cfg, plan, compile_step=compiled)
+    loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
+    attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
+    cmodel = maybe_compile(model, args.compile, rt.device)
+    total = 1000
+    batch = loader.next_batch()
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    t0 = time.time()
+    with Heartbeat("bench", "compiling and warming up"):
+        for i in range(args.warmup):
+            apply_schedules(opt, cfg, i, total)
+            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+        synchronize(rt.device)
+    warm_s = time.time() - t0
+    print0(f"[bench] warmup {args.warmup} steps: {warm_s:.1f}s (loss {loss.item():.3f})")
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        apply_schedules(opt, cfg, args.warmup + i, total)
+        loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+    synchronize(rt.device)
+    dt = time.perf_counter() - t0
+    loader.close()
+    tok_s = args.steps * plan.total_batch_size / dt
+    peak = peak_flops(rt.device)
+    fpt = model.flops_per_token()
+    mc = plan.model_config
+    return {
+        "depth": args.depth, "device": str(rt.device), "gpu": torch.cuda.get_device_name(rt.device)
+        if rt.device.type == "cuda" else None, "world_size": rt.world_size, "dtype": str(rt.dtype),
+        "compile": compiled, "attention": attention.choose(rt.device, None, args.seq_len),
+        "window_pattern": mc.window_pattern, "seq_len": args.seq_len, "device_batch_size": plan.device_batch_size,
+        "total_batch_size": plan.total_batch_size, "grad_accum": plan.grad_accum, "params": plan.derived["params_total"],
+        "flops_per_token": fpt, "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 2),
+        "tok_per_s": round(tok_s), "mfu": round(fpt * tok_s / (peak * rt.world_size), 4) if peak else None,
+        "peak_mem_gb": round(peak_memory_gb(rt.device), 2) if rt.device.type == "cuda" else None,
+        "warmup_s": round(warm_s, 1), "final_loss": round(float(loss.item()) / plan.grad_accum, 4),
+        "fused_loss": model.fused_loss, "data": args.data,
+    }

@@ -1,0 +1,244 @@
+"""pretrain: exact resume (in-process and after kill -9), crash-safe saves, NaN guard, 2 processes == 1, bench,
+and the shared training.py machinery."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat import training
+from picochat.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints, load_model_state
+from picochat.pretrain import PretrainConfig, RandomTokens, run
+
+REPO = Path(__file__).resolve().parent.parent
+# a 2-layer, 128-wide model on synthetic tokens; 2 micro-batches per step so accumulation is exercised
+TINY = ["--data", "random", "--vocab-size", "128", "--depth", "2", "--head-dim", "32", "--seq-len", "32",
+        "--device-batch-size", "2", "--total-batch-size", "128", "--lr-scale", "1", "--warmup-steps", "2",
+        "--weight-decay", "0.05", "--eval-tokens", "256", "--sample-every", "-1"]
+
+
+def _cfg(run_name, **kw):
+    base = dict(data="random", vocab_size=128, depth=2, head_dim=32, seq_len=32, device_batch_size=2,
+                total_batch_size=128, lr_scale=1.0, warmup_steps=2, weight_decay=0.05, eval_tokens=256,
+                sample_every=-1, run=run_name, num_iterations=8, eval_every=0, save_every=4)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def _losses(run_name):
+    recs = training.read_metrics(Path(os.environ["PICOCHAT_HOME"]) / "runs" / run_name / "base" / "metrics.jsonl")
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_interrupted_run_resumes_bit_exact():
+    full = run(_cfg("full"))
+    assert full["step"] == 8 and full["val_bpb"] is not None
+    part = run(_cfg("part", stop_at_step=3, save_every=0))
+    assert part["stopped_early"] and part["step"] == 3
+    rest = run(_cfg("part", save_every=0))
+    assert rest["step"] == 8 and rest["steps_this_run"] == 5
+    a, b = _losses("full"), _losses("part")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert a == b  # bit-exact on CPU fp32: every step's loss, not just the last
+    assert torch.equal(load_model_state(latest_checkpoint(checkpoints_dir("full", "base")))["lm_head.weight"],
+                       load_model_state(latest_checkpoint(checkpoints_dir("part", "base")))["lm_head.weight"])
+
+
+def test_crash_during_save_keeps_previous_checkpoint(monkeypatch):
+    import picochat.checkpoint as ck
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if "step_000008" in str(path) and Path(str(path)).name.startswith("model.pt"):
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError("disk full (injected)")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ck.torch, "save", flaky_save)
+    with pytest.raises(OSError, match="injected"):
+        run(_cfg("crash"))
+    root = checkpoints_dir("crash", "base")
+    assert [p.name for p in list_checkpoints(root)] == ["step_000004"]
+    assert load_model_state(latest_checkpoint(root))["lm_head.weight"].isfinite().all()
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    out = run(_cfg("crash"))  # resumes from step 4; the torn .tmp directory is cleaned up
+    assert out["step"] == 8 and out["steps_this_run"] == 4
+    assert not list(root.glob("*.tmp"))
+
+
+def test_nan_loss_stops_with_clear_message(monkeypatch):
+    import picochat.pretrain as pt
+
+    real = pt.train_step
+    count = {"n": 0}
+
+    def poisoned(*a, **kw):
+        loss, batch = real(*a, **kw)
+        count["n"] += 1
+        return (loss * float("nan") if count["n"] == 6 else loss), batch
+
+    monkeypatch.setattr(pt, "train_step", poisoned)
+    with pytest.raises(training.NonFiniteLoss, match="step 6.*step_000004"):
+        run(_cfg("nan"))
+    assert [p.name for p in list_checkpoints(checkpoints_dir("nan", "base"))] == ["step_000004"]
+
+
+def _cli(args, env_extra=None, **kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "picochat", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_kill9_mid_run_then_resume_matches_uninterrupted():
+    n = 24
+    out = run(_cfg("ref", num_iterations=n, save_every=0))
+    ref = _losses("ref")
+    assert sum(ref[k] for k in (n - 2, n - 1, n)) / 3 < ref[1] - 1.0, ref  # the synthetic chain is learnable
+    assert out["val_bpb"] < ref[1] / 0.6931
+    args = ["pretrain", "--run", "killed", "--num-iterations", str(n), "--save-every", "2", "--eval-every", "0",
+            "--keep-last", "2", *TINY]
+    p = _cli(args)
+    root = checkpoints_dir("killed", "base")
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (root / "step_000004").exists():
+        time.sleep(0.005)
+    killed_mid_run = p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    last = latest_checkpoint(root)
+    assert last is not None
+    p2 = _cli(args)
+    out, _ = p2.communicate(timeout=300)
+    assert p2.returncode == 0, out
+    assert (not killed_mid_run) or f"continuing from {last}" in out
+    assert _losses("killed") == _losses("ref")
+
+
+def test_sigterm_saves_and_exits_zero():
+    p = _cli(["pretrain", "--run", "term", "--num-iterations", "100000", "--save-every", "0", "--eval-every", "0",
+              *TINY])
+    metrics = Path(os.environ["PICOCHAT_HOME"]) / "runs" / "term" / "base" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "SIGTERM" in out and "stopping at step" in out
+    ck = latest_checkpoint(checkpoints_dir("term", "base"))
+    assert ck is not None and int(ck.name[5:]) >= 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_train_like_one():
+    run(_cfg("one", num_iterations=4, save_every=0))
+    # torchrun's own parser takes `--run` for its `--run-path` (argparse prefix matching), so this run keeps the
+    # default name (d2) in a home of its own
+    home2 = Path(os.environ["PICOCHAT_HOME"]).parent / "home2"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", USE_LIBUV="0", PICOCHAT_HOME=str(home2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "picochat", "pretrain", "--num-iterations", "4",
+           "--save-every", "0", "--eval-every", "0", *TINY]
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a = _losses("one")
+    b = {r["step"]: r["loss"] for r in training.read_metrics(home2 / "runs" / "d2" / "base" / "metrics.jsonl")
+         if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4)
+    one = load_model_state(latest_checkpoint(checkpoints_dir("one", "base")))
+    ck = latest_checkpoint(home2 / "runs" / "d2" / "base" / "checkpoints")
+    two = load_model_state(ck)
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-3, atol=1e-5), k
+    assert (ck / "optim_rank0.pt").exists() and (ck / "optim_rank1.pt").exists()
+    # resuming the 2-process checkpoint in 1 process reshards the optimizer (the data order is approximate)
+    import shutil
+
+    shutil.copytree(ck.parent.parent.parent, Path(os.environ["PICOCHAT_HOME"]) / "runs" / "two")
+    out = run(_cfg("two", num_iterations=6, save_every=0))
+    assert out["step"] == 6 and out["steps_this_run"] == 2
+
+
+def test_random_tokens_global_index_and_state():
+    one = RandomTokens(64, 2, 16, seed=3)
+    b0, b1 = one.next_batch(), one.next_batch()
+    r0 = RandomTokens(64, 2, 16, seed=3, rank=0, world_size=2).next_batch()
+    r1 = RandomTokens(64, 2, 16, seed=3, rank=1, world_size=2).next_batch()
+    assert torch.equal(b0[0], r0[0]) and torch.equal(b1[0], r1[0])
+    st = one.state_dict()
+    nxt = one.next_batch()
+    again = RandomTokens(64, 2, 16, seed=3)
+    again.load_state_dict(st)
+    assert torch.equal(again.next_batch()[0], nxt[0])
+    assert torch.equal(b0[0][:, 1:], b0[1][:, :-1])  # targets are inputs shifted by one
+
+
+def test_bench_pretrain_prints_metrics():
+    p = _cli(["bench", "pretrain", "--depth", "2", "--head-dim", "32", "--seq-len", "32", "--device-batch-size",
+              "2", "--steps", "2", "--warmup", "1", "--vocab-size", "128", "--no-compile"])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["bench"] == "pretrain" and res["tok_per_s"] > 0 and res["steps"] == 2 and res["params"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training.py pieces
+
+
+def test_metrics_logger_truncates_after_resume_point(tmp_path):
+    path = tmp_path / "m.jsonl"
+    with training.MetricsLogger(path, enabled=True) as m:
+        for s in range(1, 6):
+            m.log({"step": s, "loss": float(s)})
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')  # torn line from a kill -9
+    with training.MetricsLogger(path, resume_step=3, enabled=True) as m:
+        m.log({"step": 4, "loss": 40.0})
+    assert [(r["step"], r["loss"]) for r in training.read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 3.0),
+                                                                             (4, 40.0)]
+
+
+def test_heartbeat_and_step_line(capsys):
+    with training.Heartbeat("pretrain", "compiling", interval=0.2):
+        time.sleep(0.5)
+    out = capsys.readouterr().out
+    assert "[heartbeat] pretrain alive, compiling for" in out
+    line = training.format_step_line(12, 100, 2.5, 0.5, 0.25, 123456.0, 0.42, 3725, 41.25)
+    assert line == ("step 012/100 | loss 2.5000 | lrm 0.50 | dt 250ms | tok/s 123,456 | mfu 42.0% | eta 1h02m | "
+                    "mem 41.2GB")
+
+
+def test_stop_flag_and_rng_roundtrip():
+    flag = training.StopFlag.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert flag.requested and flag.signame == "SIGTERM"
+    finally:
+        flag.restore()
+    st = training.capture_rng_state()
+    a = torch.rand(3)
+    training.restore_rng_state(st)
+    assert torch.equal(torch.rand(3), a)
+    with pytest.raises(training.NonFiniteLoss, match="step 7"):
+        training.check_finite(float("inf"), 7)
+    assert training.should_compile(None, torch.device("cpu")) is False
