@@ -161,6 +161,7 @@ def categorical_predictions(model: Any, tokenizer: Any, convs: Sequence[dict], d
                             batch_tokens: int = 16384, max_len: int | None = None) -> list[str]:
     """The letter each conversation's assistant turn would start with (argmax over the allowed letters' logits)."""
     from picochat.conversation import render_for_completion
+    from picochat.core_eval import scored_logits  # projects only the answer positions through lm_head
 
     device = torch.device(device)
     prompts, letter_ids = [], []
@@ -186,9 +187,8 @@ def categorical_predictions(model: Any, tokenizer: Any, convs: Sequence[dict], d
         idx = np.full((len(rows), T), tokenizer.bos_id, dtype=np.int64)
         for r, j in enumerate(rows):
             idx[r, :len(prompts[j])] = prompts[j]
-        logits = model(torch.from_numpy(idx).to(device))
-        last = torch.tensor([len(prompts[j]) - 1 for j in rows], device=device)
-        at = logits[torch.arange(len(rows), device=device), last].float().cpu()
+        flat_last = torch.tensor([r * T + len(prompts[j]) - 1 for r, j in enumerate(rows)], device=device)
+        at = scored_logits(model, torch.from_numpy(idx).to(device), flat_last).cpu()  # (rows, V)
         for r, j in enumerate(rows):
             scores = at[r, letter_ids[j]]
             preds[j] = convs[j]["letters"][int(scores.argmax())]

@@ -398,7 +398,7 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
         if pin:
             idx_t, pos_t, tgt_t, bounds_t = (t.pin_memory() for t in (idx_t, pos_t, tgt_t, bounds_t))
         idx_t, pos_t, tgt_t, bounds_t = (t.to(device, non_blocking=True) for t in (idx_t, pos_t, tgt_t, bounds_t))
-        sel = _scored_logits(model, idx_t, pos_t)
+        sel = scored_logits(model, idx_t, pos_t)
         ce = (torch.logsumexp(sel, dim=-1) - sel.gather(1, tgt_t[:, None]).squeeze(1)).double()
         wrong = (sel.argmax(dim=-1) != tgt_t).double()
         zero = torch.zeros(1, dtype=torch.float64, device=device)
@@ -417,7 +417,7 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
     return losses, oks
 
 
-def _scored_logits(model: Any, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def scored_logits(model: Any, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """fp32 logits (N, V) at the flat positions `pos` of idx (B, T).
 
     Most positions of a batch are context that is never scored, and the vocabulary projection (plus the fp32 cast
