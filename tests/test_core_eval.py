@@ -426,3 +426,36 @@ def test_compare_with_reference_reports_agreement(bundle, tok):
     assert check["examples"] == 3 + 3 + 2 + 3 + 3 and check["decisions_differ"] == 0
     assert check["max_abs_loss_diff"] < 1e-4
     assert set(check["tasks"]) == {"copa", "arc_easy", "winograd", "lambada_openai", "bigbench_operators"}
+
+
+def _dist_worker(rank: int, world: int, port: int, bundle: str, tok_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        tok = Tokenizer.load(tok_dir)
+        r = ce.evaluate_core(_random_gpt(tok.vocab_size), tok, bundle, device="cpu", batch_tokens=256)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump({"tasks": r["tasks"], "core": r["core"], "world": r["world_size"]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_across_ranks_equals_single_process(bundle, tok, tmp_path):
+    """Two gloo ranks each score half of every task; the all-reduced counts equal a one-process run."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tok_dir = tok.save(tmp_path / "tok")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, port, str(bundle), str(tok_dir), str(tmp_path)), nprocs=2, join=True)
+    single = ce.evaluate_core(_random_gpt(tok.vocab_size), tok, bundle, device="cpu", batch_tokens=256)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["world"] == 2 and got["core"] == pytest.approx(single["core"])
+        for label, t in single["tasks"].items():
+            assert (got["tasks"][label]["n"], got["tasks"][label]["correct"]) == (t["n"], t["correct"]), label
