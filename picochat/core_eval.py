@@ -189,7 +189,7 @@ def _read_baseline_csv(path: Path) -> dict[str, float]:
     return out
 
 
-def resolve_bundle(bundle: str | Path | None = None, url: str | None = None) -> Path:
+def resolve_bundle(bundle: str | Path | None = None, url: str | None = None, retries: int = 5) -> Path:
     """An unpacked bundle directory: `bundle` if given, else the cached download (fetched on first use)."""
     if bundle:
         path = Path(bundle).expanduser()
@@ -197,7 +197,7 @@ def resolve_bundle(bundle: str | Path | None = None, url: str | None = None) -> 
             raise UserError(f"--bundle {bundle}: no such directory")
         bundle_yaml(path)
         return path
-    from picochat.runtime import picochat_home
+    from picochat.runtime import barrier, is_rank0, picochat_home, print0
 
     cache = picochat_home() / "eval_bundle"
     if (cache / "core.yaml").exists():
@@ -205,10 +205,31 @@ def resolve_bundle(bundle: str | Path | None = None, url: str | None = None) -> 
     url = url or os.environ.get("PICOCHAT_EVAL_BUNDLE_URL", BUNDLE_URL)
     from picochat.download import download_file
 
+    if not is_rank0():  # rank 0 downloads; the others wait at the barrier below, then read the cache
+        barrier()
+        if not (cache / "core.yaml").exists():
+            raise UserError(f"{cache}: rank 0 could not prepare the eval bundle (see its error)")
+        return cache
     archive = picochat_home() / "downloads" / "eval_bundle.zip"
     archive.parent.mkdir(parents=True, exist_ok=True)
-    download_file(url, archive)
-    _unpack_bundle(archive, cache)
+
+    def is_zip(path: Path) -> None:  # reject an HTML error page or a truncated file before it is kept
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise ValueError(f"corrupt member {bad}")
+
+    print0(f"[core] downloading the CORE eval bundle from {url}")
+    try:
+        try:
+            download_file(url, archive, validator=is_zip, retries=retries)
+        except Exception as e:  # noqa: BLE001 - network/HTTP/validation: one clear message
+            why = str(e) if isinstance(e, UserError) else f"{url}: {type(e).__name__}: {e}"
+            raise UserError(f"cannot download the CORE eval bundle: {why}; or pass --bundle DIR with an "
+                            f"unpacked bundle") from None
+        _unpack_bundle(archive, cache)
+    finally:
+        barrier()
     return cache
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import zipfile
 
 import numpy as np
@@ -459,3 +460,33 @@ def test_split_across_ranks_equals_single_process(bundle, tok, tmp_path):
         assert got["world"] == 2 and got["core"] == pytest.approx(single["core"])
         for label, t in single["tasks"].items():
             assert (got["tasks"][label]["n"], got["tasks"][label]["correct"]) == (t["n"], t["correct"]), label
+
+
+def test_bundle_download_from_local_http_server(tmp_path, bundle, monkeypatch):
+    import functools
+    import http.server
+
+    serve = tmp_path / "www"
+    serve.mkdir()
+    with zipfile.ZipFile(serve / "eval_bundle.zip", "w") as zf:
+        for p in bundle.rglob("*"):
+            if p.is_file():
+                zf.write(p, "eval_bundle/" + str(p.relative_to(bundle)))
+    (serve / "broken.zip").write_text("<html>not found</html>")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(serve))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ce.UserError, match="--bundle DIR"):
+            ce.resolve_bundle(None, url=f"{base}/broken.zip", retries=0)
+        path = ce.resolve_bundle(None, url=f"{base}/eval_bundle.zip")
+        assert (path / "core.yaml").exists() and path == ce.resolve_bundle()  # cached: no URL needed now
+        assert {s.label for s in ce.load_task_specs(ce.bundle_yaml(path))} >= {"copa", "winograd"}
+    finally:
+        server.shutdown()
