@@ -50,7 +50,7 @@ class RLConfig:
                                                         "synth-trained bases, else gsm8k)"})
     task_dir: str = field(default="", metadata={"help": "task data directory (default PICOCHAT_HOME/tasks)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the training problems"})
-    num_steps: int = field(default=0, metadata={"help": "optimizer steps (0: from num_epochs)"})
+    num_iterations: int = field(default=0, metadata={"help": "optimizer steps (0: from num_epochs)"})
     examples_per_step: int = field(default=16, metadata={"help": "prompts per step (all ranks together)"})
     num_samples: int = field(default=16, metadata={"help": "completions per prompt (the group)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens sampled per completion"})
@@ -60,6 +60,7 @@ class RLConfig:
     matrix_lr: float = field(default=0.0, metadata={"help": "Muon LR (0: inherit x init_lr_frac)"})
     embedding_lr: float = field(default=0.0, metadata={"help": "embedding LR (0: inherit x init_lr_frac)"})
     unembedding_lr: float = field(default=0.0, metadata={"help": "lm head LR (0: inherit x init_lr_frac)"})
+    lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0: the source's)"})
     init_lr_frac: float = field(default=0.05, metadata={"help": "multiplier on the inherited learning rates"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     load_optimizer: bool = field(default=False, metadata={"help": "warm-start the optimizer from the source"})
@@ -200,7 +201,7 @@ def _run(cfg: RLConfig, rt) -> dict[str, Any]:
     model.train()
     train_task, test_task, kind = build_tasks(cfg, src_meta)
     per_rank = cfg.examples_per_step // rt.world_size
-    num_steps = cfg.num_steps or max(1, int(len(train_task) * cfg.num_epochs) // cfg.examples_per_step)
+    num_steps = cfg.num_iterations or max(1, int(len(train_task) * cfg.num_epochs) // cfg.examples_per_step)
     shape = inherit(_LRView(cfg), src_meta, 1) if resume_from is None else meta["inherited"]
     opt = build_optimizer(model, shape, cfg.weight_decay)
     step = 0
@@ -211,7 +212,7 @@ def _run(cfg: RLConfig, rt) -> dict[str, Any]:
         opt.load_state_dict(load_optimizer_shards(resume_from))
         training.restore_rng_state(rank_state["rng"], rt.device)
         step = int(meta["step"])
-        num_steps = int(meta["num_steps"]) if not cfg.num_steps else num_steps
+        num_steps = int(meta["num_steps"]) if not cfg.num_iterations else num_steps
         print0(f"[rl] resuming from {resume_from} at step {step}/{num_steps}")
     elif cfg.load_optimizer:
         opt.load_state_dict(load_optimizer_shards(src_ckpt))
@@ -279,9 +280,8 @@ def _run(cfg: RLConfig, rt) -> dict[str, Any]:
             n_micro = (len(seqs) + cfg.device_batch_size - 1) // cfg.device_batch_size
             for b in range(n_micro):
                 sl = slice(b * cfg.device_batch_size, (b + 1) * cfg.device_batch_size)
-                if not any(a != 0 for a in advs[sl]):
-                    opt.arm(b == n_micro - 1)
-                    continue  # all advantages zero: no gradient (the optimizer still reduces zeros at step)
+                # no skipping of zero-advantage micro-batches: every rank must run the same backward passes, so the
+                # optimizer's gradient reductions (launched from backward hooks) happen in the same order everywhere
                 loss = _policy_loss(model, seqs[sl], masks[sl], advs[sl], denom, rt.device, tok.bos_id)
                 opt.arm(b == n_micro - 1)
                 (loss * rt.world_size).backward()  # the optimizer averages gradients over ranks
@@ -332,7 +332,7 @@ class _LRView:
     def __init__(self, cfg: RLConfig):
         self.max_seq_len, self.device_batch_size, self.total_batch_size = 0, 1, 0
         self.matrix_lr, self.embedding_lr, self.unembedding_lr = cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr
-        self.init_lr_frac = cfg.init_lr_frac
+        self.init_lr_frac, self.lr_scale = cfg.init_lr_frac, cfg.lr_scale
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

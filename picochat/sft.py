@@ -53,13 +53,15 @@ class ChatTrainConfig:
     data_file: list[str] = field(default_factory=list, metadata={"help": "extra JSONL files of conversations"})
     task_dir: str = field(default="", metadata={"help": "task data directory (default PICOCHAT_HOME/tasks)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the training mixture"})
-    num_steps: int = field(default=0, metadata={"help": "optimizer steps (0: from num_epochs)"})
+    num_iterations: int = field(default=0, metadata={"help": "optimizer steps (0: from num_epochs)"})
     max_seq_len: int = field(default=0, metadata={"help": "row length in tokens (0: inherit from the source)"})
     device_batch_size: int = field(default=0, metadata={"help": "rows per micro-batch (0: inherit)"})
     total_batch_size: int = field(default=0, metadata={"help": "tokens per optimizer step (0: inherit)"})
     matrix_lr: float = field(default=0.0, metadata={"help": "Muon LR of matrices (0: inherit)"})
     embedding_lr: float = field(default=0.0, metadata={"help": "AdamW LR of embeddings (0: inherit)"})
     unembedding_lr: float = field(default=0.0, metadata={"help": "AdamW LR of the lm head (0: inherit)"})
+    lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0: the source's, or "
+                                                           "sqrt(batch / 2^19) when --total-batch-size is set)"})
     init_lr_frac: float = field(default=0.8, metadata={"help": "multiplier on the inherited learning rates"})
     warmdown_frac: float = field(default=0.5, metadata={"help": "last fraction of training that decays LR to 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
@@ -120,15 +122,17 @@ def resolve_source(source: str, run: str, order: Sequence[str]) -> tuple[str, Pa
     raise last_error
 
 
-def _src_value(meta: dict, key: str, default: Any) -> Any:
-    """A hyperparameter of the source checkpoint: its resolved config, then its inherited values, else default."""
-    cfg = meta.get("config") or {}
-    for k in (key,):
-        v = cfg.get(k)
-        if v not in (None, 0, 0.0, ""):
-            return v
-    inherited = (meta.get("inherited") or {}).get(key)
-    return inherited if inherited not in (None, 0, 0.0) else default
+def _src_value(meta: dict, keys: Sequence[str], default: Any = None) -> Any:
+    """A hyperparameter of the source checkpoint: what a chat stage inherited, else the source's resolved config
+    (pretrain names some fields differently), else what pretraining derived from its depth, else `default`.
+    Zero and empty mean "not set" (that is how the configs spell "derive it")."""
+    for section in ("inherited", "config", "derived"):
+        d = meta.get(section) or {}
+        for k in keys:
+            v = d.get(k)
+            if v not in (None, 0, 0.0, ""):
+                return v
+    return default
 
 
 def inherit(cfg: ChatTrainConfig, meta: dict, world_size: int) -> dict[str, Any]:
@@ -136,11 +140,16 @@ def inherit(cfg: ChatTrainConfig, meta: dict, world_size: int) -> dict[str, Any]
     from picochat import scaling
 
     mc = meta.get("model_config") or {}
-    seq = cfg.max_seq_len or int(_src_value(meta, "max_seq_len", 0) or _src_value(meta, "sequence_len", 0)
-                                 or mc.get("sequence_len", 2048))
+    seq = cfg.max_seq_len or int(_src_value(meta, ("max_seq_len", "seq_len"), mc.get("sequence_len", 2048)))
     seq = min(seq, int(mc.get("sequence_len", seq)) * 4)  # the rotary table covers 4x the trained context
-    dbs = cfg.device_batch_size or int(_src_value(meta, "device_batch_size", 0) or max(1, 65536 // seq))
-    tbs = cfg.total_batch_size or int(_src_value(meta, "total_batch_size", 0) or dbs * seq * world_size)
+    tbs = cfg.total_batch_size or int(_src_value(meta, ("total_batch_size",), 0) or 0)
+    dbs = cfg.device_batch_size or int(_src_value(meta, ("device_batch_size",), 0) or max(1, 65536 // seq))
+    if not tbs:
+        tbs = dbs * seq * world_size
+    if not cfg.device_batch_size:
+        # an inherited micro-batch may not divide the batch on this many ranks (or at this length): shrink it
+        while dbs > 1 and (tbs % (dbs * seq * world_size) or dbs * seq * world_size > tbs):
+            dbs -= 1
     per_step = dbs * seq * world_size
     if tbs % per_step:
         raise UserError(f"--total-batch-size {tbs} must be a multiple of device_batch_size x max_seq_len x ranks "
@@ -152,15 +161,30 @@ def inherit(cfg: ChatTrainConfig, meta: dict, world_size: int) -> dict[str, Any]
                           ("unembedding_lr", scaling.UNEMBEDDING_LR), ("value_embed_lr", scaling.VALUE_EMBED_LR),
                           ("resid_lr", scaling.RESID_LR), ("x0_lr", scaling.X0_LR)):
         explicit = getattr(cfg, name, 0.0)
-        lrs[name] = explicit if explicit else float(_src_value(meta, name, default)) * cfg.init_lr_frac
+        lrs[name] = explicit if explicit else float(_src_value(meta, (name,), default)) * cfg.init_lr_frac
+    # an explicit --lr-scale of the source pretraining is kept; otherwise the sqrt(batch) rule for this batch
+    if getattr(cfg, "lr_scale", 0.0):
+        scale = float(cfg.lr_scale)
+    elif cfg.total_batch_size:  # a new batch size: the sqrt(batch) rule for it
+        scale = scaling.lr_scale(tbs)
+    else:  # the source's own scale (an explicit --lr-scale of pretraining is kept), else the rule
+        scale = float((meta.get("inherited") or {}).get("lr_scale") or (meta.get("config") or {}).get("lr_scale")
+                      or scaling.lr_scale(tbs))
     return {"max_seq_len": seq, "device_batch_size": dbs, "total_batch_size": tbs, "grad_accum": tbs // per_step,
-            "n_embd": int(mc.get("n_embd", 768)), **lrs}
+            "n_embd": int(mc.get("n_embd", 768)), "lr_scale": scale,
+            "synth": is_synth_run(meta), **lrs}
 
 
 def is_synth_run(meta: dict) -> bool:
     """Whether the source was pretrained on the embedded synthetic corpus (so the synth chat set matches it)."""
-    blob = str(meta.get("config", {})) + str(meta.get("inherited", {}))
-    return "synth" in blob
+    inherited = meta.get("inherited") or {}
+    if "synth" in inherited:
+        return bool(inherited["synth"])
+    cfg = meta.get("config") or {}
+    data = cfg.get("data", cfg.get("data_dir"))
+    if data is None:
+        return False
+    return not data or "synth" in str(data)  # pretrain's default data (empty) is the synthetic corpus
 
 
 def build_mixtures(cfg: ChatTrainConfig, meta: dict, full_train: str, full_val: str) -> tuple[Task, Task, str]:
@@ -183,17 +207,20 @@ def synth_words() -> list[str] | None:
         return None
 
 
-def chat_eval_task(cfg: ChatTrainConfig, meta: dict) -> Task | None:
-    """A small categorical task for the periodic chat eval: synth MC (held-out facts) or MMLU/ARC when present."""
-    try:
-        if is_synth_run(meta):
-            return SynthMC()
-        from picochat.tasks import ARC
+def chat_eval_tasks(cfg: ChatTrainConfig, meta: dict, stage: str) -> list[Task]:
+    """Small categorical tasks for the periodic chat eval. Synth runs: the held-out facts of eval.jsonl (known
+    only from pretraining) and the multiple-choice turns of chat_val.jsonl; other runs: ARC-Easy test."""
+    from picochat.tasks import ARC, SynthChatMC
 
-        return ARC("easy", "test", task_dir=cfg.task_dir or None)
-    except UserError as e:
-        print0(f"[{STAGE}] chat eval disabled: {e}")
-        return None
+    makers = [SynthMC, lambda: SynthChatMC("val")] if is_synth_run(meta) else \
+        [lambda: ARC("easy", "test", task_dir=cfg.task_dir or None)]
+    out = []
+    for make in makers:
+        try:
+            out.append(make())
+        except UserError as e:
+            print0(f"[{stage}] a chat eval task is unavailable, skipping it: {e}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,7 +370,7 @@ def build_optimizer(model: torch.nn.Module, shape: dict[str, Any], weight_decay:
     return optim.build_optimizer(
         model, matrix_lr=shape["matrix_lr"], embedding_lr=shape["embedding_lr"],
         value_embed_lr=shape["value_embed_lr"], unembedding_lr=shape["unembedding_lr"], resid_lr=shape["resid_lr"],
-        x0_lr=shape["x0_lr"], lr_scale=scaling.lr_scale(shape["total_batch_size"]),
+        x0_lr=shape["x0_lr"], lr_scale=shape["lr_scale"],
         width_scale=scaling.width_scale(shape["n_embd"]), muon_weight_decay=weight_decay)
 
 
@@ -461,8 +488,8 @@ def _train_chat_stage(stage, cfg, rt, source_order, full_train, full_val, crop, 
     packer = ChatPacker(train_task, tok, T + 1, B, rt.rank, rt.world_size, cfg.buffer_size, crop, use_mask)
     rows_per_conv = estimate_rows(train_task, tok, T + 1, crop)
     rows_per_step = B * accum * rt.world_size
-    num_steps = cfg.num_steps or max(1, math.ceil(len(train_task) * cfg.num_epochs * rows_per_conv / rows_per_step))
-    eval_task = chat_eval_task(cfg, src_meta)
+    num_steps = cfg.num_iterations or max(1, math.ceil(len(train_task) * cfg.num_epochs * rows_per_conv / rows_per_step))
+    eval_tasks = chat_eval_tasks(cfg, src_meta, stage)
 
     opt = build_optimizer(model, shape, cfg.weight_decay)
     step = 0
@@ -475,7 +502,7 @@ def _train_chat_stage(stage, cfg, rt, source_order, full_train, full_val, crop, 
         packer.load_state_dict(rank_state["loader"])
         training.restore_rng_state(rank_state["rng"], rt.device)
         step = int(meta["step"])
-        num_steps = int(meta["num_steps"]) if not cfg.num_steps else num_steps
+        num_steps = int(meta["num_steps"]) if not cfg.num_iterations else num_steps
         print0(f"[{stage}] resuming from {resume_from} at step {step}/{num_steps}")
     elif cfg.load_optimizer:
         opt.load_state_dict(load_optimizer_shards(src_ckpt))
@@ -507,8 +534,11 @@ def _train_chat_stage(stage, cfg, rt, source_order, full_train, full_val, crop, 
     def evaluate(at_step: int) -> dict:
         vp = ChatPacker(val_task, tok, T + 1, B, rt.rank, rt.world_size, cfg.buffer_size, crop, use_mask)
         out = {"step": at_step, "val_loss": val_loss(model, vp, cfg.eval_batches, rt.device)}
-        if eval_task is not None:
-            out["chat_acc"] = categorical_accuracy(model, tok, eval_task, cfg.chat_eval_items, rt.device)
+        for i, task in enumerate(eval_tasks):
+            acc = categorical_accuracy(model, tok, task, cfg.chat_eval_items, rt.device)
+            out[f"acc/{task.name}"] = acc
+            if i == 0:
+                out["chat_acc"] = acc
         print0(f"[{stage}] eval step {at_step}: " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()
                                                               if k != "step"))
         metrics.log(out)

@@ -26,7 +26,7 @@ def _pretrain_tiny_base(run: str, steps: int, seed: int = 0):
     from picochat.tokenizer import Tokenizer
 
     scfg = synth.SynthConfig(seed=1337, n_entities=12, n_lands=4, n_docs=600, docs_per_shard=300,
-                             n_chat_train=1200, n_chat_val=300, n_eval=40)
+                             n_chat_train=1200, n_chat_val=600, n_eval=40)
     synth.generate(scfg)
     d = synth.out_dir(scfg)
     docs = []
@@ -78,7 +78,7 @@ def chat_home(tmp_path_factory):
 
 def _sft_cfg(**kw) -> SFTConfig:
     base = dict(device="cpu", eval_every=0, eval_batches=2, chat_eval_items=32, device_batch_size=4,
-                total_batch_size=4 * SEQ, buffer_size=20, mixture="synth", val_mixture="synth:val")
+                total_batch_size=4 * SEQ, lr_scale=1.0, buffer_size=20, mixture="synth", val_mixture="synth:val")
     base.update(kw)
     return SFTConfig(**base)
 
@@ -160,14 +160,14 @@ def test_sft_resume_is_exact(chat_home, monkeypatch):
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
     src = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base")))
-    straight = sft.run(_sft_cfg(run="straight", source=src, num_steps=4))
-    half = sft.run(_sft_cfg(run="halves", source=src, num_steps=4, save_every=2))
+    straight = sft.run(_sft_cfg(run="straight", source=src, num_iterations=4))
+    half = sft.run(_sft_cfg(run="halves", source=src, num_iterations=4, save_every=2))
     root = checkpoint.checkpoints_dir("halves", "sft")
     import shutil
 
     shutil.rmtree(root / "step_000004")  # as if the run died right after its step-2 checkpoint
     assert checkpoint.latest_checkpoint(root).name == "step_000002"
-    resumed = sft.run(_sft_cfg(run="halves", source=src, num_steps=4, save_every=2))
+    resumed = sft.run(_sft_cfg(run="halves", source=src, num_iterations=4, save_every=2))
     assert straight["step"] == resumed["step"] == half["step"] == 4
     a = checkpoint.load_model_state(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("straight", "sft")))
     b = checkpoint.load_model_state(checkpoint.latest_checkpoint(root))
@@ -183,14 +183,14 @@ def test_midtrain_then_sft_chain(chat_home, monkeypatch):
     from picochat import midtrain, sft
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
-    out = midtrain.run(midtrain.MidtrainConfig(run="t", device="cpu", num_steps=2, eval_every=0, eval_batches=1,
+    out = midtrain.run(midtrain.MidtrainConfig(run="t", device="cpu", num_iterations=2, eval_every=0, eval_batches=1,
                                                chat_eval_items=8, device_batch_size=2, total_batch_size=2 * SEQ,
                                                buffer_size=10, mixture="synth@200"))
     assert out["step"] == 2 and (chat_home / "runs/t/mid/metrics.jsonl").exists()
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "mid")))
     assert meta["stage"] == "mid" and meta["parent"].endswith("step_000060")
     assert meta["inherited"]["max_seq_len"] == SEQ  # inherited from the base checkpoint
-    s = sft.run(_sft_cfg(run="t", num_steps=1, chat_eval_items=8))  # auto source: the mid checkpoint
+    s = sft.run(_sft_cfg(run="t", num_iterations=1, chat_eval_items=8))  # auto source: the mid checkpoint
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "sft")))
     assert "/mid/" in meta["parent"] and s["step"] == 1 and "chat_acc" in s
 
@@ -205,8 +205,8 @@ def test_sft_beats_base_on_heldout_synth_questions(chat_home, monkeypatch):
     base_model, tok, _ = checkpoint.load_model(src)
     heldout = SynthChatMC("val")
     base_acc = sft.categorical_accuracy(base_model, tok, heldout, 200, torch.device("cpu"))
-    out = sft.run(_sft_cfg(run="beats", source=str(src), num_steps=150, device_batch_size=8,
-                           total_batch_size=8 * SEQ, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008))
+    out = sft.run(_sft_cfg(run="beats", source=str(src), num_iterations=150, device_batch_size=8,
+                           total_batch_size=8 * SEQ))
     model, tok, _ = checkpoint.load_model(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("beats", "sft")))
     sft_acc = sft.categorical_accuracy(model, tok, heldout, 200, torch.device("cpu"))
     eval_base = sft.categorical_accuracy(base_model, tok, SynthMC(), 200, torch.device("cpu"))
@@ -215,3 +215,39 @@ def test_sft_beats_base_on_heldout_synth_questions(chat_home, monkeypatch):
           f"base {eval_base:.3f} -> sft {eval_sft:.3f} | {len(heldout)} questions")
     assert sft_acc >= base_acc + 0.15, (base_acc, sft_acc)
     assert sft_acc >= 0.45  # chance is 0.25
+
+
+def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
+    """Warm up a policy that answers digit questions right ~30% of the time (noisy SFT), then RL must raise the
+    mean reward of its own samples."""
+    import random
+
+    from picochat import rl, sft
+    from picochat.training import read_metrics
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
+    rng = random.Random(0)
+    problems = [(a, b) for a in range(1, 5) for b in range(1, 5)][:12]
+    noisy, clean = [], []
+    for a, b in problems:
+        q = f"What is {a} plus {b}?"
+        clean.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": str(a + b)}],
+                      "answer": str(a + b)})
+        for _ in range(20):
+            ans = a + b if rng.random() < 0.3 else rng.randrange(10)
+            noisy.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": str(ans)}]})
+    (tmp_path / "noisy.jsonl").write_text("".join(json.dumps(c) + "\n" for c in noisy))
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clean))
+    src = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base")))
+    sft.run(_sft_cfg(run="rl_toy", source=src, num_iterations=40, mixture=f"jsonl:{tmp_path / 'noisy.jsonl'}",
+                     val_mixture=f"jsonl:{tmp_path / 'noisy.jsonl'}", matrix_lr=0.02, embedding_lr=0.3,
+                     unembedding_lr=0.008, device_batch_size=16, total_batch_size=16 * SEQ))
+    out = rl.run(rl.RLConfig(run="rl_toy", source="sft", task=f"jsonl:{tmp_path / 'clean.jsonl'}", device="cpu",
+                             num_iterations=24, examples_per_step=8, num_samples=8, max_new_tokens=3, top_k=0,
+                             device_batch_size=32, matrix_lr=0.01, embedding_lr=0.1, unembedding_lr=0.004,
+                             eval_every=0, eval_examples=2, pass_k=2, save_every=0))
+    rewards = [r["reward"] for r in read_metrics(chat_home / "runs/rl_toy/rl/metrics.jsonl") if "reward" in r]
+    assert len(rewards) == 24 and out["step"] == 24 and "pass@2" in out
+    before, after = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    print(f"RL mean reward: first 6 steps {before:.3f} -> last 6 steps {after:.3f}")
+    assert after >= before + 0.15, (before, after)
