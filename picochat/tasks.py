@@ -565,8 +565,7 @@ class HumanEval(Task):
     def evaluate(self, conv: dict, response: str) -> bool:
         from picochat import sandbox  # lazy: written by the eval/serve side
 
-        result = sandbox.run_python(self.program(conv, response), timeout=5.0)
-        return bool(getattr(result, "ok", False) if not isinstance(result, dict) else result.get("ok"))
+        return sandbox.run_python(self.program(conv, response), timeout_s=5.0, memory_mb=256).ok
 
 
 def extract_code(text: str) -> str:

@@ -139,3 +139,30 @@ def test_parse_mixture(tmp_path):
         parse_mixture("nope")
     with pytest.raises(UserError, match="expected name"):
         parse_mixture("gsm8k**2")
+
+
+def test_humaneval_scoring_runs_in_the_sandbox(shared_data):
+    he = HumanEval(task_dir=shared_data / "tasks")
+    conv = he[0]
+    assert he.evaluate(conv, conv["messages"][1]["content"])  # the canonical solution passes its tests
+    assert not he.evaluate(conv, "```python\ndef nothing():\n    pass\n```")
+
+
+def test_synth_tasks_read_the_synth_formats(tmp_path):
+    from picochat import synth
+    from picochat.tasks import SynthChatMC, SynthMC, synth_arithmetic
+
+    cfg = synth.SynthConfig(out=tmp_path, n_entities=12, n_lands=4, n_docs=40, docs_per_shard=20, n_chat_train=300,
+                            n_chat_val=100, n_eval=30)
+    synth.generate(cfg)
+    mc = SynthMC(tmp_path / "eval.jsonl")
+    c = mc[0]
+    assert c["letters"] == ["A", "B", "C", "D"] and "\nA. " in c["messages"][0]["content"]
+    assert mc.evaluate(c, c["answer"])
+    val = SynthChatMC("val", directory=tmp_path)
+    assert len(val) > 5 and all(x["answer"] in "ABCD" for x in val)
+    train = synth_arithmetic("train", tmp_path)
+    t = train[0]
+    assert train.evaluate(t, f"so {t['answer']}.") and not train.evaluate(t, "no idea")
+    test = synth_arithmetic("test", tmp_path)
+    assert len(test) >= 1 and test.evaluate(test[0], test[0]["answer"])
