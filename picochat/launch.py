@@ -46,18 +46,29 @@ _LIBUV_ARG_INDEX = 8  # TCPStore(host, port, world_size, is_master, timeout, wai
 
 @dataclass
 class LaunchPlan:
-    """Everything needed to start torchrun: its argv, the worker env additions, and what to say about it."""
+    """Everything needed to start torchrun: its options, the worker's arguments, the worker env additions.
 
-    torchrun_args: list[str]
+    The worker's arguments are handed to torchrun programmatically, never through its argument parser: argparse
+    would otherwise read a stage flag such as `--run` as an abbreviation of torchrun's own `--run-path`.
+    """
+
+    torchrun_args: list[str]  # launcher options, ending with `-m MODULE`
+    script_args: list[str]
     env: dict[str, str]
     libuv: bool
     nproc_per_node: int
     nnodes: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def argv(self) -> list[str]:
+        return self.torchrun_args + self.script_args
+
     def command_line(self) -> str:
+        """A shell line with the same effect (`--` keeps torchrun's parser away from the worker's flags)."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        return f"{env} {sys.executable} -m torch.distributed.run {shlex.join(self.torchrun_args)}".strip()
+        return (f"{env} {sys.executable} -m torch.distributed.run {shlex.join(self.torchrun_args)} -- "
+                f"{shlex.join(self.script_args)}").strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,13 +257,15 @@ def plan_launch(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     # Workers: `python -m picochat <stage> ...`, or through the no-libuv bootstrap when libuv is off.
     module, *module_args = target
     if libuv:
-        ta += ["-m", module] + module_args
+        ta += ["-m", module]
+        script_args = module_args
     else:
-        ta += ["-m", "picochat.launch", "_worker", module] + module_args
+        ta += ["-m", "picochat.launch"]
+        script_args = ["_worker", module] + module_args
     import torch
 
     use_cuda = torch.cuda.is_available() and env.get("PICOCHAT_DEVICE", "cuda") != "cpu"
-    return LaunchPlan(torchrun_args=ta, env=worker_env(env, nproc, use_cuda, libuv), libuv=libuv,
+    return LaunchPlan(torchrun_args=ta, script_args=script_args, env=worker_env(env, nproc, use_cuda, libuv), libuv=libuv,
                       nproc_per_node=nproc, nnodes=nnodes, notes=notes)
 
 
@@ -277,6 +290,7 @@ def execute(plan: LaunchPlan) -> int:
     from torch.distributed.run import parse_args, run
 
     config = parse_args(plan.torchrun_args)
+    config.training_script_args = list(plan.script_args)
     ctx = contextlib.nullcontext() if plan.libuv else no_libuv_stores()
     try:
         with ctx:
@@ -293,6 +307,7 @@ def execute(plan: LaunchPlan) -> int:
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.allow_abbrev = False  # a stage flag (`--log`) must never be taken for a prefix of ours (`--log-dir`)
     parser.add_argument("--nproc-per-node", "-n", default="auto",
                         help="processes (GPUs) per node, or 'auto' = all visible GPUs, 1 on CPU (default: auto)")
     parser.add_argument("--nnodes", default="1", help="number of nodes, or MIN:MAX for elastic (default: 1)")
@@ -318,7 +333,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def parse_launch_args(argv: list[str]) -> argparse.Namespace:
     """Parse `picochat launch` arguments (without the leading 'launch'); used by tests of the templates."""
-    p = argparse.ArgumentParser(prog="picochat launch")
+    p = argparse.ArgumentParser(prog="picochat launch", allow_abbrev=False)
     add_cli(p)
     return p.parse_args(argv)
 
@@ -331,7 +346,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(plan.command_line())
         return 0
     print(f"[launch] {plan.nproc_per_node} process(es) x {plan.nnodes} node(s), libuv "
-          f"{'on' if plan.libuv else 'off'}: torchrun {shlex.join(plan.torchrun_args)}", file=sys.stderr, flush=True)
+          f"{'on' if plan.libuv else 'off'}: torchrun {shlex.join(plan.argv)}", file=sys.stderr, flush=True)
     return execute(plan)
 
 

@@ -5,6 +5,7 @@ torch.distributed.TCPStore by a subclass that raises, like a torch built without
 with use_libuv=True (torch's default). A bare torchrun then fails; `picochat launch` must still work.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -73,13 +74,25 @@ def test_single_node_plan():
     a = p.torchrun_args
     assert "--nproc-per-node=2" in a and "--nnodes=1" in a and "--rdzv-backend=c10d" in a
     assert "--rdzv-endpoint=127.0.0.1:0" in a  # the OS picks a free port atomically
-    assert a[-5:] == ["-m", "picochat", "pretrain", "--depth", "4"]
+    assert p.argv[-5:] == ["-m", "picochat", "pretrain", "--depth", "4"]
     assert p.env["OMP_NUM_THREADS"] and p.env["PYTHONUNBUFFERED"] == "1"
     assert p.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "USE_LIBUV" not in p.env
     assert str(REPO) in p.env["PYTHONPATH"].split(os.pathsep)
     # CPU "auto" is one process; a pinned port is honoured
     p = _plan(["--nproc-per-node", "auto", "--master-port", "29511", "--libuv", "on", "doctor"])
     assert p.nproc_per_node == 1 and "--rdzv-endpoint=127.0.0.1:29511" in p.torchrun_args
+
+
+def test_stage_flags_are_never_taken_for_launcher_flags():
+    # `--run` is a prefix of torchrun's --run-path, `--log` of our --log-dir, `--dry-run` is ours: all belong to the stage
+    stage = ["pretrain", "--run", "x", "--log", "3", "--dry-run", "--nnodes", "9"]
+    args = parse_launch_args(["-n", "1", "--libuv", "on"] + stage)
+    assert args.stage_args == stage and not args.dry_run and args.nnodes == "1"
+    p = plan_launch(args, env={})
+    assert p.script_args == stage
+    from torch.distributed.run import parse_args
+
+    assert parse_args(p.torchrun_args).training_script == "picochat"  # the options alone parse cleanly
 
 
 def test_multi_node_plan_and_validation():
@@ -112,7 +125,7 @@ def test_no_libuv_plan_covers_every_store_path():
     p = _plan(["-n", "2", "--libuv", "off", "pretrain"])
     assert p.libuv is False and p.env["USE_LIBUV"] == "0"  # env:// store and the static rendezvous store
     assert "--rdzv-conf=is_host=1,use_libuv=0" in p.torchrun_args  # c10d rendezvous (older torch reads it)
-    assert p.torchrun_args[-5:] == ["-m", "picochat.launch", "_worker", "picochat", "pretrain"]  # worker stores
+    assert p.argv[-5:] == ["-m", "picochat.launch", "_worker", "picochat", "pretrain"]  # worker stores
     # an explicit USE_LIBUV=0 from the user is trusted without probing
     assert _plan(["-n", "1", "doctor"], env={"USE_LIBUV": "0"}).libuv is False
 
@@ -202,3 +215,51 @@ def test_two_nodes_on_one_machine_c10d(tmp_path):
     res = _results(out, 2)
     assert {x["rank"] for x in res} == {0, 1} and all(x["world_size"] == 2 and x["sum"] == 3.0 for x in res)
     assert len({x["pid"] for x in res}) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability: the local equivalent of a preempted job
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_then_rerun_continues_from_the_last_checkpoint(tmp_path):
+    """SIGTERM `picochat launch ... pretrain` mid-run (what SLURM/Modal/spot preemption send), re-run the same
+    command, and check it continued from the last checkpoint instead of starting over."""
+    if importlib.util.find_spec("picochat.pretrain") is None:
+        pytest.skip("picochat pretrain is not there yet")
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    env = _env(PICOCHAT_HOME=str(home), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "picochat", "launch", "--nproc-per-node", "1", "pretrain", "--run", "pre",
+           "--data", "random", "--vocab-size", "256", "--depth", "2", "--head-dim", "32", "--seq-len", "32",
+           "--device-batch-size", "2", "--total-batch-size", "64", "--num-iterations", "24", "--save-every", "3",
+           "--eval-every", "0", "--eval-tokens", "256", "--sample-every", "-1", "--warmup-steps", "2"]
+    ckpts = home / "runs" / "pre" / "base" / "checkpoints"
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (ckpts / "step_000003" / "meta.json").exists():  # one periodic checkpoint, then "preempt"
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)
+        log1 = first.communicate(timeout=120)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 128 + signal.SIGTERM, log1
+    assert "[signal] SIGTERM" in log1
+    steps = sorted(int(p.name[5:]) for p in ckpts.glob("step_*") if p.name[5:].isdigit())
+    stopped_at = steps[-1]
+    assert 3 <= stopped_at < 24, (steps, log1)  # stopped early, at a step boundary, with a checkpoint
+    metrics = home / "runs" / "pre" / "base" / "metrics.jsonl"
+    n_before = len(metrics.read_text().splitlines())
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    new = [json.loads(line) for line in metrics.read_text().splitlines()[n_before:]]
+    train_steps = [m["step"] for m in new if "loss" in m]
+    assert train_steps[0] == stopped_at + 1 and train_steps[-1] == 24, train_steps  # nothing lost, nothing redone
+    final = json.loads((ckpts / "step_000024" / "meta.json").read_text())
+    assert final["step"] == 24
