@@ -379,8 +379,8 @@ def _model_max_len(model: Any) -> int | None:
 
 @torch.no_grad()
 def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, int]], device: torch.device | str,
-                    batch_tokens: int = 32768, pad_id: int = 0, pad_multiple: int = 64
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    batch_tokens: int = 32768, pad_id: int = 0, pad_multiple: int = 64,
+                    fixed_shapes: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mean continuation CE, greedy-exact flag) per sequence, computed in length-sorted padded batches.
 
     The spans give the scored tokens [start, end) of each sequence; the logits at positions start-1..end-2 predict
@@ -388,6 +388,8 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
     `pad_multiple` so the attention kernels see few distinct shapes.
     """
     device = torch.device(device)
+    if fixed_shapes is None:
+        fixed_shapes = device.type == "cuda"
     n = len(seqs)
     order = sorted(range(n), key=lambda i: -len(seqs[i]))
     loss_parts: list[torch.Tensor] = []
@@ -400,7 +402,9 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
         B = max(1, batch_tokens // T)
         rows = order[i:i + B]
         i += len(rows)
-        idx = np.full((len(rows), T), pad_id, dtype=np.int64)
+        # on CUDA a short last batch is padded with empty rows to the full B: every batch of a given length then
+        # has the same shape, so the attention kernels plan each shape once (cuDNN builds a graph per new shape)
+        idx = np.full((B if fixed_shapes else len(rows), T), pad_id, dtype=np.int64)
         pos, tgt, lens = [], [], []
         for r, j in enumerate(rows):
             s = seqs[j]

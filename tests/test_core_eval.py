@@ -350,8 +350,9 @@ def test_batched_equals_one_at_a_time(bundle, tok):
                 seqs += ex.seqs
                 spans += ex.spans
     ref_loss, ref_ok = ce.score_sequences_reference(model, seqs, spans, "cpu")
-    for batch_tokens in (64, 4096):  # packings from one row per batch to everything at once
-        loss, ok = ce.score_sequences(model, seqs, spans, "cpu", batch_tokens=batch_tokens, pad_id=tok.bos_id)
+    for batch_tokens, fixed in ((64, False), (4096, False), (1000, True)):  # 1 row/batch .. all; padded rows
+        loss, ok = ce.score_sequences(model, seqs, spans, "cpu", batch_tokens=batch_tokens, pad_id=tok.bos_id,
+                                      fixed_shapes=fixed)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-5)
         assert (ok == ref_ok).all()
     # the lm_head pre-hook (project only scored positions) was used, and equals projecting everything
