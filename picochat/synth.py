@@ -25,7 +25,6 @@ same config gives byte-identical files on any machine with the same pyarrow.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -395,7 +394,8 @@ def _spelling_doc(rng: random.Random, words: list[str]) -> str:
 def _prose_doc(rng: random.Random, world: World) -> str:
     sents = []
     for i in range(rng.randint(3, 6)):
-        s = f"{rng.choice(PROSE_SUBJECTS)} {rng.choice(PROSE_VERBS)} {rng.choice(PROSE_OBJECTS)} {rng.choice(PROSE_TAILS)}."
+        words = [rng.choice(pool) for pool in (PROSE_SUBJECTS, PROSE_VERBS, PROSE_OBJECTS, PROSE_TAILS)]
+        s = " ".join(words) + "."
         if i and rng.random() < 0.5:
             s = f"{rng.choice(PROSE_LINKS)}, {s[0].lower()}{s[1:]}"
         sents.append(s)
