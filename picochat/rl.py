@@ -248,6 +248,13 @@ def _run(cfg: RLConfig, rt) -> dict[str, Any]:
         metrics.log(out)
         return out
 
+    if resume_from is not None and step >= num_steps:
+        print0(f"[rl] {run_name} is already trained for {step}/{num_steps} steps ({resume_from}); "
+               f"use --resume never to train it again")
+        metrics.close()
+        stop.restore()
+        return {"stage": STAGE, "run": run_name, "step": step, "checkpoint": str(resume_from),
+                "num_steps": num_steps, **{k: v for k, v in (meta.get("metrics") or {}).items() if k != "step"}}
     timer = training.StepTimer(skip=0)
     with training.Heartbeat(STAGE, "sampling and training") as hb:
         while step < num_steps:

@@ -544,6 +544,13 @@ def _train_chat_stage(stage, cfg, rt, source_order, full_train, full_val, crop, 
         metrics.log(out)
         return out
 
+    if resume_from is not None and step >= num_steps:
+        print0(f"[{stage}] {run} is already trained for {step}/{num_steps} steps ({resume_from}); "
+               f"use --resume never to train it again")
+        metrics.close()
+        stop.restore()
+        return {"stage": stage, "run": run, "step": step, "checkpoint": str(resume_from), "num_steps": num_steps,
+                **{k: v for k, v in (meta.get("metrics") or {}).items() if k != "step"}}
     timer = training.StepTimer(skip=1)
     last_eval: dict = {}
     final_metrics: dict = {}
