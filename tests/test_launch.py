@@ -234,13 +234,13 @@ def test_sigterm_mid_run_then_rerun_continues_from_the_last_checkpoint(tmp_path)
     env = _env(PICOCHAT_HOME=str(home), PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "picochat", "launch", "--nproc-per-node", "1", "pretrain", "--run", "pre",
            "--data", "random", "--vocab-size", "256", "--depth", "2", "--head-dim", "32", "--seq-len", "32",
-           "--device-batch-size", "2", "--total-batch-size", "64", "--num-iterations", "24", "--save-every", "3",
+           "--device-batch-size", "2", "--total-batch-size", "64", "--num-iterations", "30", "--save-every", "2",
            "--eval-every", "0", "--eval-tokens", "256", "--sample-every", "-1", "--warmup-steps", "2"]
     ckpts = home / "runs" / "pre" / "base" / "checkpoints"
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not (ckpts / "step_000003" / "meta.json").exists():  # one periodic checkpoint, then "preempt"
+        while not (ckpts / "step_000002" / "meta.json").exists():  # one periodic checkpoint, then "preempt"
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
             time.sleep(0.1)
         first.send_signal(signal.SIGTERM)
@@ -252,7 +252,7 @@ def test_sigterm_mid_run_then_rerun_continues_from_the_last_checkpoint(tmp_path)
     assert "[signal] SIGTERM" in log1
     steps = sorted(int(p.name[5:]) for p in ckpts.glob("step_*") if p.name[5:].isdigit())
     stopped_at = steps[-1]
-    assert 3 <= stopped_at < 24, (steps, log1)  # stopped early, at a step boundary, with a checkpoint
+    assert 2 <= stopped_at < 30, (steps, log1)  # stopped early, at a step boundary, with a checkpoint
     metrics = home / "runs" / "pre" / "base" / "metrics.jsonl"
     n_before = len(metrics.read_text().splitlines())
 
@@ -260,6 +260,6 @@ def test_sigterm_mid_run_then_rerun_continues_from_the_last_checkpoint(tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     new = [json.loads(line) for line in metrics.read_text().splitlines()[n_before:]]
     train_steps = [m["step"] for m in new if "loss" in m]
-    assert train_steps[0] == stopped_at + 1 and train_steps[-1] == 24, train_steps  # nothing lost, nothing redone
-    final = json.loads((ckpts / "step_000024" / "meta.json").read_text())
-    assert final["step"] == 24
+    assert train_steps[0] == stopped_at + 1 and train_steps[-1] == 30, train_steps  # nothing lost, nothing redone
+    final = json.loads((ckpts / "step_000030" / "meta.json").read_text())
+    assert final["step"] == 30
