@@ -180,6 +180,10 @@ class _GPTDecoder:
         if compile and self.device.type == "cuda":
             try:
                 kw = dict(fullgraph=True, dynamic=False)
+                # one specialisation per (batch size, with/without value embeds): raise dynamo's default limit of 8
+                import torch._dynamo
+
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 self._pre = torch.compile(_attn_pre, **kw)
                 self._post = torch.compile(_attn_post_mlp, **kw)
                 self._head = torch.compile(_lm_head, **kw)
