@@ -4,12 +4,11 @@ Layout everywhere is (B, T, H, D). `choose()` is the only decision point:
 
 | case                                   | backend   | why |
 |----------------------------------------|-----------|-----|
-| full causal, CUDA sm90/sm100 (Hopper, Blackwell DC) | `cudnn` | SDPA's cuDNN kernel: ~430 TFLOP/s fwd+bwd on H100 here vs ~230 for SDPA-FA2 (performance.md section 3) |
-| full causal, other CUDA (Ampere, Ada, sm_120 ...)   | `sdpa`  | PyTorch's own SDPA priority (flash/efficient); no kernel that may lack a build for the arch |
+| full causal, CUDA                      | `sdpa`    | PyTorch's SDPA priority: on sm90/sm100 with torch >= 2.9 that is the cuDNN kernel (~430 TFLOP/s fwd+bwd on H100 here vs ~230 for FA2, performance.md section 3); elsewhere (Ampere, Ada, sm_120) flash/efficient, which ship with every build. No context manager in the traced graph, so torch.compile sees plain SDPA |
 | sliding window, CUDA                   | `flex`    | FlexAttention (compiled Triton), block mask built once per (T, window) |
 | anything on CPU / MPS                  | `sdpa` / `mask` | plain SDPA; windows via an explicit boolean mask |
 
-`PICOCHAT_ATTN=sdpa|cudnn|flash|math|flex|mask` forces a backend (tests compare the paths numerically with it).
+`PICOCHAT_ATTN=sdpa|cudnn|flash|math|flex|mask` forces a backend (`cudnn`/`flash` pin SDPA's kernel priority) (tests compare the paths numerically with it).
 The first use of each (backend, case) prints one `[attention]` line on rank 0.
 """
 
@@ -48,10 +47,7 @@ def choose(device: torch.device, window: int | None, seq_len: int) -> str:
             return "mask" if forced != "math" else "math"
         return forced
     if device.type == "cuda":
-        if windowed:
-            return "flex"
-        major, _ = torch.cuda.get_device_capability(device)
-        return "cudnn" if major in (9, 10) else "sdpa"
+        return "flex" if windowed else "sdpa"
     return "mask" if windowed else "sdpa"
 
 
@@ -68,7 +64,11 @@ def _announce(name: str, window: int | None) -> None:
     from picochat.runtime import print0
 
     what = f"sliding window {window}" if window is not None else "full causal"
-    print0(f"[attention] {what}: {name}" + (" (forced by PICOCHAT_ATTN)" if _forced() else ""))
+    detail = ""
+    if name == "sdpa" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        detail = f" (sm{major}{minor}: {'cuDNN' if major in (9, 10) else 'flash/efficient'} by SDPA priority)"
+    print0(f"[attention] {what}: {name}{detail}" + (" (forced by PICOCHAT_ATTN)" if _forced() else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -78,8 +78,19 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
+    def reset_parameters(self) -> None:  # GPT.init_weights is the init; skipping torch's saves work on meta builds
+        pass
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without torch's own init (GPT.init_weights does it; on the meta device torch's normal_ would
+    pull in the whole compiler stack just to do nothing)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -188,9 +199,9 @@ class GPT(nn.Module):
         self.config = config
         V, d = config.padded_vocab_size, config.n_embd
         kv_dim = config.n_kv_head * config.head_dim
-        self.wte = nn.Embedding(V, d)
+        self.wte = Embedding(V, d)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(V, kv_dim) for i in range(config.n_layer)
                                            if config.has_value_embed(i)})
         self.lm_head = Linear(d, V)
         # per-layer residual scalars: x <- resid_lambda * x + x0_lambda * x0 before each block
@@ -393,6 +404,8 @@ def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
     """Construct on the meta device, materialise on `device`, and initialise."""
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
+    # materialise uninitialised storage on `device` (like Module.to_empty, but with plain torch.empty: to_empty's
+    # empty_like goes through torch._refs and imports sympy/fx, ~2 s of CPU per process for nothing)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.init_weights()
     return model

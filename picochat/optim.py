@@ -172,17 +172,30 @@ class _Bucket:
     ready: int = 0
 
 
-class MuonAdamW(torch.optim.Optimizer):
+class MuonAdamW:
     """One optimizer over groups of kind "muon" (2-D matrices) and "adamw" (the rest).
 
     Each group dict: params, names (same order), kind, lr, weight_decay, and for muon: momentum, beta2 (NorMuon,
     None to disable); for adamw: betas, eps. `initial_lr` is recorded so schedules can set lr = initial_lr * lrm.
+    The interface is torch.optim's (param_groups, step, zero_grad, state_dict, load_state_dict); it is not a
+    torch.optim.Optimizer subclass because nothing here needs that machinery (and its constructor imports the
+    whole compiler stack, seconds per process).
     """
 
     def __init__(self, groups: list[dict[str, Any]], compile_step: bool = False,
                  ortho_dtype: torch.dtype | None = None, overlap: bool = True):
-        defaults = dict(lr=0.0, weight_decay=0.0)
-        super().__init__(groups, defaults)
+        self.param_groups: list[dict[str, Any]] = []
+        for g in groups:
+            g = dict(g)
+            g["params"] = list(g["params"])
+            g.setdefault("weight_decay", 0.0)
+            self.param_groups.append(g)
+        seen: set[int] = set()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) in seen:
+                    raise ValueError("a parameter appears in more than one optimizer group")
+                seen.add(id(p))
         from picochat.runtime import get_rank, get_world_size
 
         self.world = get_world_size() if dist.is_initialized() else 1
@@ -304,6 +317,14 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------------------
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         self._step += 1
@@ -362,7 +383,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # -- state ------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """This rank's state, keyed by parameter name (so it can be resharded for another world size)."""
         params: dict[str, dict[str, Any]] = {}
         for b in self.buckets:
@@ -383,7 +404,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return {"format": "picochat.MuonAdamW/1", "world_size": self.world, "rank": self.rank, "step": self._step,
                 "groups": hparams, "params": params}
 
-    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Load this rank's shard from one state dict (same world size) or the list of every old rank's dicts."""
         states = state if isinstance(state, list) else [state]
         for s in states:

@@ -31,8 +31,8 @@ from picochat.config import UserError, add_config_args, config_from_args, requir
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few-million-parameter model on the embedded corpus; minutes on 2 CPU cores
-    "tiny": dict(depth=4, head_dim=64, seq_len=256, device_batch_size=32, total_batch_size=8192, num_iterations=600,
-                 eval_every=100, eval_tokens=65536, save_every=100, window_pattern="L", lr_scale=1.0,
+    "tiny": dict(depth=4, head_dim=64, seq_len=256, device_batch_size=16, total_batch_size=4096, num_iterations=300,
+                 eval_every=100, eval_tokens=32768, save_every=100, window_pattern="L", lr_scale=1.0,
                  warmup_steps=20, weight_decay=0.05),
     "d12": dict(depth=12),
     "d20": dict(depth=20),
@@ -125,9 +125,10 @@ class RandomTokens:
     index c * world + r), so W processes see exactly the micro-batches one process sees with W-fold accumulation."""
 
     def __init__(self, vocab_size: int, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", seed: int = 0, **_: Any):
+                 device: torch.device | str = "cpu", seed: int = 0, stream: int = 0, **_: Any):
         self.V, self.B, self.T = vocab_size, batch_size, seq_len
-        self.rank, self.world, self.device, self.seed = rank, world_size, torch.device(device), seed
+        self.rank, self.world, self.device = rank, world_size, torch.device(device)
+        self.seed = seed + 7919 * stream  # train (0) and val (1) draw different rows from the same chain
         self.perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
         self.count = 0
 
@@ -198,9 +199,8 @@ def _data_dir(cfg: PretrainConfig) -> Path:
 
 def make_loader(cfg: PretrainConfig, tok: Any, split: str, batch_size: int, rt: Any, loop: bool):
     if cfg.data == "random":
-        seed = cfg.seed if split == "train" else cfg.seed + 7919
         return RandomTokens(tok.vocab_size, batch_size, cfg.seq_len, rank=rt.rank, world_size=rt.world_size,
-                            device=rt.device, seed=seed)
+                            device=rt.device, seed=cfg.seed, stream=0 if split == "train" else 1)
     from picochat.data import list_shards
     from picochat.loader import DataLoader
 

@@ -11,6 +11,16 @@ from picochat.config import UserError
 from picochat.model import GPTConfig, build_model
 from picochat.optim import MuonAdamW, build_optimizer, polar_express, set_schedule
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 LRS = dict(matrix_lr=0.02, embedding_lr=0.3, value_embed_lr=0.15, unembedding_lr=0.008, resid_lr=0.005, x0_lr=0.5,
            muon_weight_decay=0.1)
