@@ -25,14 +25,19 @@ BACKENDS = ("sdpa", "cudnn", "flash", "math", "flex", "mask")
 _announced: set[tuple[str, str]] = set()
 _block_masks: dict[tuple[int, int, str], Any] = {}
 _flex_fn: Any = None
+_forced_seen: str | None = None
 
 
 def _forced() -> str | None:
-    name = os.environ.get("PICOCHAT_ATTN", "").strip().lower()
-    if not name:
-        return None
-    if name not in BACKENDS:
+    """PICOCHAT_ATTN, read live in eager code; inside a torch.compile trace the last value read eagerly is used
+    (`prepare()` reads it before compiling), so tracing touches neither os.environ nor print."""
+    global _forced_seen
+    if torch.compiler.is_compiling():
+        return _forced_seen
+    name = os.environ.get("PICOCHAT_ATTN", "").strip().lower() or None
+    if name is not None and name not in BACKENDS:
         raise ValueError(f"PICOCHAT_ATTN={name!r}: expected one of {', '.join(BACKENDS)}")
+    _forced_seen = name
     return name
 
 
@@ -57,6 +62,8 @@ def backend_name(device: torch.device | None = None) -> str:
 
 
 def _announce(name: str, window: int | None) -> None:
+    if torch.compiler.is_compiling():  # a print inside a trace would break the graph; prepare() announced it
+        return
     key = (name, "window" if window is not None else "causal")
     if key in _announced:
         return
@@ -121,21 +128,30 @@ def block_mask(seq_len: int, window: int, device: torch.device) -> Any:
 
 
 def prepare(window_sizes: list[int | None], seq_len: int, device: torch.device) -> None:
-    """Build the block masks a model will need before torch.compile traces it (keeps them out of the graph)."""
-    for w in set(window_sizes):
-        if w is not None and w < seq_len and choose(device, w, seq_len) == "flex":
-            block_mask(seq_len, w, device)
+    """Call before torch.compile traces a model: decide and announce each layer kind's backend, and build the
+    block masks it will need, so the traced graph has no prints, env reads or mask construction in it."""
+    for w in sorted(set(window_sizes), key=lambda x: (x is None, x or 0)):
+        win = w if (w is not None and w < seq_len) else None
+        name = choose(device, win, seq_len)
+        _announce(name, win)
+        if name == "flex":
+            block_mask(seq_len, win if win is not None else seq_len, device)
+            _get_flex(device)
+
+
+def _get_flex(device: torch.device) -> Any:
+    global _flex_fn
+    if _flex_fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # compiled on CUDA: eager flex is a slow reference implementation. Inside a compiled model this nests fine.
+        _flex_fn = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+    return _flex_fn
 
 
 def _flex(q, k, v, window: int, enable_gqa: bool):
-    global _flex_fn
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _flex_fn is None:
-        # compiled: eager flex is a slow reference implementation. Inside an already compiled model this nests fine.
-        _flex_fn = torch.compile(flex_attention, dynamic=False) if q.device.type == "cuda" else flex_attention
     bm = block_mask(q.shape[1], window, q.device)
-    y = _flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=enable_gqa)
+    y = _get_flex(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=enable_gqa)
     return y.transpose(1, 2)
 
 
