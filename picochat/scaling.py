@@ -148,9 +148,13 @@ def weight_decay_multiplier(step: int, total: int) -> float:
 
 def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio: float = DEFAULT_RATIO,
            head_dim: int = HEAD_DIM, window_pattern: str = "L", value_embeds: bool = True,
-           total_batch_size: int = 0, num_iterations: int = 0, aspect_ratio: int = ASPECT_RATIO) -> dict[str, Any]:
+           total_batch_size: int = 0, num_iterations: int = 0, aspect_ratio: int = ASPECT_RATIO,
+           seq_len: int | None = None) -> dict[str, Any]:
     """All derived quantities of a depth (plain JSON types). total_batch_size / num_iterations override the rules
-    (0 = derive). The reference horizon D_ref always uses depth 12 at the same vocab, ratio and head_dim."""
+    (0 = derive). The reference horizon D_ref always uses depth 12 at the same vocab, ratio and head_dim.
+    `seq_len` is an alias of `sequence_len` (the CLI's name)."""
+    if seq_len is not None:
+        sequence_len = seq_len
     import torch
 
     from picochat.model import GPT, flops_per_token, num_scaling_params
