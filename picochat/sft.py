@@ -518,7 +518,7 @@ def _train_chat_stage(stage, cfg, rt, source_order, full_train, full_val, crop, 
     print0(f"[{stage}] run {run} from {src_ckpt} | {rt.describe()} | {train_task.describe() if isinstance(train_task, TaskMixture) else train_task.name}")
     print0(f"[{stage}] seq {T} x batch {B} x accum {accum} x ranks {rt.world_size} = {shape['total_batch_size']:,} "
            f"tokens/step | {num_steps} steps | lrs matrix {shape['matrix_lr']:.4g} emb {shape['embedding_lr']:.4g} "
-           f"unemb {shape['unembedding_lr']:.4g} | loss on {'assistant tokens' if use_mask else 'all tokens'}")
+           f"unemb {shape['unembedding_lr']:.4g} (x lr_scale {shape['lr_scale']:.3g}) | loss on {'assistant tokens' if use_mask else 'all tokens'}")
 
     base_meta = {"stage": stage, "run": run, "model_config": meta["model_config"], "tokenizer_dir":
                  meta["tokenizer_dir"], "config": resolved, "inherited": shape, "parent": str(src_ckpt),
