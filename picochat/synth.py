@@ -16,7 +16,11 @@ people who live in those cities, made-up animal species, each with a few attribu
 
 Learnability is the design goal: names are built from a few syllables (a 2K-4K BPE vocabulary covers them), every
 fact is repeated in several paraphrases across many documents (a tiny model needs 10+ exposures), there are only a
-few hundred entities, and arithmetic uses 1-2 digit operands.
+few hundred entities, and arithmetic uses 1-2 digit operands. Measured with the defaults: a 4-layer, 128-wide model
+(1.8M parameters, 2,048-token BPE, 256-token context) trained with AdamW (lr 8e-3) on 1.84M tokens (450 steps of
+4,096, about 5 minutes on 2 CPU cores) scores the true attribute above 3 wrong ones for 90% of the held-out facts
+(chance 25%). Arithmetic and spelling are not learned from text at that scale; the chat data teaches the python
+tool for arithmetic instead.
 
 Determinism: every random choice comes from `random.Random` streams seeded by strings derived from the seed, so the
 same config gives byte-identical files on any machine with the same pyarrow.
