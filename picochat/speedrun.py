@@ -59,12 +59,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", what="a few-million-parameter model on the embedded synthetic corpus; minutes on any CPU",
-        depth=4, data="synth", vocab_size=4096, seq_len=256, total_batch_size=8192, num_iterations=600,
+        depth=4, data="synth", vocab_size=2048, seq_len=256, total_batch_size=4096, num_iterations=450,
         stage_args={
-            "pretrain": {"depth": 4, "head-dim": 64, "seq-len": 256, "device-batch-size": 32,
-                         "total-batch-size": 8192, "num-iterations": 600, "eval-every": 100,
-                         "eval-tokens": 65536, "save-every": 100, "sample-every": 0, "window-pattern": "L"},
-            "base_eval": {"bpb": True, "samples": True, "eval-tokens": 65536},
+            "pretrain": {"preset": "tiny"},
+            "base_eval": {"bpb": True, "samples": True, "eval-tokens": 32768},
             "midtrain": {"num-iterations": 150, "eval-every": 50, "save-every": 50},
             "sft": {"num-iterations": 150, "eval-every": 50, "save-every": 50},
             "rl": {"task": "synth", "num-iterations": 30, "save-every": 10},
@@ -381,34 +379,33 @@ def stage_command(sp: StagePlan, nproc: int) -> list[str]:
 # Dry run
 
 
-def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None, cfg: SpeedrunConfig
+def resolve_pretrain(plan: list[StagePlan], preset: Preset, world: int):
+    """The pretrain stage's config and plan exactly as `picochat pretrain` will resolve them from its argv."""
+    import torch
+
+    from picochat import pretrain
+
+    sp = next((p for p in plan if p.name == "pretrain"), None)
+    argv = sp.argv[1:] if sp else ["--depth", str(preset.depth)]
+    parser = argparse.ArgumentParser()
+    pretrain.add_cli(parser)
+    cfg = pretrain.config_from_cli(parser.parse_args(argv))
+    return cfg, pretrain.make_plan(cfg, preset.vocab_size, max(1, world), torch.device("cpu"))
+
+
+def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None, plan: list[StagePlan]
              ) -> dict[str, Any]:
-    """Model size, tokens, FLOPs, steps, time and cost for the pretraining stage (the dominant cost)."""
-    from picochat.model import GPTConfig, flops_per_token
+    """Model size, tokens, FLOPs, steps, time and cost of the pretraining stage (the dominant cost), from the same
+    config resolution the stage itself uses."""
+    from picochat.model import flops_per_token, num_scaling_params
 
-    pa = dict(preset.stage_args.get("pretrain", {}))
-    pa.update(parse_sets(cfg.sets).get("pretrain", {}))
-    depth = int(pa.get("depth", preset.depth))
-    seq_len = int(pa.get("seq-len", preset.seq_len))
-    head_dim = int(pa.get("head-dim", 128))
-    width = math.ceil(64 * depth / head_dim) * head_dim
-    mc = GPTConfig(sequence_len=seq_len, vocab_size=preset.vocab_size, n_layer=depth, n_head=width // head_dim,
-                   n_kv_head=width // head_dim, n_embd=width, window_pattern=str(pa.get("window-pattern", "L")))
-    try:
-        from picochat import scaling
-
-        derived = scaling.derive(depth, vocab_size=preset.vocab_size, seq_len=seq_len, head_dim=head_dim)
-    except Exception:  # scaling.derive is optional for the estimate; fall back to the preset's numbers
-        derived = {}
-    batch = int(pa.get("total-batch-size", derived.get("total_batch_size", preset.total_batch_size)))
-    steps = pa.get("num-iterations", preset.num_iterations or derived.get("num_iterations"))
-    if cfg.max_steps is not None:
-        steps = cfg.max_steps
-    steps = int(steps) if steps is not None else int(20 * mc_params(mc) // batch)
+    cfg, pplan = resolve_pretrain(plan, preset, nproc)
+    mc = pplan.model_config
+    batch, steps = pplan.total_batch_size, pplan.num_iterations
     tokens = steps * batch
     fpt = flops_per_token(mc)
     flops = fpt * tokens
-    mfu = 0.45  # our measured d12/d20 pretraining MFU on H100 is in this range (see README "Performance")
+    mfu = 0.43  # measured: d12 pretraining ran at 42.8% MFU on one H100 (README "Performance")
     ref_seconds = flops / (989e12 * mfu * 8)
     if hw["gpus"] > 0:
         from picochat.runtime import PEAK_FLOPS
@@ -424,9 +421,9 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
     params = mc_params(mc)
     ckpt_bytes = params * 4 * 3  # fp32 weights + up to 2 optimizer moments per parameter
     data_bytes = (preset.shards + 1) * 95e6 if preset.data == "download" else 30e6
-    n_ckpts = 2 + sum(1 for s in ("midtrain", "sft", "rl") if s in preset.stages)  # keep-last 2 in pretrain
+    n_ckpts = cfg.keep_last + sum(1 for s in ("midtrain", "sft", "rl") if s in preset.stages)
     return {
-        "depth": depth, "params": params, "scaling_params": mc_scaling(mc), "seq_len": seq_len,
+        "depth": cfg.depth, "params": params, "scaling_params": num_scaling_params(mc), "seq_len": cfg.seq_len,
         "total_batch_size": batch, "steps": steps, "tokens": tokens, "flops_per_token": fpt, "flops": flops,
         "est_seconds": seconds, "basis": basis, "gpu_hours": gpu_hours, "ref_8xh100_seconds": ref_seconds,
         "est_cost": (gpu_hours * price) if price is not None else None,
@@ -464,7 +461,7 @@ def print_plan(preset: Preset, plan: list[StagePlan], est: dict[str, Any], nproc
     print(f"  pretrain: {est['steps']:,} steps x {est['total_batch_size']:,} tokens = {est['tokens']:,} tokens, "
           f"{est['flops_per_token']:.3g} FLOPs/token, {est['flops']:.3g} FLOPs")
     print(f"  estimated pretrain time here: {_fmt_time(est['est_seconds'])} (assumes {est['basis']})")
-    print(f"  estimated pretrain time on 8xH100: {_fmt_time(est['ref_8xh100_seconds'])} (assumes 45% MFU)")
+    print(f"  estimated pretrain time on 8xH100: {_fmt_time(est['ref_8xh100_seconds'])} (assumes 43% MFU)")
     if est["est_cost"] is not None:
         where = "here" if hw["gpus"] else "on 8xH100"
         print(f"  estimated pretrain cost {where}: ${est['est_cost']:.2f} at ${price}/GPU-hour "
@@ -495,7 +492,7 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     run_name = cfg.run or preset.name
     nproc = cfg.nproc if cfg.nproc is not None else max(1, hw["gpus"])
     plan = build_plan(cfg, preset, run_name, nproc)
-    est = estimate(preset, hw, nproc if hw["gpus"] else 0, cfg.price, cfg)
+    est = estimate(preset, hw, nproc if hw["gpus"] else 0, cfg.price, plan)
 
     home = picochat_home()
     home.mkdir(parents=True, exist_ok=True)

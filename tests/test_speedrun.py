@@ -55,7 +55,10 @@ def test_dry_run_numbers_match_the_stage_config(capsys):
     est = result["estimate"]
     pre = next(s for s in result["stages"] if s["name"] == "pretrain")["argv"]
     assert est["steps"] == 123 == int(pre[pre.index("--num-iterations") + 1])
-    assert est["total_batch_size"] == int(pre[pre.index("--total-batch-size") + 1])
+    from picochat.pretrain import PRESETS
+
+    assert est["total_batch_size"] == PRESETS["tiny"]["total_batch_size"]  # the preset pretrain itself applies
+    assert est["seq_len"] == PRESETS["tiny"]["seq_len"] and est["depth"] == PRESETS["tiny"]["depth"]
     assert est["tokens"] == est["steps"] * est["total_batch_size"]
     assert est["flops"] == pytest.approx(est["flops_per_token"] * est["tokens"])
     out = capsys.readouterr().out
