@@ -55,3 +55,42 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
     if total_bytes <= 0:
         return math.inf
     return total_nats / (math.log(2) * total_bytes)
+
+
+def doc_start_batches(shards: list, tokenizer, batch_size: int, seq_len: int, max_tokens: int, device="cpu",
+                      rank: int = 0, world_size: int = 1):
+    """(inputs, targets) rows laid out the way a crop-packing loader (nanochat's) lays out validation text.
+
+    Each document becomes <|bos|> + its tokens; a row takes whole documents while they fit, and the document that
+    does not fit is cropped to fill the row (its rest is discarded). So rows hold mostly document beginnings.
+    This is for comparing val bpb with such a loader; our own loader splits long documents instead of cropping,
+    which keeps ~all tokens but also scores mid-document pieces. Rows are dealt round-robin to ranks.
+    """
+    import pyarrow.parquet as pq
+
+    row_len = seq_len + 1
+    rows: list[list[int]] = []
+    cur: list[int] = []
+    n_rows = max(1, max_tokens // seq_len)
+    done = False
+    for shard in shards:
+        pf = pq.ParquetFile(shard)
+        for rg in range(pf.num_row_groups):
+            texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            for ids in tokenizer.encode(texts, prepend=tokenizer.bos_id):
+                space = row_len - len(cur)
+                cur.extend(ids[:space])
+                if len(cur) == row_len:
+                    rows.append(cur)
+                    cur = []
+                    if len(rows) >= n_rows:
+                        done = True
+                        break
+            if done:
+                break
+        if done:
+            break
+    mine = rows[rank::world_size]
+    for i in range(0, len(mine) - batch_size + 1, batch_size):
+        t = torch.tensor(mine[i:i + batch_size], dtype=torch.long)
+        yield t[:, :-1].to(device), t[:, 1:].to(device)

@@ -462,8 +462,18 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
             bpb = evaluate_bpb(cmodel, batches(), token_bytes)
         finally:
             vl.close()
-        print0(f"[eval] step {at_step}: val bpb {bpb:.4f} ({steps * B * cfg.seq_len * rt.world_size:,} tokens, "
-               f"{time.time() - t0:.1f}s)")
+        extra = ""
+        if cfg.data != "random":  # also on document beginnings, the layout crop-packing loaders (nanochat) score
+            from picochat.data import list_shards
+            from picochat.loss_eval import doc_start_batches
+
+            _, val_shards = list_shards(_data_dir(cfg))
+            bpb_crop = evaluate_bpb(cmodel, doc_start_batches(val_shards, tok, B, cfg.seq_len, cfg.eval_tokens,
+                                                              rt.device, rt.rank, rt.world_size), token_bytes)
+            metrics.log({"step": at_step, "val_bpb_docstart": bpb_crop})
+            extra = f", doc-start layout {bpb_crop:.4f}"
+        print0(f"[eval] step {at_step}: val bpb {bpb:.4f}{extra} ({steps * B * cfg.seq_len * rt.world_size:,} "
+               f"tokens, {time.time() - t0:.1f}s)")
         return bpb
 
     def save(at_step: int, next_batch: Any) -> Path:

@@ -66,7 +66,7 @@ PRESETS: dict[str, Preset] = {
             "midtrain": {"num-iterations": 150, "eval-every": 50, "save-every": 50},
             "sft": {"num-iterations": 150, "eval-every": 50, "save-every": 50},
             "rl": {"task": "synth", "num-iterations": 30, "save-every": 10},
-            "chat_eval": {"tasks": "synth,spellingbee"},
+            "chat_eval": {"tasks": "synth,spellingbee", "max-problems": 64},
         },
     ),
     "d12": Preset(name="d12", what="GPT-1 size, ~5 min pretrain on 8xH100; research iteration", depth=12,
