@@ -241,3 +241,34 @@ def test_cuda_graph_decode_matches_eager(tok, compile):
     b, _ = graphed.generate_batch(prompt, num_samples=3, max_tokens=30, temperature=0.0)
     assert graphed.mode.startswith("cuda-graph")
     assert a == b
+
+
+def test_weight_updates_between_generations_are_seen(tok):
+    """The decoder keeps a fused q/k/v copy of the weights; an in-place update (RL) must reach the next generation."""
+    model = tiny_model(seed=4)
+    engine = Engine(model, tok)
+    prompt = list(range(10, 30))
+    before, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(9)
+        for b in model.blocks:  # through .data too: distributed optimizers write that way (no version bump)
+            b.attn.c_q.weight.data.add_(torch.randn(b.attn.c_q.weight.shape, generator=g))
+            b.attn.c_v.weight.add_(torch.randn(b.attn.c_v.weight.shape, generator=g))
+    after, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+    fresh, _ = Engine(model, tok).generate_batch(prompt, max_tokens=10, temperature=0.0)
+    assert after == fresh and after != before
+
+
+def test_whole_step_traces_as_one_graph(tok):
+    """The decode step the CUDA path compiles whole (fullgraph) traces without breaks and decodes like eager."""
+    from picochat import engine as E
+
+    model = tiny_model(n_head=4, n_kv_head=2, window_pattern="SL", n_layer=3)
+    model.window_sizes = [6 if w is not None else None for w in model.window_sizes]
+    ref, eng = Engine(model, tok), Engine(model, tok)
+    eng.decoder._whole_step = torch.compile(E._decode_step, fullgraph=True, dynamic=False, backend="eager")
+    eng.decoder._level = E._STEP_COMPILE
+    prompt = list(range(5, 30))
+    a, _ = ref.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    b, _ = eng.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    assert eng.mode == "eager+compile-step" and a == b
