@@ -192,7 +192,10 @@ class _GPTDecoder:
         self._param_ptrs: tuple[int, ...] = ()
         self._level = _PLAIN
         self._whole_step: Callable | None = None
-        self._pieces = (_attn_pre, _attn_post_mlp, _lm_head)
+        # PICOCHAT_DECODE_ATTN=matmul: attention as two batched GEMMs + a fused masked softmax instead of the
+        # memory-efficient SDPA kernel, whose grid is only (B * n_kv_head) blocks for one query: few blocks at small
+        # batch. Which is faster is a measurement (`picochat bench infer` with and without it); default is SDPA.
+        self.matmul_attn = os.environ.get("PICOCHAT_DECODE_ATTN", "sdpa").lower() == "matmul"
         if compile and self.device.type == "cuda":
             try:
                 kw = dict(fullgraph=True, dynamic=False)
@@ -212,7 +215,8 @@ class _GPTDecoder:
     @property
     def mode(self) -> str:
         return ("cuda-graph" if self.cuda_graph else "eager") + \
-            {_STEP_COMPILE: "+compile-step", _PIECE_COMPILE: "+compile", _PLAIN: ""}[self._level]
+            {_STEP_COMPILE: "+compile-step", _PIECE_COMPILE: "+compile", _PLAIN: ""}[self._level] + \
+            ("+matmul-attn" if self.matmul_attn else "")
 
     # -- derived weights ------------------------------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class _GPTDecoder:
                 [b.attn.ve_gate.weight if b.attn.ve_gate is not None else None for b in blocks],
                 [b.attn.c_proj.weight for b in blocks], [b.mlp.c_fc.weight for b in blocks],
                 [b.mlp.c_proj.weight for b in blocks], m.lm_head.weight, list(m.window_sizes),
-                self.n_head, self.n_kv_head, self.head_dim, m.config.vocab_size, m.config.softcap)
+                self.n_head, self.n_kv_head, self.head_dim, m.config.vocab_size, m.config.softcap, self.matmul_attn)
         if self._level == _STEP_COMPILE:
             return self._whole_step(*args)
         if self._level == _PIECE_COMPILE:
@@ -343,7 +347,7 @@ class _GPTDecoder:
 
 
 def _decode_step(tok, pos, kc, vc, kpos, cos_t, sin_t, wte, ve_tables, lam_r, lam_0, wqkv, gate_ws, wo, wfc, wproj,
-                 w_head, windows, H: int, Hkv: int, D: int, vocab_size: int, softcap: float,
+                 w_head, windows, H: int, Hkv: int, D: int, vocab_size: int, softcap: float, matmul_attn: bool = False,
                  pre=None, post=None, head=None) -> torch.Tensor:
     """One decode step of `GPT.forward` for tokens `tok` (B, 1) at position `pos` (1,), all layers, functional.
 
@@ -373,7 +377,7 @@ def _decode_step(tok, pos, kc, vc, kpos, cos_t, sin_t, wte, ve_tables, lam_r, la
         vc[i].index_copy_(2, pos, v.transpose(1, 2))
         # GQA without repeating the cache: the G query heads of a kv head play the role of G query positions
         mask = masks[windows[i]].view(1, 1, 1, T).expand(B, Hkv, G, T)
-        y = _masked_sdpa(q.view(B, Hkv, G, D), kc[i], vc[i], mask)
+        y = (_masked_matmul_attn if matmul_attn else _masked_sdpa)(q.view(B, Hkv, G, D), kc[i], vc[i], mask)
         x = post(x, y.reshape(B, 1, H * D), wo[i], wfc[i], wproj[i])
     pos.add_(1)
     return head(x, w_head, vocab_size, softcap)
@@ -387,6 +391,13 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _masked_matmul_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's math (default 1/sqrt(D) scale, fp32 softmax) as two batched GEMMs: cuBLAS splits the key axis over
+    many blocks, where the fused kernel runs one block per (row, kv head)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + mask
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 def _attn_pre(x, x0, lam_r, lam_0, wqkv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):

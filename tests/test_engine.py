@@ -272,3 +272,18 @@ def test_whole_step_traces_as_one_graph(tok):
     a, _ = ref.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
     b, _ = eng.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
     assert eng.mode == "eager+compile-step" and a == b
+
+
+def test_matmul_attention_option_equals_full_forward(tok, monkeypatch):
+    """PICOCHAT_DECODE_ATTN=matmul (GEMM + softmax attention in the decode step) computes the same logits."""
+    monkeypatch.setenv("PICOCHAT_DECODE_ATTN", "matmul")
+    model = tiny_model(n_head=4, n_kv_head=2, window_pattern="SL", n_layer=3)
+    model.window_sizes = [6 if w is not None else None for w in model.window_sizes]
+    engine = Engine(model, tok)
+    assert engine.mode == "eager+matmul-attn"
+    seq = torch.randint(0, 290, (1, 28), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(seq)[0, 9:-1]
+        got = [engine.decoder.prefill(seq[0, :10].tolist(), 2, 28)[0]]
+        got += [engine.decoder.step(torch.full((2,), int(t)))[1] for t in seq[0, 10:-1]]
+    assert torch.allclose(torch.stack(got), want, atol=2e-4, rtol=1e-4)
