@@ -12,9 +12,8 @@ How it is fast (see performance.md section 6: an eager 20-layer decode is launch
   is one device tensor; T_cap is rounded up to a multiple of 256 so a few cache shapes cover all requests.
 - The one-token decode step is a functional copy of `GPT.forward` that reads the position from that device tensor
   (no Python ints, fixed shapes), attends over the whole static cache with a mask, and advances the position
-  itself; q/k/v are one GEMM per layer (a fused weight refreshed at every prefill). On CUDA the whole step (all
-  layers) is one torch.compile graph (per-layer compiled pieces, then plain kernels, as fallbacks), captured once
-  per (batch, T_cap) in a CUDA graph and replayed each step. On CPU it runs eagerly.
+  itself. On CUDA it is captured once per (batch, T_cap) in a CUDA graph (optionally with torch.compile'd pieces
+  inside for kernel fusion) and replayed each step. On CPU it runs eagerly.
 - The host never waits for the GPU more than it must: the next step is launched before the sampled tokens of this
   step are read back (a pinned copy + event), so the Python state machine overlaps the GPU work.
 
@@ -159,24 +158,12 @@ class _Slot:
     v: torch.Tensor
     tok: torch.Tensor          # (B, 1) int64: the tokens fed at this step
     pos: torch.Tensor          # (1,) int64: their position (= tokens already in the cache)
-    kpos: torch.Tensor         # (T_cap,) int64: 0..T_cap-1, the key positions the masks compare against
     logits: torch.Tensor | None = None
     graph: Any = None
 
 
-# How the decode step is built, best first; a CUDA graph capture that fails moves down one level (with a warning).
-_STEP_COMPILE, _PIECE_COMPILE, _PLAIN = "step", "pieces", "plain"
-
-
 class _GPTDecoder:
-    """Prefill with `GPT.forward`, decode with a functional, CUDA-graph-friendly copy of it over a static cache.
-
-    The decode step reads a few derived weights (`_wqkv`: q/k/v projections concatenated into one matrix per layer,
-    in the compute dtype, so one GEMM replaces three). They are static buffers that the CUDA graphs read by address,
-    so `prefill` refreshes them in place from the parameters before every generation: weights updated between
-    generations (RL) are always seen. A parameter whose storage was replaced (`model.to(...)`) rebuilds them and
-    drops the captured graphs, which would otherwise read the old storage.
-    """
+    """Prefill with `GPT.forward`, decode with a functional, CUDA-graph-friendly copy of it over a static cache."""
 
     def __init__(self, model: GPT, cuda_graph: bool, compile: bool):
         self.model = model
@@ -188,78 +175,58 @@ class _GPTDecoder:
         self.slots: collections.OrderedDict[tuple[int, int], _Slot] = collections.OrderedDict()
         self.max_slots = 2 if self.device.type == "cuda" else 1
         self.slot: _Slot | None = None
-        self._wqkv: list[torch.Tensor] | None = None
-        self._param_ptrs: tuple[int, ...] = ()
-        self._level = _PLAIN
-        self._whole_step: Callable | None = None
-        # PICOCHAT_DECODE_ATTN=matmul: attention as two batched GEMMs + a fused masked softmax instead of the
-        # memory-efficient SDPA kernel, whose grid is only (B * n_kv_head) blocks for one query: few blocks at small
-        # batch. Which is faster is a measurement (`picochat bench infer` with and without it); default is SDPA.
-        self.matmul_attn = os.environ.get("PICOCHAT_DECODE_ATTN", "sdpa").lower() == "matmul"
+        self.mode = "cuda-graph" if self.cuda_graph else "eager"
+        self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
         if compile and self.device.type == "cuda":
             try:
                 kw = dict(fullgraph=True, dynamic=False)
-                # one specialisation per (batch size, cache length): raise dynamo's default limit of 8
+                # one specialisation per (batch size, with/without value embeds): raise dynamo's default limit of 8
                 import torch._dynamo
 
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                # the whole step (all layers) in one graph, so inductor fuses residual/norm/rotary/mask work across
-                # layer boundaries; the per-piece compile is the fallback when that fails to capture
-                self._whole_step = torch.compile(_decode_step, **kw)
-                self._compiled_pieces = (torch.compile(_attn_pre, **kw), torch.compile(_attn_post_mlp, **kw),
-                                         torch.compile(_lm_head, **kw))
-                self._level = _STEP_COMPILE
+                self._pre = torch.compile(_attn_pre, **kw)
+                self._post = torch.compile(_attn_post_mlp, **kw)
+                self._head = torch.compile(_lm_head, **kw)
+                self.mode += "+compile"
             except Exception as e:  # torch.compile missing or broken: the graph alone is still most of the win
                 warnings.warn(f"[engine] torch.compile unavailable ({e}); decoding without it")
-
-    @property
-    def mode(self) -> str:
-        return ("cuda-graph" if self.cuda_graph else "eager") + \
-            {_STEP_COMPILE: "+compile-step", _PIECE_COMPILE: "+compile", _PLAIN: ""}[self._level] + \
-            ("+matmul-attn" if self.matmul_attn else "")
-
-    # -- derived weights ------------------------------------------------------------------------------------------
-
-    def _sync_weights(self) -> None:
-        """Make `_wqkv` equal the current q/k/v weights (see the class doc). Cheap: one copy of those matrices."""
-        m = self.model
-        ptrs = tuple(p.data_ptr() for p in m.parameters())
-        if self._wqkv is None or ptrs != self._param_ptrs:
-            if self._wqkv is not None:
-                self.slots.clear()  # graphs captured over the old storage must not be replayed
-                self.slot = None
-            dt = m.compute_dtype
-            self._wqkv = [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight], 0).to(dt)
-                          for b in m.blocks]
-            self._param_ptrs = ptrs
-            return
-        dst, src = [], []
-        for w, b in zip(self._wqkv, m.blocks):
-            a = b.attn
-            nq, nk = a.c_q.weight.shape[0], a.c_k.weight.shape[0]
-            dst += [w[:nq], w[nq:nq + nk], w[nq + nk:]]
-            src += [a.c_q.weight.detach(), a.c_k.weight.detach(), a.c_v.weight.detach()]
-        torch._foreach_copy_(dst, src)
 
     # -- the decode step ------------------------------------------------------------------------------------------
 
     def _step(self, s: _Slot) -> torch.Tensor:
         """One token per row at position `s.pos`: writes the cache, advances `s.pos`, returns fp32 logits (B, V)."""
         m = self.model
-        assert self._wqkv is not None
-        blocks = list(m.blocks)
-        args = (s.tok, s.pos, s.k, s.v, s.kpos, m.cos, m.sin, m.wte.weight,
-                [m.value_embeds[str(i)].weight if str(i) in m.value_embeds else None for i in range(len(blocks))],
-                m.resid_lambdas, m.x0_lambdas, self._wqkv,
-                [b.attn.ve_gate.weight if b.attn.ve_gate is not None else None for b in blocks],
-                [b.attn.c_proj.weight for b in blocks], [b.mlp.c_fc.weight for b in blocks],
-                [b.mlp.c_proj.weight for b in blocks], m.lm_head.weight, list(m.window_sizes),
-                self.n_head, self.n_kv_head, self.head_dim, m.config.vocab_size, m.config.softcap, self.matmul_attn)
-        if self._level == _STEP_COMPILE:
-            return self._whole_step(*args)
-        if self._level == _PIECE_COMPILE:
-            return _decode_step(*args, *self._compiled_pieces)
-        return _decode_step(*args)
+        dt = m.compute_dtype
+        idx = s.tok
+        T = s.k.shape[3]
+        cos = m.cos.index_select(1, s.pos).to(dt)
+        sin = m.sin.index_select(1, s.pos).to(dt)
+        # additive masks over the whole static cache: key j is visible when j <= pos (and pos - j < window)
+        kpos = torch.arange(T, device=idx.device)
+        dist = s.pos - kpos
+        masks: dict[int | None, torch.Tensor] = {}
+        for w in set(m.window_sizes):
+            ok = dist >= 0 if w is None else (dist >= 0) & (dist < w)
+            masks[w] = torch.zeros(T, dtype=dt, device=idx.device).masked_fill(~ok, float("-inf"))
+        x = rms_norm(m.wte(idx).to(dt))
+        x0 = x
+        B, H, Hkv, D = idx.shape[0], self.n_head, self.n_kv_head, self.head_dim
+        for i, block in enumerate(m.blocks):
+            a = block.attn
+            ve = m.value_embeds[str(i)](idx) if str(i) in m.value_embeds else None
+            gate_w = a.ve_gate.weight if a.ve_gate is not None else None
+            x, q, k, v = self._pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], a.c_q.weight, a.c_k.weight,
+                                   a.c_v.weight, ve, gate_w, cos, sin, H, Hkv, D)
+            # (B, 1, Hkv, D) -> the cache's (B, Hkv, T, D) at position pos
+            s.k[i].index_copy_(2, s.pos, k.transpose(1, 2))
+            s.v[i].index_copy_(2, s.pos, v.transpose(1, 2))
+            # GQA without repeating the cache: the G query heads of a kv head play the role of G query positions
+            qg = q.view(B, Hkv, H // Hkv, D)
+            mask = masks[m.window_sizes[i]].view(1, 1, 1, T).expand(B, Hkv, H // Hkv, T)
+            y = _masked_sdpa(qg, s.k[i], s.v[i], mask)
+            x = self._post(x, y.reshape(B, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)
+        s.pos.add_(1)
+        return self._head(x, m.lm_head.weight, m.config.vocab_size, m.config.softcap)
 
     # -- slots and graphs -----------------------------------------------------------------------------------------
 
@@ -278,8 +245,7 @@ class _GPTDecoder:
         dt = self.model.compute_dtype
         s = _Slot(k=torch.zeros(shape, dtype=dt, device=self.device), v=torch.zeros(shape, dtype=dt, device=self.device),
                   tok=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
-                  pos=torch.zeros(1, dtype=torch.long, device=self.device),
-                  kpos=torch.arange(t_cap, dtype=torch.long, device=self.device))
+                  pos=torch.zeros(1, dtype=torch.long, device=self.device))
         if self.cuda_graph:
             self._capture(s)
         self.slots[key] = s
@@ -303,16 +269,17 @@ class _GPTDecoder:
                 s.logits = self._step(s)
             s.graph = graph
         except Exception as e:
-            torch.cuda.synchronize(self.device)
-            if self._level != _PLAIN:  # the compiled decode failed: retry one level down, in the graph
-                lower = _PIECE_COMPILE if self._level == _STEP_COMPILE else _PLAIN
-                warnings.warn(f"[engine] compiled decode ({self._level}) failed to capture ({type(e).__name__}: "
-                              f"{e}); retrying the CUDA graph with " +
-                              ("per-piece torch.compile" if lower == _PIECE_COMPILE else "plain kernels"))
-                self._level = lower
+            if self._pre is not _attn_pre:  # the compiled pieces failed: retry with plain kernels in the graph
+                warnings.warn(f"[engine] compiled decode failed to capture ({type(e).__name__}: {e}); "
+                              f"using the CUDA graph without torch.compile")
+                torch.cuda.synchronize(self.device)
+                self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
+                self.mode = "cuda-graph"
                 return self._capture(s)
             warnings.warn(f"[engine] CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
+            torch.cuda.synchronize(self.device)
             self.cuda_graph = False
+            self.mode = "eager"
             s.graph = None
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -322,7 +289,6 @@ class _GPTDecoder:
         """Run the prompt once, broadcast its cache into `batch` rows; returns last-position logits (batch, V)."""
         m = self.model
         n = len(prompt)
-        self._sync_weights()
         s = self._get_slot(batch, need)
         pre = m.kv_cache(1, n)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
@@ -346,43 +312,6 @@ class _GPTDecoder:
         return self._step(s)
 
 
-def _decode_step(tok, pos, kc, vc, kpos, cos_t, sin_t, wte, ve_tables, lam_r, lam_0, wqkv, gate_ws, wo, wfc, wproj,
-                 w_head, windows, H: int, Hkv: int, D: int, vocab_size: int, softcap: float, matmul_attn: bool = False,
-                 pre=None, post=None, head=None) -> torch.Tensor:
-    """One decode step of `GPT.forward` for tokens `tok` (B, 1) at position `pos` (1,), all layers, functional.
-
-    Reads/writes the static cache `kc`/`vc` (L, B, Hkv, T, D) and advances `pos`; weights come in as per-layer
-    lists so the whole step can be one torch.compile graph. `pre`/`post`/`head` override the per-layer pieces
-    (the per-piece compiled fallback)."""
-    pre, post, head = pre or _attn_pre, post or _attn_post_mlp, head or _lm_head
-    dt = kc.dtype
-    B, T = tok.shape[0], kc.shape[3]
-    G = H // Hkv
-    cos = cos_t.index_select(1, pos).to(dt)
-    sin = sin_t.index_select(1, pos).to(dt)
-    # additive masks over the whole static cache: key j is visible when j <= pos (and pos - j < window)
-    dist = pos - kpos
-    masks: dict[int | None, torch.Tensor] = {}
-    for w in windows:
-        if w not in masks:
-            ok = dist >= 0 if w is None else (dist >= 0) & (dist < w)
-            masks[w] = torch.where(ok, 0.0, float("-inf")).to(dt)
-    x = rms_norm(F.embedding(tok, wte).to(dt))
-    x0 = x
-    for i in range(len(wqkv)):
-        ve = F.embedding(tok, ve_tables[i]) if ve_tables[i] is not None else None
-        x, q, k, v = pre(x, x0, lam_r[i], lam_0[i], wqkv[i], ve, gate_ws[i], cos, sin, H, Hkv, D)
-        # (B, 1, Hkv, D) -> the cache's (B, Hkv, T, D) at position pos
-        kc[i].index_copy_(2, pos, k.transpose(1, 2))
-        vc[i].index_copy_(2, pos, v.transpose(1, 2))
-        # GQA without repeating the cache: the G query heads of a kv head play the role of G query positions
-        mask = masks[windows[i]].view(1, 1, 1, T).expand(B, Hkv, G, T)
-        y = (_masked_matmul_attn if matmul_attn else _masked_sdpa)(q.view(B, Hkv, G, D), kc[i], vc[i], mask)
-        x = post(x, y.reshape(B, 1, H * D), wo[i], wfc[i], wproj[i])
-    pos.add_(1)
-    return head(x, w_head, vocab_size, softcap)
-
-
 def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -393,24 +322,15 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _masked_matmul_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA's math (default 1/sqrt(D) scale, fp32 softmax) as two batched GEMMs: cuBLAS splits the key axis over
-    many blocks, where the fused kernel runs one block per (row, kv head)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + mask
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
-
-
-def _attn_pre(x, x0, lam_r, lam_0, wqkv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):
-    """Residual mix, pre-norm, the fused q/k/v projection (one GEMM; q, k, v are views of its output), value
-    embeds, RoPE and QK-norm for one decode token per row."""
+def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):
+    """Residual mix, pre-norm, q/k/v projections, value embeds, RoPE and QK-norm for one decode token per row."""
     dt = x.dtype
     x = lam_r.to(dt) * x + lam_0.to(dt) * x0
     h = rms_norm(x)
     B, T, _ = h.shape
-    qkv = F.linear(h, wqkv.to(dt))
-    q = qkv[..., : H * D].view(B, T, H, D)
-    k = qkv[..., H * D: (H + Hkv) * D].view(B, T, Hkv, D)
-    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+    q = F.linear(h, wq.to(dt)).view(B, T, H, D)
+    k = F.linear(h, wk.to(dt)).view(B, T, Hkv, D)
+    v = F.linear(h, wv.to(dt)).view(B, T, Hkv, D)
     if ve is not None:
         gate = 2.0 * torch.sigmoid(F.linear(h[..., : gate_w.shape[1]], gate_w.to(dt)))
         v = v + gate.unsqueeze(-1) * ve.to(dt).view(B, T, Hkv, D)
