@@ -52,6 +52,7 @@ def _setup():
     work = os.path.realpath(sys.argv[1])
     mem_mb, cpu_s, fsize = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     code_path = sys.argv[5]
+    allow_reads = len(sys.argv) <= 6 or sys.argv[6] == "1"
     with open(code_path, encoding="utf-8") as f:
         source = f.read()
 
@@ -93,8 +94,23 @@ def _setup():
             return False
         return p == work or p.startswith(work + os.sep)
 
+    # without reads, only the work dir and the Python installation itself (imports) can be opened
+    import sysconfig
+    py_roots = {os.path.realpath(p) for k, p in sysconfig.get_paths().items()
+                if k in ("stdlib", "platstdlib", "purelib", "platlib") and p}
+    def readable(path):
+        if inside(path):
+            return True
+        try:
+            p = os.path.realpath(os.fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return any(p.startswith(r + os.sep) for r in py_roots)
+
     real_open = _io.open
     def guarded_open(file, mode="r", *args, **kwargs):
+        if not allow_reads and not readable(file):
+            raise PermissionError(f"sandbox: reading {file!r} outside the sandbox directory is not allowed")
         if any(c in mode for c in "wax+") and not inside(file):
             raise PermissionError(f"sandbox: writing {file!r} outside the sandbox directory is not allowed")
         return real_open(file, mode, *args, **kwargs)
@@ -111,6 +127,8 @@ def _setup():
     real_os_open = posix.open
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     def guarded_os_open(path, flags, *args, **kwargs):
+        if not allow_reads and (kwargs.get("dir_fd") is not None or not readable(path)):
+            raise PermissionError(f"sandbox: reading {path!r} outside the sandbox directory is not allowed")
         if (flags & write_flags) and (kwargs.get("dir_fd") is not None or not inside(path)):
             raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory is not allowed")
         return real_os_open(path, flags, *args, **kwargs)
@@ -185,10 +203,13 @@ def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
 
 
 def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256, stdin: str | None = None,
-               timeout: float | None = None, max_output_bytes: int = MAX_OUTPUT_BYTES) -> SandboxResult:
+               timeout: float | None = None, max_output_bytes: int = MAX_OUTPUT_BYTES,
+               allow_reads: bool = True) -> SandboxResult:
     """Run `code` as a fresh limited Python process in a throwaway directory. Never raises for bad code.
 
-    `timeout` is an alias of `timeout_s`. `memory_mb` <= 0 disables the address-space limit.
+    `timeout` is an alias of `timeout_s`. `memory_mb` <= 0 disables the address-space limit. With
+    `allow_reads=False` the code's own open()/os.open() calls cannot read outside its directory either (the chat
+    tool); imports still work because the interpreter loads modules through its internal FileIO.
     """
     if timeout is not None:
         timeout_s = timeout
@@ -202,7 +223,7 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256, stdin
         (root / "stdin").write_text(stdin or "", encoding="utf-8")
         cpu_s = max(1, int(timeout_s) + 1)
         cmd = [sys.executable, "-I", "-B", str(root / "guard.py"), str(work), str(int(memory_mb)), str(cpu_s),
-               str(FILE_SIZE_LIMIT), str(root / "main.py")]
+               str(FILE_SIZE_LIMIT), str(root / "main.py"), "1" if allow_reads else "0"]
         timed_out = False
         with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, \
                 open(root / "stderr", "wb") as ferr:
@@ -279,7 +300,7 @@ def run_expression(expr: str, timeout_s: float = 2.0, max_chars: int = 500) -> s
         return None
     if _ARITH.fullmatch(expr):
         expr = expr.replace(",", "")
-    result = run_python(_EXPR_RUNNER.format(src=expr), timeout_s=timeout_s, memory_mb=256)
+    result = run_python(_EXPR_RUNNER.format(src=expr), timeout_s=timeout_s, memory_mb=256, allow_reads=False)
     if not result.ok:
         return None
     out = result.stdout.strip()

@@ -159,3 +159,15 @@ def test_run_expression_tool():
 def test_guards_cannot_be_lifted_the_obvious_way(code):
     r = run_python(code)
     assert not r.ok and "not allowed" in r.stderr
+
+
+def test_chat_tool_cannot_read_files_outside_its_directory():
+    from picochat.sandbox import run_expression, run_python
+
+    assert run_expression('open("/etc/hostname").read()') is None
+    assert run_expression("import os; os.open('/etc/hostname', os.O_RDONLY)") is None
+    # the tool still computes, imports included
+    assert run_expression("import math; math.sqrt(16)") == "4.0"
+    assert run_expression("'strawberry'.count('r')") == "3"
+    # HumanEval-style code keeps read access (its default)
+    assert run_python('print(len(open("/etc/hostname").read()) > 0)').stdout.strip() == "True"
