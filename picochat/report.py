@@ -24,6 +24,7 @@ STAGES = [("base", "Pretraining (base)"), ("mid", "Midtraining"), ("sft", "SFT")
 SOURCES = ["base", "mid", "sft", "rl"]
 # summary rows: (label, [keys to look for in eval results])
 SUMMARY_ROWS = [
+    ("val bpb", ["val_bpb"]),
     ("CORE", ["core", "CORE"]),
     ("ARC-Easy", ["arc_easy", "ARC-Easy"]),
     ("ARC-Challenge", ["arc_challenge", "ARC-Challenge"]),
@@ -31,7 +32,8 @@ SUMMARY_ROWS = [
     ("GSM8K", ["gsm8k", "GSM8K"]),
     ("HumanEval", ["humaneval", "HumanEval"]),
     ("SpellingBee", ["spellingbee", "SpellingBee"]),
-    ("Synth (embedded eval)", ["synth", "Synth"]),
+    ("Synth MC, held-out facts", ["synth_mc"]),
+    ("Synth arithmetic (tool)", ["synth_gen"]),
     ("ChatCORE", ["chatcore", "ChatCORE"]),
 ]
 
@@ -114,6 +116,20 @@ def collect_evals(run_dir: Path) -> dict[str, dict[str, float]]:
             continue
         _flatten_scores(_read_json(p), out[m.group(1)])
     return out
+
+
+def _add_flops(records: list[dict[str, Any]], header: dict[str, Any]) -> None:
+    """Training FLOPs so far for each pretraining record (tokens x FLOPs/token from the run header), and MFU in %."""
+    derived = header.get("derived") or {}
+    fpt, batch = derived.get("flops_per_token"), derived.get("total_batch_size")
+    for r in records:
+        if isinstance(r.get("mfu"), (int, float)) and 0 < r["mfu"] <= 1.0:
+            r["mfu"] = 100.0 * r["mfu"]
+        if fpt and _get(r, "flops") is None and isinstance(r.get("step"), (int, float)):
+            tokens = r.get("tokens") if isinstance(r.get("tokens"), (int, float)) else (
+                r["step"] * batch if batch else None)
+            if tokens:
+                r["total_flops"] = float(tokens) * float(fpt)
 
 
 def _nvidia_driver() -> str | None:
@@ -267,6 +283,7 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
     headers = {s: _read_json(rdir / s / "run.json") for s, _ in STAGES}
     records = {s: read_jsonl(rdir / s / "metrics.jsonl") for s, _ in STAGES}
     evals = collect_evals(rdir)
+    _add_flops(records.get("base", []), headers.get("base", {}))
     env = next((h.get("env") for h in headers.values() if h.get("env")), None) or {}
     if not env:
         from picochat.runtime import environment_info
@@ -300,7 +317,7 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
     else:
         lines.append("_No evaluation results yet._")
-    stage_times = {k: v.get("seconds", 0.0) for k, v in speed.get("stages", {}).items()}
+    stage_times = {k: v.get("seconds", 0.0) for k, v in speed.get("stages", {}).items() if v.get("status")}
     total = sum(stage_times.values())
     if total:
         lines += ["", f"Total wall time (all stages): **{_fmt_seconds(total)}**"]
