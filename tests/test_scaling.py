@@ -60,6 +60,6 @@ def test_momentum_and_wd_schedules():
 
 
 def test_device_batch_defaults():
-    assert scaling.device_batch_size(12) == 32 and scaling.device_batch_size(20) == 32
+    assert scaling.device_batch_size(12) == 32 and scaling.device_batch_size(20) == 16
     assert scaling.device_batch_size(24) == 16 and scaling.device_batch_size(32) == 8
-    assert scaling.device_batch_size(20, sequence_len=1024) == 64
+    assert scaling.device_batch_size(20, sequence_len=1024) == 32
