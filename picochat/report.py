@@ -165,23 +165,23 @@ def make_plots(run_dir: Path, stage_records: dict[str, list[dict[str, Any]]]) ->
         tmp.replace(path)
         plots.append((title, path))
 
-    base = stage_records.get("base", [])
-    # training loss per stage vs step
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drew = False
-    for stage, label in STAGES:
-        xs, ys = series(stage_records.get(stage, []), "loss")
-        if xs:
+    def per_stage_plot(metric: str, ylabel: str, title: str, name: str, caption: str, size: tuple) -> None:
+        """One line per training stage that logged `metric`; no file when none did."""
+        lines = [(label, series(stage_records.get(stage, []), metric)) for stage, label in STAGES]
+        lines = [(label, xy) for label, xy in lines if xy[0]]
+        if not lines:
+            return
+        fig, ax = plt.subplots(figsize=size)
+        for label, (xs, ys) in lines:
             ax.plot(xs, ys, label=label, lw=1)
-            drew = True
-    if drew:
         ax.set_xlabel("step")
-        ax.set_ylabel("train loss")
-        ax.set_title("Training loss")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend()
-        save(fig, "loss.png", "Training loss vs step")
-    else:
-        plt.close(fig)
+        save(fig, name, caption)
+
+    base = stage_records.get("base", [])
+    per_stage_plot("loss", "train loss", "Training loss", "loss.png", "Training loss vs step", (7, 4))
     # val bpb vs step and vs FLOPs
     xs, ys = series(base, "val_bpb")
     if xs:
@@ -234,22 +234,7 @@ def make_plots(run_dir: Path, stage_records: dict[str, list[dict[str, Any]]]) ->
         ax.set_xlabel("step")
         ax.set_title("Pretraining throughput")
         save(fig, "throughput.png", "Throughput (tokens/s) and MFU")
-    # learning rate
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    drew = False
-    for stage, label in STAGES:
-        xs, ys = series(stage_records.get(stage, []), "lr")
-        if xs:
-            ax.plot(xs, ys, label=label, lw=1)
-            drew = True
-    if drew:
-        ax.set_xlabel("step")
-        ax.set_ylabel("LR multiplier")
-        ax.set_title("Learning-rate schedule")
-        ax.legend()
-        save(fig, "lr.png", "Learning-rate schedule")
-    else:
-        plt.close(fig)
+    per_stage_plot("lr", "LR multiplier", "Learning-rate schedule", "lr.png", "Learning-rate schedule", (7, 3.5))
     return plots
 
 

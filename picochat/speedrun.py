@@ -50,16 +50,12 @@ class Preset:
     stages: tuple[str, ...] = ("data", "tokenizer", "pretrain", "base_eval", "midtrain", "sft", "chat_eval",
                                "report")
     stage_args: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # for --dry-run estimates
-    seq_len: int = 2048
-    total_batch_size: int = 524288
-    num_iterations: int | None = None   # None = derived by the depth dial (scaling.py)
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", what="a few-million-parameter model on the embedded synthetic corpus; minutes on any CPU",
-        depth=4, data="synth", vocab_size=2048, seq_len=256, total_batch_size=4096, num_iterations=450,
+        depth=4, data="synth", vocab_size=2048,
         stage_args={
             "pretrain": {"preset": "tiny"},
             "base_eval": {"bpb": True, "samples": True, "eval-tokens": 32768},
@@ -439,12 +435,6 @@ def mc_params(mc) -> int:
         return GPT(mc).num_params()
 
 
-def mc_scaling(mc) -> int:
-    from picochat.model import num_scaling_params
-
-    return num_scaling_params(mc)
-
-
 def _fmt_time(s: float) -> str:
     if s < 120:
         return f"{s:.0f}s"
@@ -642,8 +632,3 @@ def cli_main(args: argparse.Namespace) -> int:
         return int(result.get("rc") or 1)
     return 0
 
-
-def run_dir_for_tests(run: str) -> Path:
-    from picochat.runtime import run_dir
-
-    return run_dir(run)

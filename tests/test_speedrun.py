@@ -8,6 +8,7 @@ import pytest
 
 from picochat import speedrun
 from picochat.config import UserError
+from picochat.runtime import run_dir
 
 
 def test_default_preset_follows_hardware():
@@ -96,7 +97,7 @@ def test_failed_stage_is_recorded_and_rerun(tmp_path, monkeypatch):
     res = speedrun.run(cfg)
     assert "failed_stage" not in res
     assert calls == ["pretrain", "base_eval"]  # data and tokenizer were done
-    state = json.loads((speedrun.run_dir_for_tests("r") / "speedrun.json").read_text())
+    state = json.loads((run_dir("r") / "speedrun.json").read_text())
     assert all(state["stages"][s]["status"] == "done" for s in ("data", "tokenizer", "pretrain", "base_eval"))
     # changing a stage's inputs re-runs it and everything downstream of it
     calls.clear()
@@ -113,5 +114,5 @@ def test_force_restart_needs_confirmation(monkeypatch):
         speedrun.run(speedrun.SpeedrunConfig(preset="tiny", run="fr", stages="data", force_restart=True))
     t0 = time.time()
     speedrun.run(speedrun.SpeedrunConfig(preset="tiny", run="fr", stages="data", force_restart=True, yes=True))
-    state = json.loads((speedrun.run_dir_for_tests("fr") / "speedrun.json").read_text())
+    state = json.loads((run_dir("fr") / "speedrun.json").read_text())
     assert state["started"] >= t0
