@@ -69,15 +69,25 @@ def polar_express(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = N
 
 
 def muon_math(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, v: torch.Tensor | None, lr: torch.Tensor,
-              wd: torch.Tensor, momentum: torch.Tensor, beta2: float, ortho_dtype: torch.dtype) -> None:
+              wd: torch.Tensor, momentum: torch.Tensor, beta2: float, ortho_dtype: torch.dtype,
+              equilibrate: bool = True, rescale: bool = True) -> None:
     """In-place Muon step on a stack of matrices p, g, buf: (R, m, n); v: NorMuon second moment or None.
 
     lr already includes the shape factor. Hyperparameters are 0-D tensors so a compiled version never recompiles
-    when the schedules change them.
+    when the schedules change them. `equilibrate` (MuonEq, arXiv 2603.28254) scales every row of the momentum to
+    the mean row norm before orthogonalising; `rescale` (Muon+, arXiv 2602.21545) sets the orthogonalised update's
+    Frobenius norm to sqrt(min(m, n)), the norm of an exact polar factor: after 5 Polar Express steps the small
+    singular values of a low-stable-rank gradient are still well below 1, which shrinks the step.
     """
     buf.lerp_(g, 1 - momentum)
     g = g.lerp(buf, momentum)
+    if equilibrate:
+        rows = g.norm(dim=-1, keepdim=True)
+        g = g * (rows.mean(dim=-2, keepdim=True) / rows.clamp_min(1e-12))
     u = polar_express(g, dtype=ortho_dtype).float()
+    if rescale:
+        target = math.sqrt(min(u.size(-2), u.size(-1)))
+        u = u * (target / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
     if v is not None:
         norm = u.norm(dim=(-2, -1), keepdim=True)
         reduce_dim = -1 if u.size(-2) >= u.size(-1) else -2
@@ -354,7 +364,8 @@ class MuonAdamW:
                 self._muon_fn(local_p, g, b.state["momentum"], b.state.get("second_moment"),
                               self._hparam(f"lr{id(b)}", shape_lr), self._hparam(f"wd{id(b)}", group["weight_decay"]),
                               self._hparam(f"mom{id(b)}", group["momentum"]), float(group.get("beta2") or 0.0),
-                              self.ortho_dtype)
+                              self.ortho_dtype, bool(group.get("equilibrate", False)),
+                              bool(group.get("rescale", False)))
                 if self.world > 1:
                     full = b.buffer
                     assert full is not None
@@ -477,7 +488,7 @@ def _rows_from_pieces(pieces: list[dict[str, Any]], key: str, rows: tuple[int, i
 def gpt_param_groups(model: torch.nn.Module, *, matrix_lr: float, embedding_lr: float, value_embed_lr: float,
                      unembedding_lr: float, resid_lr: float, x0_lr: float, lr_scale: float = 1.0,
                      width_scale: float = 1.0, muon_weight_decay: float = 0.0, normuon_beta2: float | None = 0.9,
-                     ) -> list[dict[str, Any]]:
+                     muon_eq: bool = False, muon_plus: bool = True) -> list[dict[str, Any]]:
     """Group the GPT's parameters (nanochat.md 3.3): Muon for block matrices; AdamW per kind with its own betas.
 
     lr_scale is sqrt(B / 2^19) (all groups); width_scale is (d_model / 768)^-0.5 (embeddings and lm_head).
@@ -506,7 +517,8 @@ def gpt_param_groups(model: torch.nn.Module, *, matrix_lr: float, embedding_lr: 
                     eps=1e-10, weight_decay=wd)
 
     groups = [dict(kind="muon", params=[p for _, p in muon], names=[n for n, _ in muon], lr=matrix_lr * lr_scale,
-                   momentum=0.95, beta2=normuon_beta2, weight_decay=muon_weight_decay),
+                   momentum=0.95, beta2=normuon_beta2, weight_decay=muon_weight_decay,
+                   equilibrate=muon_eq, rescale=muon_plus),
               adamw(wte, embedding_lr * width_scale * lr_scale, (0.8, 0.995), 0.001),
               adamw(head, unembedding_lr * width_scale * lr_scale, (0.8, 0.96), 0.01),
               adamw(resid, resid_lr * lr_scale, (0.8, 0.95), 0.05),

@@ -77,6 +77,10 @@ class PretrainConfig:
     lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0 = sqrt(batch / 2^19))"})
     weight_decay: float = field(default=-1.0, metadata={"help": "Muon weight decay (negative = T_epoch rule)"})
     normuon: bool = field(default=True, metadata={"help": "NorMuon variance reduction in Muon"})
+    muon_eq: bool = field(default=False, metadata={"help": "MuonEq: equalise the momentum's row norms before "
+                                                          "orthogonalising"})
+    muon_plus: bool = field(default=True, metadata={"help": "Muon+: rescale the orthogonalised update to the "
+                                                            "norm of an exact polar factor"})
     warmup_steps: int = 40
     warmdown_frac: float = 0.65
     final_lr_frac: float = 0.05
@@ -257,7 +261,8 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan, comp
                            value_embed_lr=cfg.value_embed_lr, unembedding_lr=cfg.unembedding_lr,
                            resid_lr=cfg.resid_lr, x0_lr=cfg.x0_lr, lr_scale=plan.lr_scale,
                            width_scale=scaling.width_scale(plan.model_config.n_embd),
-                           muon_weight_decay=plan.muon_weight_decay, normuon_beta2=0.9 if cfg.normuon else None)
+                           muon_weight_decay=plan.muon_weight_decay, normuon_beta2=0.9 if cfg.normuon else None,
+                           muon_eq=cfg.muon_eq, muon_plus=cfg.muon_plus)
 
 
 def apply_schedules(opt: Any, cfg: PretrainConfig, step: int, total: int) -> float:
