@@ -191,5 +191,48 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     return _sdpa(q, k, v, mask=window_mask(Tq, Tk, q_offset, window, q.device), enable_gqa=gqa)
 
 
+def decode_attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
+                     npre: torch.Tensor, pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """One decode query per row against a prompt cache shared by all rows plus each row's generated cache.
+
+    q (B, Hkv, G, D) (G query heads per KV head); kp/vp (P, Hkv, D): the prompt, valid below `npre`; ks/vs
+    (B, S, Hkv, D): generated tokens, index j at absolute position npre + j, valid up to `pos` (the query's
+    position, whose k/v is already written). npre/pos are 1-element device tensors so a CUDA graph can replay
+    this for any prompt length. On CUDA: the split-KV Triton kernel (picochat.kernels); otherwise (or with
+    PICOCHAT_ATTN=math) the SDPA reference below, which says so once on CUDA.
+    """
+    from picochat import kernels
+
+    forced = _forced()
+    if forced != "math" and kernels.supports(q):
+        if ("decode", "triton") not in _announced and not torch.compiler.is_compiling():
+            _announced.add(("decode", "triton"))
+            from picochat.runtime import print0
+
+            print0("[attention] decode: Triton split-KV kernel over the shared prompt cache")
+        return kernels.decode_attention(q, kp, vp, ks, vs, npre, pos, window)
+    if q.is_cuda and ("decode", "sdpa") not in _announced:
+        _announced.add(("decode", "sdpa"))
+        why = "forced by PICOCHAT_ATTN" if forced == "math" else "triton missing or unsupported head dim/dtype"
+        warnings.warn(f"[attention] decode: SDPA reference path ({why}); slower than the Triton kernel")
+    return decode_attention_reference(q, kp, vp, ks, vs, npre, pos, window)
+
+
+def decode_attention_reference(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ks: torch.Tensor,
+                               vs: torch.Tensor, npre: torch.Tensor, pos: torch.Tensor,
+                               window: int | None = None) -> torch.Tensor:
+    """`decode_attention` with plain SDPA over the prompt broadcast to every row (the definition; CPU path)."""
+    B, Hkv, G, D = q.shape
+    P, S = kp.shape[0], ks.shape[1]
+    k = torch.cat([kp.unsqueeze(0).expand(B, P, Hkv, D), ks], dim=1).transpose(1, 2)
+    v = torch.cat([vp.unsqueeze(0).expand(B, P, Hkv, D), vs], dim=1).transpose(1, 2)
+    jp = torch.arange(P, device=q.device)
+    kpos = torch.cat([jp, npre + torch.arange(S, device=q.device)])
+    ok = (kpos <= pos) & torch.cat([jp < npre, torch.ones(S, dtype=torch.bool, device=q.device)])
+    if window is not None:
+        ok = ok & (pos - kpos < window)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=ok.view(1, 1, 1, -1))
+
+
 def warn_slow_path(message: str) -> None:
     warnings.warn(f"[attention] {message}", stacklevel=2)

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from picochat.model import GPT, apply_rotary, rms_norm
+from picochat import attention
+from picochat.model import GPT, KVCache, apply_rotary, rms_norm
 
 CACHE_BUCKET = 256  # decode caches are allocated in multiples of this many positions
 
@@ -152,18 +153,32 @@ def parts_to_text(parts: list[dict[str, str]]) -> str:
 
 @dataclass
 class _Slot:
-    """Static buffers for one (batch, T_cap) shape: the decode cache and the CUDA graph that reads/writes it."""
+    """Static buffers for one (batch, prompt capacity, generation capacity) shape and the CUDA graphs using them.
 
-    k: torch.Tensor            # (L, B, Hkv, T_cap, D)
-    v: torch.Tensor
+    The prompt's keys/values are stored once (`prefix`, a batch-1 model KVCache) and shared by every row; each row
+    has its own cache for the tokens it generates (`ks`/`vs`). Decode attention reads both (attention.py)."""
+
+    prefix: KVCache            # (L, 1, P_cap, Hkv, D): filled by the prefill
+    ks: torch.Tensor           # (L, B, S_cap, Hkv, D): generated tokens, index = position - npre
+    vs: torch.Tensor
     tok: torch.Tensor          # (B, 1) int64: the tokens fed at this step
-    pos: torch.Tensor          # (1,) int64: their position (= tokens already in the cache)
+    pos: torch.Tensor          # (1,) int64: their absolute position
+    npre: torch.Tensor         # (1,) int64: prompt length
     logits: torch.Tensor | None = None
     graph: Any = None
+    prefill_ids: torch.Tensor | None = None   # (1, P_cap) int64, the padded prompt
+    prefill_last: torch.Tensor | None = None  # (1,) int64, index of the prompt's last token
+    prefill_logits: torch.Tensor | None = None
+    prefill_graph: Any = None
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(cap, max(1, math.ceil(n / CACHE_BUCKET)) * CACHE_BUCKET)
 
 
 class _GPTDecoder:
-    """Prefill with `GPT.forward`, decode with a functional, CUDA-graph-friendly copy of it over a static cache."""
+    """Prefill with `GPT.forward` (captured in a CUDA graph per prompt bucket on GPU), decode with a functional,
+    CUDA-graph-friendly copy of the forward over static caches."""
 
     def __init__(self, model: GPT, cuda_graph: bool, compile: bool):
         self.model = model
@@ -172,10 +187,11 @@ class _GPTDecoder:
         self.device = model.wte.weight.device
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.max_len = model.rotary_len
-        self.slots: collections.OrderedDict[tuple[int, int], _Slot] = collections.OrderedDict()
+        self.slots: collections.OrderedDict[tuple[int, int, int], _Slot] = collections.OrderedDict()
         self.max_slots = 2 if self.device.type == "cuda" else 1
         self.slot: _Slot | None = None
         self.mode = "cuda-graph" if self.cuda_graph else "eager"
+        self.qkv = _fuse_qkv(model)
         self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
         if compile and self.device.type == "cuda":
             try:
@@ -198,16 +214,9 @@ class _GPTDecoder:
         m = self.model
         dt = m.compute_dtype
         idx = s.tok
-        T = s.k.shape[3]
         cos = m.cos.index_select(1, s.pos).to(dt)
         sin = m.sin.index_select(1, s.pos).to(dt)
-        # additive masks over the whole static cache: key j is visible when j <= pos (and pos - j < window)
-        kpos = torch.arange(T, device=idx.device)
-        dist = s.pos - kpos
-        masks: dict[int | None, torch.Tensor] = {}
-        for w in set(m.window_sizes):
-            ok = dist >= 0 if w is None else (dist >= 0) & (dist < w)
-            masks[w] = torch.zeros(T, dtype=dt, device=idx.device).masked_fill(~ok, float("-inf"))
+        sidx = s.pos - s.npre  # where this token goes in the rows' own caches
         x = rms_norm(m.wte(idx).to(dt))
         x0 = x
         B, H, Hkv, D = idx.shape[0], self.n_head, self.n_kv_head, self.head_dim
@@ -215,24 +224,28 @@ class _GPTDecoder:
             a = block.attn
             ve = m.value_embeds[str(i)](idx) if str(i) in m.value_embeds else None
             gate_w = a.ve_gate.weight if a.ve_gate is not None else None
-            x, q, k, v = self._pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], a.c_q.weight, a.c_k.weight,
-                                   a.c_v.weight, ve, gate_w, cos, sin, H, Hkv, D)
-            # (B, 1, Hkv, D) -> the cache's (B, Hkv, T, D) at position pos
-            s.k[i].index_copy_(2, s.pos, k.transpose(1, 2))
-            s.v[i].index_copy_(2, s.pos, v.transpose(1, 2))
-            # GQA without repeating the cache: the G query heads of a kv head play the role of G query positions
-            qg = q.view(B, Hkv, H // Hkv, D)
-            mask = masks[m.window_sizes[i]].view(1, 1, 1, T).expand(B, Hkv, H // Hkv, T)
-            y = _masked_sdpa(qg, s.k[i], s.v[i], mask)
+            wq, wk, wv = self.qkv[i] if self.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
+            x, q, k, v = self._pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin,
+                                   H, Hkv, D)
+            s.ks[i].index_copy_(1, sidx, k)
+            s.vs[i].index_copy_(1, sidx, v)
+            # GQA without repeating anything: a KV head's G query heads are G query rows of the kernel
+            y = attention.decode_attention(q.view(B, Hkv, H // Hkv, D), s.prefix.k[i, 0], s.prefix.v[i, 0],
+                                           s.ks[i], s.vs[i], s.npre, s.pos, m.window_sizes[i])
             x = self._post(x, y.reshape(B, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)
         s.pos.add_(1)
         return self._head(x, m.lm_head.weight, m.config.vocab_size, m.config.softcap)
 
+    def _prefill_forward(self, s: _Slot, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The prompt (padded or not) through `GPT.forward` into `s.prefix`; logits (1, V) at index `last`."""
+        s.prefix.reset()
+        logits = self.model(ids, kv_cache=s.prefix)
+        return logits.index_select(1, last).view(1, -1)
+
     # -- slots and graphs -----------------------------------------------------------------------------------------
 
-    def _get_slot(self, batch: int, need: int) -> _Slot:
-        t_cap = min(self.max_len, math.ceil(need / CACHE_BUCKET) * CACHE_BUCKET)
-        key = (batch, t_cap)
+    def _get_slot(self, batch: int, p_cap: int, s_cap: int) -> _Slot:
+        key = (batch, p_cap, s_cap)
         if key in self.slots:
             self.slots.move_to_end(key)
             return self.slots[key]
@@ -241,34 +254,50 @@ class _GPTDecoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         c = self.model.config
-        shape = (c.n_layer, batch, c.n_kv_head, t_cap, c.head_dim)
         dt = self.model.compute_dtype
-        s = _Slot(k=torch.zeros(shape, dtype=dt, device=self.device), v=torch.zeros(shape, dtype=dt, device=self.device),
+        shape = (c.n_layer, batch, s_cap, c.n_kv_head, c.head_dim)
+        s = _Slot(prefix=self.model.kv_cache(1, p_cap, dtype=dt, device=self.device),
+                  ks=torch.zeros(shape, dtype=dt, device=self.device), vs=torch.zeros(shape, dtype=dt, device=self.device),
                   tok=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
-                  pos=torch.zeros(1, dtype=torch.long, device=self.device))
+                  pos=torch.zeros(1, dtype=torch.long, device=self.device),
+                  npre=torch.zeros(1, dtype=torch.long, device=self.device))
         if self.cuda_graph:
             self._capture(s)
         self.slots[key] = s
         return s
 
-    def _capture(self, s: _Slot) -> None:
-        """Warm up (compiles, cuBLAS handles) on a side stream, then capture one decode step into a CUDA graph."""
-        s.pos.fill_(s.k.shape[3] - 1)  # scratch position: the graph is captured before any real data is written
+    def _graph(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """Warm up `fn` (compiles, cuBLAS handles) on a side stream, then capture it into a CUDA graph."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other replicas (threads) may use their GPUs while this one captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
+            out = fn()
+        return graph, out
+
+    def _capture(self, s: _Slot) -> None:
+        """Capture the slot's decode step and its (padded, full-capacity) prefill. Scratch positions are used:
+        the graphs are captured before any real data is written."""
+        p_cap = s.prefix.max_len
+
+        def decode() -> torch.Tensor:
+            s.npre.fill_(p_cap)
+            s.pos.fill_(p_cap)
+            return self._step(s)
+
         try:
-            with torch.cuda.stream(stream), torch.no_grad():
-                for _ in range(2):
-                    s.pos.fill_(s.k.shape[3] - 1)
-                    self._step(s)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            s.pos.fill_(s.k.shape[3] - 1)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other replicas (threads) may use their GPUs while this one captures
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
-                s.logits = self._step(s)
-            s.graph = graph
+            s.graph, s.logits = self._graph(decode)
+            s.prefill_ids = torch.zeros(1, p_cap, dtype=torch.long, device=self.device)
+            s.prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
+            s.prefill_graph, s.prefill_logits = self._graph(
+                lambda: self._prefill_forward(s, s.prefill_ids, s.prefill_last))
         except Exception as e:
+            s.graph = s.prefill_graph = None
             if self._pre is not _attn_pre:  # the compiled pieces failed: retry with plain kernels in the graph
                 warnings.warn(f"[engine] compiled decode failed to capture ({type(e).__name__}: {e}); "
                               f"using the CUDA graph without torch.compile")
@@ -280,22 +309,26 @@ class _GPTDecoder:
             torch.cuda.synchronize(self.device)
             self.cuda_graph = False
             self.mode = "eager"
-            s.graph = None
 
     # -- public ---------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def prefill(self, prompt: list[int], batch: int, need: int) -> torch.Tensor:
-        """Run the prompt once, broadcast its cache into `batch` rows; returns last-position logits (batch, V)."""
-        m = self.model
+        """Run the prompt once into the shared prompt cache; returns last-position logits (batch, V).
+        `need` = positions the whole generation spans (prompt + fed tokens)."""
         n = len(prompt)
-        s = self._get_slot(batch, need)
-        pre = m.kv_cache(1, n)
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = m(ids, kv_cache=pre)[:, -1]
-        # model cache (L, 1, n, Hkv, D) -> decode cache (L, B, Hkv, n, D)
-        s.k[:, :, :, :n] = pre.k.permute(0, 1, 3, 2, 4)
-        s.v[:, :, :, :n] = pre.v.permute(0, 1, 3, 2, 4)
+        s = self._get_slot(batch, _bucket(n, self.max_len), _bucket(max(1, need - n), self.max_len))
+        if s.prefill_graph is not None:
+            # padded to the slot's capacity: positions >= n only write cache entries that decode never reads
+            s.prefill_ids.zero_()
+            s.prefill_ids[0, :n].copy_(torch.tensor(prompt, dtype=torch.long), non_blocking=True)
+            s.prefill_last.fill_(n - 1)
+            s.prefill_graph.replay()
+            logits = s.prefill_logits
+        else:
+            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            logits = self._prefill_forward(s, ids, torch.tensor([n - 1], device=self.device))
+        s.npre.fill_(n)
         s.pos.fill_(n)
         self.slot = s
         return logits.expand(batch, -1)
@@ -312,25 +345,40 @@ class _GPTDecoder:
         return self._step(s)
 
 
-def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    # pinned to the memory-efficient kernel (masks, graph-capturable, one launch); math as the last resort
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def _fuse_qkv(model: GPT) -> list[tuple[torch.Tensor, None, None]] | None:
+    """For an inference-only model (bf16, no grads: `prepare_model`), re-point each layer's c_q/c_k/c_v weights
+    into one contiguous (q|k|v) tensor so decode runs one GEMV per layer instead of three (no extra memory: the
+    parameters become views of it). Training models (RL decodes with one) are left alone."""
+    if model.wte.weight.device.type != "cuda" or any(p.requires_grad for p in model.parameters()):
+        return None
+    fused = []
+    with torch.no_grad():
+        for block in model.blocks:
+            a = block.attn
+            ws = (a.c_q.weight, a.c_k.weight, a.c_v.weight)
+            w = torch.cat([t.data for t in ws])
+            lo = 0
+            for t in ws:
+                t.data = w[lo:lo + t.shape[0]]
+                lo += t.shape[0]
+            fused.append((w, None, None))
+    return fused
 
 
 def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):
-    """Residual mix, pre-norm, q/k/v projections, value embeds, RoPE and QK-norm for one decode token per row."""
+    """Residual mix, pre-norm, q/k/v projections (wk = wv = None: wq is the fused q|k|v weight), value embeds,
+    RoPE and QK-norm for one decode token per row."""
     dt = x.dtype
     x = lam_r.to(dt) * x + lam_0.to(dt) * x0
     h = rms_norm(x)
     B, T, _ = h.shape
-    q = F.linear(h, wq.to(dt)).view(B, T, H, D)
-    k = F.linear(h, wk.to(dt)).view(B, T, Hkv, D)
-    v = F.linear(h, wv.to(dt)).view(B, T, Hkv, D)
+    if wk is None:
+        q, k, v = F.linear(h, wq.to(dt)).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+    else:
+        q = F.linear(h, wq.to(dt)).view(B, T, H, D)
+        k = F.linear(h, wk.to(dt)).view(B, T, Hkv, D)
+        v = F.linear(h, wv.to(dt)).view(B, T, Hkv, D)
     if ve is not None:
         gate = 2.0 * torch.sigmoid(F.linear(h[..., : gate_w.shape[1]], gate_w.to(dt)))
         v = v + gate.unsqueeze(-1) * ve.to(dt).view(B, T, Hkv, D)

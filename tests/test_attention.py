@@ -78,3 +78,46 @@ def test_cuda_paths_agree():
         ref = _naive(*(t.float().cpu() for t in (q, k, v)), window)
         y = attention.causal_attention(q, k, v, window=window).float().cpu()
         assert torch.allclose(y, ref, atol=3e-2)
+
+
+def _decode_case(B, Hkv, G, D, P, S, n, pos, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    return (r(B, Hkv, G, D), r(P, Hkv, D), r(P, Hkv, D), r(B, S, Hkv, D), r(B, S, Hkv, D),
+            torch.tensor([n], device=device), torch.tensor([pos], device=device))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_reference_is_attention_over_prompt_then_own_tokens(window):
+    """The shared-prompt decode definition = plain causal attention over [prompt, row's generated tokens]."""
+    B, Hkv, G, D, P, S, n, pos = 3, 2, 2, 8, 12, 6, 9, 12  # prompt 9 (capacity 12), 4 generated (index 0..3)
+    q, kp, vp, ks, vs, npre, p = _decode_case(B, Hkv, G, D, P, S, n, pos, "cpu", torch.float32)
+    y = attention.decode_attention_reference(q, kp, vp, ks, vs, npre, p, window)
+    for b in range(B):
+        k = torch.cat([kp[:n], ks[b, : pos - n + 1]])  # (n + 4, Hkv, D): the visible keys in position order
+        v = torch.cat([vp[:n], vs[b, : pos - n + 1]])
+        if window is not None:
+            k, v = k[-window:], v[-window:]
+        for h in range(Hkv):
+            s = q[b, h] @ k[:, h].T / math.sqrt(D)
+            ref = torch.softmax(s, -1) @ v[:, h]
+            torch.testing.assert_close(y[b, h], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("B,Hkv,G,P,S,n,pos,window", [
+    (1, 10, 1, 512, 256, 512, 600, None), (64, 10, 1, 512, 256, 500, 627, None), (8, 2, 4, 256, 256, 37, 37, None),
+    (3, 4, 2, 768, 512, 700, 900, 128), (20, 3, 1, 256, 256, 256, 300, 64)])
+def test_triton_decode_matches_reference(B, Hkv, G, P, S, n, pos, window):
+    from picochat import kernels
+
+    if not kernels.available():
+        pytest.skip("triton missing")
+    q, kp, vp, ks, vs, npre, p = _decode_case(B, Hkv, G, 128, P, S, n, pos, "cuda", torch.bfloat16)
+    y = kernels.decode_attention(q, kp, vp, ks, vs, npre, p, window)
+    ref = attention.decode_attention_reference(q.float(), kp.float(), vp.float(), ks.float(), vs.float(), npre, p,
+                                               window)
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
