@@ -217,14 +217,13 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
 
     meta.json must hold "model_config" (GPTConfig fields) and "tokenizer_dir".
     """
-    from picochat.config import from_dict
     from picochat.model import GPTConfig, build_model
     from picochat.tokenizer import Tokenizer
 
     meta = read_meta(ckpt)
     if "model_config" not in meta:
         raise UserError(f"{ckpt}/meta.json: no model_config; this checkpoint cannot be loaded as a model")
-    cfg = from_dict(GPTConfig, meta["model_config"])
+    cfg = GPTConfig.from_saved(meta["model_config"])
     tok = Tokenizer.load(meta["tokenizer_dir"], expect_vocab_size=cfg.vocab_size)
     model = build_model(cfg, device=device)
     state = load_model_state(ckpt, map_location=device)

@@ -4,6 +4,7 @@ Architecture (each choice measured by nanochat/modded-nanogpt; see README "Model
 - token embedding -> RMSNorm -> n_layer x [pre-norm attention, pre-norm ReLU^2 MLP] -> RMSNorm -> untied lm_head
 - RoPE (base 100k), QK-norm, parameter-free RMSNorm, no biases, optional GQA, optional sliding windows per layer
 - value embeddings on alternating layers (ResFormer, arXiv 2410.17897) and per-layer residual scalars
+- optional smear (gated previous-token embedding) and backout (subtract part of the mid-depth residual)
 - logits soft-capped at 15 in fp32; vocab padded to a multiple of 64 (tensor cores, sharded optimizers)
 
 Build it on the meta device, move it with `to_empty`, then call `init_weights()`: `__init__` values are not the init.
@@ -35,6 +36,17 @@ class GPTConfig:
     value_embeds: bool = True   # ResFormer value embeddings on alternating layers
     softcap: float = 15.0
     rope_base: float = 100_000.0
+    # nanochat HEAD, autoresearch round 2 (nanochat.md 2.1): both measured as val-loss gains there
+    smear: bool = False         # x_t += lambda * sigmoid(W_s x_t[:24]) * x_{t-1} on the normed embeddings
+    backout: bool = False       # before the final norm: x -= lambda * (residual after block n_layer // 2)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "GPTConfig":
+        """Rebuild a saved config (checkpoint meta). A feature flag missing from it predates the feature, so it is
+        off whatever today's default is; other missing keys take the defaults, unknown keys are ignored."""
+        from picochat.config import from_dict
+
+        return from_dict(cls, {"smear": False, "backout": False, **d})
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +78,9 @@ class GPTConfig:
     def has_value_embed(self, layer: int) -> bool:
         # alternating layers, always including the last one
         return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
+
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the current token's normed embedding
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -104,14 +119,16 @@ class KVCache:
     """Static preallocated cache: k/v of shape (n_layer, B, max_len, n_kv_head, head_dim); rows share a position.
 
     `pos` is the number of tokens already in the cache. Layers insert as the forward pass goes; the model advances
-    `pos` after the last layer.
+    `pos` after the last layer. `prev_embed` (B, n_embd) is the normed, pre-smear token embedding of the last token
+    inserted (the smear's x_{t-1} for the next call; meaningless while pos == 0).
     """
 
     def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, n_embd: int = 0):
         shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.prev_embed = torch.zeros(batch_size, n_embd, dtype=dtype, device=device)
         self.max_len = max_len
         self.pos = 0
 
@@ -135,6 +152,7 @@ class KVCache:
         n = other.pos
         self.k[:, :, :n] = other.k[:, :, :n]
         self.v[:, :, :n] = other.v[:, :, :n]
+        self.prev_embed.copy_(other.prev_embed.expand_as(self.prev_embed))
         self.pos = n
 
 
@@ -207,6 +225,10 @@ class GPT(nn.Module):
         # per-layer residual scalars: x <- resid_lambda * x + x0_lambda * x0 before each block
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # smear and backout live outside `blocks.` on purpose: the optimizer sends 2-D block params to Muon
+        self.smear_gate = Linear(min(SMEAR_CHANNELS, d), 1) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         self.window_sizes = config.window_sizes()
         self.rotary_len = config.sequence_len * 4
         self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, config.head_dim // 2), persistent=False)
@@ -232,6 +254,8 @@ class GPT(nn.Module):
         | lm_head               | N(0, 0.001)                                   |
         | ve_gate               | U(0, 0.02) (gate ~1.0 at start)               |
         | resid / x0 lambdas    | linearly 1.15 -> 1.05 / 0.20 -> 0.05 by layer |
+        | smear gate / lambda   | U(0, 0.02) / 0 (smear starts off)             |
+        | backout lambda        | 0.2                                           |
         """
         d, L = self.config.n_embd, self.config.n_layer
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
@@ -252,6 +276,11 @@ class GPT(nn.Module):
         frac = torch.linspace(0.0, 1.0, L) if L > 1 else torch.zeros(1)
         self.resid_lambdas.copy_(1.15 - 0.10 * frac)
         self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        if self.smear_gate is not None:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()
+        if self.backout_lambda is not None:
+            self.backout_lambda.fill_(0.2)
         self.init_rotary()
 
     @torch.no_grad()
@@ -283,13 +312,20 @@ class GPT(nn.Module):
         cos = self.cos[:, t0:t0 + T].to(self.compute_dtype)
         sin = self.sin[:, t0:t0 + T].to(self.compute_dtype)
         x = rms_norm(self.wte(idx).to(self.compute_dtype))
+        if self.smear_gate is not None:
+            x = self.smear(x, kv_cache)
         x0 = x
+        x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            if i == self.config.n_layer // 2:
+                x_mid = x
         if kv_cache is not None:
             kv_cache.pos += T
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = rms_norm(x)
         if targets is not None and loss_reduction in ("mean", "sum") and self.fused_loss and torch.is_grad_enabled():
             return fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
@@ -300,6 +336,19 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def smear(self, e: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """e: normed embeddings (B, T, d). e_t + lambda * sigmoid(W_s e_t[:24]) * e_{t-1}; the first token of a
+        sequence gets nothing. With a cache, e_{-1} of this chunk is the cache's prev_embed (then updated)."""
+        gate = self.smear_lambda.to(e.dtype) * torch.sigmoid(self.smear_gate(e[..., : self.smear_gate.in_features]))
+        if kv_cache is None or kv_cache.pos == 0:
+            out = torch.cat([e[:, :1], e[:, 1:] + gate[:, 1:] * e[:, :-1]], dim=1)
+        else:
+            prev = torch.cat([kv_cache.prev_embed.unsqueeze(1).to(e.dtype), e[:, :-1]], dim=1)
+            out = e + gate * prev
+        if kv_cache is not None:
+            kv_cache.prev_embed.copy_(e[:, -1])
+        return out
 
     # ------------------------------------------------------------------------------------------------------------
     # Accounting (from shapes, so it stays right under fp8 or any Linear subclass)
@@ -318,7 +367,7 @@ class GPT(nn.Module):
                  device: torch.device | None = None) -> KVCache:
         c = self.config
         return KVCache(batch_size, max_len, c.n_layer, c.n_kv_head, c.head_dim, dtype or self.compute_dtype,
-                       device or self.wte.weight.device)
+                       device or self.wte.weight.device, n_embd=c.n_embd)
 
 
 def num_scaling_params(c: GPTConfig) -> int:

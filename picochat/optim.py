@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.config import UserError
+from picochat.scaling import SMEAR_LR
 
 # Polar Express coefficients (a, b, c) per iteration for 5 iterations, from arXiv 2505.16932 (safety factor 2e-2,
 # cushion 2); each iteration maps X -> a X + (b A + c A^2) X with A = X X^T.
@@ -488,13 +489,15 @@ def _rows_from_pieces(pieces: list[dict[str, Any]], key: str, rows: tuple[int, i
 def gpt_param_groups(model: torch.nn.Module, *, matrix_lr: float, embedding_lr: float, value_embed_lr: float,
                      unembedding_lr: float, resid_lr: float, x0_lr: float, lr_scale: float = 1.0,
                      width_scale: float = 1.0, muon_weight_decay: float = 0.0, normuon_beta2: float | None = 0.9,
-                     muon_eq: bool = False, muon_plus: bool = True) -> list[dict[str, Any]]:
+                     muon_eq: bool = False, muon_plus: bool = True, smear_lr: float | None = None
+                     ) -> list[dict[str, Any]]:
     """Group the GPT's parameters (nanochat.md 3.3): Muon for block matrices; AdamW per kind with its own betas.
 
-    lr_scale is sqrt(B / 2^19) (all groups); width_scale is (d_model / 768)^-0.5 (embeddings and lm_head).
+    lr_scale is sqrt(B / 2^19) (all groups but smear/backout); width_scale is (d_model / 768)^-0.5 (embeddings and
+    lm_head). smear_lr (default scaling.SMEAR_LR) is fixed: nanochat does not batch-scale that group.
     Any parameter not recognised here is an error, so a new model feature cannot silently go unoptimized.
     """
-    muon, wte, ve, head, resid, x0 = [], [], [], [], [], []
+    muon, wte, ve, head, resid, x0, smear = [], [], [], [], [], [], []
     for name, p in model.named_parameters():
         name = name.removeprefix("_orig_mod.")
         if name.startswith("blocks.") and p.ndim == 2:
@@ -509,6 +512,8 @@ def gpt_param_groups(model: torch.nn.Module, *, matrix_lr: float, embedding_lr: 
             resid.append((name, p))
         elif name == "x0_lambdas":
             x0.append((name, p))
+        elif name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+            smear.append((name, p))
         else:
             raise ValueError(f"gpt_param_groups: no optimizer group for parameter {name!r} {tuple(p.shape)}")
 
@@ -525,6 +530,8 @@ def gpt_param_groups(model: torch.nn.Module, *, matrix_lr: float, embedding_lr: 
               adamw(x0, x0_lr * lr_scale, (0.96, 0.95), 0.0)]
     if ve:
         groups.append(adamw(ve, value_embed_lr * width_scale * lr_scale, (0.8, 0.995), 0.01))
+    if smear:
+        groups.append(adamw(smear, SMEAR_LR if smear_lr is None else smear_lr, (0.8, 0.95), 0.0))
     return [g for g in groups if g["params"]]
 
 

@@ -63,6 +63,9 @@ class PretrainConfig:
     window_pattern: str = field(default="L", metadata={"help": "per-layer S(hort)/L(ong) attention pattern, "
                                                                "tiled; L = full causal (fastest with cuDNN)"})
     value_embeds: bool = True
+    smear: bool = field(default=False, metadata={"help": "smear: add a gated previous-token embedding (nanochat)"})
+    backout: bool = field(default=False, metadata={"help": "backout: subtract a learned fraction of the mid-depth "
+                                                           "residual before the final norm (nanochat)"})
     seq_len: int = 2048
     device_batch_size: int = field(default=0, metadata={"help": "rows per micro-batch per process (0 = by depth)"})
     total_batch_size: int = field(default=0, metadata={"help": "tokens per optimizer step (0 = Power Lines rule)"})
@@ -235,10 +238,11 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     require(cfg.depth >= 1, f"--depth {cfg.depth}: must be >= 1")
     require(cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: must be >= 8")
     mc = scaling.gpt_config(cfg.depth, vocab_size, cfg.seq_len, cfg.head_dim, cfg.window_pattern.upper(),
-                            cfg.value_embeds, cfg.n_kv_head, cfg.aspect_ratio)
+                            cfg.value_embeds, cfg.n_kv_head, cfg.aspect_ratio, smear=cfg.smear, backout=cfg.backout)
     mc.validate()
     d = scaling.derive(cfg.depth, vocab_size, cfg.seq_len, cfg.ratio, cfg.head_dim, cfg.window_pattern.upper(),
-                       cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio)
+                       cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio,
+                       smear=cfg.smear, backout=cfg.backout)
     B = cfg.device_batch_size or scaling.device_batch_size(cfg.depth, cfg.seq_len)
     per_micro = B * cfg.seq_len * world_size
     total = d["total_batch_size"]
@@ -324,13 +328,12 @@ def greedy_samples(model: Any, tok: Any, prompts: list[str], max_tokens: int = 1
 def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: Plan) -> dict[str, Any]:
     """Restore model, optimizer shard(s), loader and RNG from `ckpt`. Returns the rank state (loop info)."""
     from picochat.checkpoint import load_model_state, load_rank_files, read_meta
-    from picochat.config import from_dict
     from picochat.model import GPTConfig
     from picochat.runtime import print0
     from picochat.training import restore_rng_state
 
     meta = read_meta(ckpt)
-    saved_mc = from_dict(GPTConfig, meta.get("model_config", {}))
+    saved_mc = GPTConfig.from_saved(meta.get("model_config", {}))
     if saved_mc != plan.model_config:
         raise UserError(f"{ckpt}: the checkpoint's model ({saved_mc}) differs from this run's "
                         f"({plan.model_config}); use the same flags, a new --run, or --resume never")
@@ -400,7 +403,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     ckpt_root = checkpoints_dir(cfg.run, "base")
     print0(f"[pretrain] run {cfg.run}: {rt.describe()}")
     print0(f"[pretrain] model: depth {mc.n_layer}, d_model {mc.n_embd}, heads {mc.n_head}/{mc.n_kv_head}, "
-           f"vocab {mc.vocab_size}, windows {mc.window_pattern}, value embeds {mc.value_embeds}; "
+           f"vocab {mc.vocab_size}, windows {mc.window_pattern}, value embeds {mc.value_embeds}, "
+           f"smear {mc.smear}, backout {mc.backout}; "
            f"{plan.derived['params_total']:,} params ({plan.derived['params_scaling']:,} scaling)")
     print0(f"[pretrain] batch {plan.total_batch_size:,} tokens = {plan.device_batch_size} x {cfg.seq_len} x "
            f"{rt.world_size} proc x {plan.grad_accum} accum; {plan.num_iterations:,} steps "
@@ -634,6 +638,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-pattern", default="L")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--data", default="random", help="'random' tokens, or a shard directory (needs --tokenizer)")
     parser.add_argument("--tokenizer", default=None)
@@ -651,7 +657,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = PretrainConfig(depth=args.depth, seq_len=args.seq_len, window_pattern=args.window_pattern,
                          head_dim=args.head_dim, value_embeds=args.value_embeds, compile=args.compile,
                          data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                         device_batch_size=args.device_batch_size)
+                         device_batch_size=args.device_batch_size, smear=getattr(args, "smear", False),
+                         backout=getattr(args, "backout", False))
     tok, _ = _load_tokenizer(cfg)
     B = args.device_batch_size or scaling.device_batch_size(args.depth, args.seq_len)
     cfg.device_batch_size = B
@@ -692,7 +699,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         "depth": args.depth, "device": str(rt.device), "gpu": torch.cuda.get_device_name(rt.device)
         if rt.device.type == "cuda" else None, "world_size": rt.world_size, "dtype": str(rt.dtype),
         "compile": compiled, "attention": attention.choose(rt.device, None, args.seq_len),
-        "window_pattern": mc.window_pattern, "seq_len": args.seq_len, "device_batch_size": plan.device_batch_size,
+        "window_pattern": mc.window_pattern, "smear": mc.smear, "backout": mc.backout, "seq_len": args.seq_len,
+        "device_batch_size": plan.device_batch_size,
         "total_batch_size": plan.total_batch_size, "grad_accum": plan.grad_accum, "params": plan.derived["params_total"],
         "flops_per_token": fpt, "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 2),
         "tok_per_s": round(tok_s), "mfu": round(fpt * tok_s / (peak * rt.world_size), 4) if peak else None,

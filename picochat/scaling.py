@@ -37,6 +37,7 @@ VALUE_EMBED_LR = 0.15
 UNEMBEDDING_LR = 0.008
 RESID_LR = 0.005
 X0_LR = 0.5
+SMEAR_LR = 0.2             # smear gate + smear/backout lambdas; fixed, not batch- or width-scaled (nanochat HEAD)
 
 
 def model_dims(depth: int, head_dim: int = HEAD_DIM, aspect_ratio: int = ASPECT_RATIO) -> tuple[int, int, int]:
@@ -51,14 +52,14 @@ def model_dims(depth: int, head_dim: int = HEAD_DIM, aspect_ratio: int = ASPECT_
 
 def gpt_config(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, head_dim: int = HEAD_DIM,
                window_pattern: str = "L", value_embeds: bool = True, n_kv_head: int = 0,
-               aspect_ratio: int = ASPECT_RATIO):
+               aspect_ratio: int = ASPECT_RATIO, smear: bool = False, backout: bool = False):
     """The GPTConfig of a depth. n_kv_head 0 = as many as query heads (MHA)."""
     from picochat.model import GPTConfig
 
     n_layer, d_model, n_head = model_dims(depth, head_dim, aspect_ratio)
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                      n_kv_head=n_kv_head or n_head, n_embd=d_model, window_pattern=window_pattern,
-                     value_embeds=value_embeds)
+                     value_embeds=value_embeds, smear=smear, backout=backout)
 
 
 def scaling_params(depth: int, vocab_size: int = 32768, head_dim: int = HEAD_DIM,
@@ -149,7 +150,7 @@ def weight_decay_multiplier(step: int, total: int) -> float:
 def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio: float = DEFAULT_RATIO,
            head_dim: int = HEAD_DIM, window_pattern: str = "L", value_embeds: bool = True,
            total_batch_size: int = 0, num_iterations: int = 0, aspect_ratio: int = ASPECT_RATIO,
-           seq_len: int | None = None) -> dict[str, Any]:
+           seq_len: int | None = None, smear: bool = False, backout: bool = False) -> dict[str, Any]:
     """All derived quantities of a depth (plain JSON types). total_batch_size / num_iterations override the rules
     (0 = derive). The reference horizon D_ref always uses depth 12 at the same vocab, ratio and head_dim.
     `seq_len` is an alias of `sequence_len` (the CLI's name)."""
@@ -160,7 +161,7 @@ def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio:
     from picochat.model import GPT, flops_per_token, num_scaling_params
 
     cfg = gpt_config(depth, vocab_size, sequence_len, head_dim, window_pattern, value_embeds,
-                     aspect_ratio=aspect_ratio)
+                     aspect_ratio=aspect_ratio, smear=smear, backout=backout)
     n_scaling = num_scaling_params(cfg)
     ref = gpt_config(REF_DEPTH, vocab_size, sequence_len, head_dim, window_pattern, value_embeds,
                      aspect_ratio=aspect_ratio)

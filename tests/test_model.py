@@ -135,13 +135,13 @@ def test_config_validation():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("pattern", ["L", "SSSL"])
-def test_cuda_compiled_model_has_no_graph_breaks_and_matches_eager(pattern):
-    """fullgraph=True fails on any graph break (SDPA/flex attention, fused loss, value embeds all traced)."""
+@pytest.mark.parametrize("pattern,extras", [("L", False), ("SSSL", True)])
+def test_cuda_compiled_model_has_no_graph_breaks_and_matches_eager(pattern, extras):
+    """fullgraph=True fails on any graph break (SDPA/flex attention, fused loss, value embeds, smear, backout)."""
     from picochat import attention
 
     cfg = GPTConfig(sequence_len=512, vocab_size=1000, n_layer=4, n_head=4, n_kv_head=4, n_embd=256,
-                    window_pattern=pattern)
+                    window_pattern=pattern, smear=extras, backout=extras)
     torch.manual_seed(0)
     m = build_model(cfg, device="cuda").set_compute_dtype(torch.bfloat16)
     attention.prepare(m.window_sizes, cfg.sequence_len, torch.device("cuda"))
@@ -157,3 +157,133 @@ def test_cuda_compiled_model_has_no_graph_breaks_and_matches_eager(pattern):
     for n, p in m.named_parameters():  # bf16: compare as relative error of the whole gradient
         err = (p.grad - g_eager[n]).norm() / g_eager[n].norm().clamp_min(1e-12)
         assert err < 0.05, (n, err.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Smear and backout (nanochat HEAD)
+
+SB = GPTConfig(sequence_len=128, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, smear=True,
+               backout=True)
+
+
+def _live(m):
+    """Non-trivial weights everywhere: the blocks do something, the smear is on (its lambda starts at 0)."""
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.c_proj.weight.normal_(0, 0.05)
+            b.mlp.c_proj.weight.normal_(0, 0.05)
+        m.lm_head.weight.normal_(0, 0.05)
+        if m.smear_gate is not None:
+            m.smear_lambda.fill_(0.7)
+            m.smear_gate.weight.normal_(0, 0.5)
+    return m
+
+
+def test_smear_backout_init_and_parameters():
+    m = _model(SB)
+    assert m.smear_gate.weight.shape == (1, 24) and 0 <= m.smear_gate.weight.min() and m.smear_gate.weight.max() <= 0.02
+    assert m.smear_lambda.item() == 0.0 and m.backout_lambda.item() == pytest.approx(0.2)
+    plain = _model(CFG)
+    assert plain.smear_gate is None and plain.smear_lambda is None and plain.backout_lambda is None
+    assert {n for n, _ in m.named_parameters()} - {n for n, _ in _model(GPTConfig(**{**SB.__dict__, "smear": False,
+                                                                                   "backout": False})).named_parameters()} \
+        == {"smear_gate.weight", "smear_lambda", "backout_lambda"}
+    assert flops_per_token(SB) == flops_per_token(GPTConfig(**{**SB.__dict__, "smear": False, "backout": False}))
+    # every new parameter gets a gradient
+    loss = _live(m)(torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32)))
+    loss.backward()
+    for n in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+        g = m.get_parameter(n).grad
+        assert g is not None and g.abs().sum() > 0, n
+
+
+def test_smear_mixes_previous_token_only():
+    """Blocks at their zero init (identity) and backout off: the output at t depends on tokens t and t-1 only, and
+    position 0 on its own token only."""
+    cfg = GPTConfig(**{**SB.__dict__, "backout": False})
+    m = _model(cfg)
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0, 0.05)
+        m.smear_lambda.fill_(1.0)
+    idx = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        base = m(idx)
+        # position 0: changing nothing before it is possible, so check it equals the no-smear model's output
+        m.smear_lambda.zero_()
+        no_smear = m(idx)
+        m.smear_lambda.fill_(1.0)
+        changed = idx.clone()
+        changed[0, 3] = (idx[0, 3] + 1) % 300
+        out = m(changed)
+    assert torch.equal(base[:, 0], no_smear[:, 0])
+    assert not torch.allclose(base[:, 1:], no_smear[:, 1:], atol=1e-4)  # the smear does something elsewhere
+    diff = (out - base).abs().amax(dim=-1)[0]
+    assert diff[3] > 1e-4 and diff[4] > 1e-4  # token 3 itself, and token 4 through the smear
+    assert torch.all(diff[[0, 1, 2, 5, 6, 7]] == 0)
+
+
+def test_backout_subtracts_mid_residual():
+    cfg = GPTConfig(**{**SB.__dict__, "smear": False})
+    m = _live(_model(cfg))
+    idx = torch.randint(0, 300, (2, 16))
+    outs = {}
+    for i in (1, 2):  # n_layer 3: the residual after block 3 // 2 = 1 is subtracted from the last block's output
+        m.blocks[i].register_forward_hook(lambda mod, args, out, i=i: outs.__setitem__(i, out))
+    with torch.no_grad():
+        on = m(idx)
+        from picochat.model import rms_norm
+
+        z = m.lm_head(rms_norm(outs[2] - 0.2 * outs[1]))[..., :cfg.vocab_size]
+        expect = cfg.softcap * torch.tanh(z / cfg.softcap)
+        m.backout_lambda.zero_()
+        off = m(idx)
+    assert torch.allclose(on, expect, atol=1e-6)
+    assert not torch.allclose(on, off, atol=1e-4)  # lambda 0 is the plain model, 0.2 is not
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL"])
+def test_smear_backout_kv_cache_decode_equals_full_forward(pattern):
+    cfg = GPTConfig(**{**SB.__dict__, "sequence_len": 256, "window_pattern": pattern})
+    m = _live(_model(cfg))
+    idx = torch.randint(0, 300, (2, 160))
+    with torch.no_grad():
+        full = m(idx)
+        cache = m.kv_cache(2, 160)
+        out = [m(idx[:, :1], kv_cache=cache), m(idx[:, 1:100], kv_cache=cache)]  # chunked prefill, then decode
+        for t in range(100, 160):
+            out.append(m(idx[:, t:t + 1], kv_cache=cache))
+        # a batch-1 prefill broadcast into a batch-2 cache (how the engine starts several samples) carries prev_embed
+        one = m.kv_cache(1, 160)
+        m(idx[:1, :100], kv_cache=one)
+        two = m.kv_cache(2, 160)
+        two.copy_from(one)
+        nxt = m(idx[:1, 100:101].expand(2, 1), kv_cache=two)
+    assert cache.pos == 160
+    assert torch.allclose(torch.cat(out, dim=1), full, atol=1e-5), (torch.cat(out, dim=1) - full).abs().max()
+    assert torch.allclose(nxt, full[:1, 100:101].expand(2, 1, -1), atol=1e-5)
+    # without the cached previous embedding the first decoded token would differ: the cache really carries it
+    cache2 = m.kv_cache(2, 160)
+    with torch.no_grad():
+        m(idx[:, :100], kv_cache=cache2)
+        cache2.prev_embed.zero_()
+        wrong = m(idx[:, 100:101], kv_cache=cache2)
+    assert not torch.allclose(wrong, full[:, 100:101], atol=1e-4)
+
+
+def test_saved_config_without_new_keys_builds_plain_model(monkeypatch):
+    import dataclasses
+
+    saved = dataclasses.asdict(CFG)
+    del saved["smear"], saved["backout"]  # a checkpoint written before the features existed
+    cfg = GPTConfig.from_saved(saved)
+    assert cfg == CFG and not cfg.smear and not cfg.backout
+    assert GPTConfig.from_saved(dataclasses.asdict(SB)) == SB  # flags that were saved are kept
+    # even once the defaults are on, an old checkpoint's model is the plain one its weights belong to
+    monkeypatch.setattr(GPTConfig.__init__, "__defaults__",
+                        tuple(True if f.name in ("smear", "backout") else f.default
+                              for f in dataclasses.fields(GPTConfig)))
+    assert GPTConfig().smear and GPTConfig().backout
+    old = GPTConfig.from_saved(saved)
+    assert not old.smear and not old.backout
+    m = build_model(old)
+    m.load_state_dict(_model(CFG).state_dict(), strict=True)

@@ -139,3 +139,40 @@ def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
     # only one rank's file is not enough for a 1-process layout: a clear error, not a silent partial load
     with pytest.raises(UserError, match="world size 2"):
         build_optimizer(fresh, **LRS).load_state_dict(r0["optim"])
+
+
+@pytest.mark.parametrize("lr_scale", [1.0, 4.0])
+def test_smear_and_backout_params_get_fixed_lr_adamw_group(lr_scale):
+    from picochat.optim import gpt_param_groups
+    from picochat.scaling import SMEAR_LR
+
+    cfg = GPTConfig(**{**TINY.__dict__, "smear": True, "backout": True})
+    model = build_model(cfg)
+    groups = gpt_param_groups(model, **LRS, lr_scale=lr_scale, width_scale=0.5)
+    smear = [g for g in groups if "smear_lambda" in g["names"]]
+    assert len(smear) == 1
+    g = smear[0]
+    assert sorted(g["names"]) == ["backout_lambda", "smear_gate.weight", "smear_lambda"]
+    assert g["kind"] == "adamw" and g["lr"] == SMEAR_LR == 0.2  # neither batch- nor width-scaled
+    assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
+    muon = next(g for g in groups if g["kind"] == "muon")
+    assert not any("smear" in n or "backout" in n for n in muon["names"])
+    assert muon["lr"] == pytest.approx(LRS["matrix_lr"] * lr_scale)  # the others still scale
+    # every parameter in exactly one group; and the plain model has no smear group at all
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert not any("smear_lambda" in g["names"] for g in gpt_param_groups(build_model(TINY), **LRS))
+    # one real step moves the new scalars (smear lambda starts at 0 and must leave it)
+    opt = build_optimizer(model, **LRS, lr_scale=lr_scale)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1))
+    model(x[:, :-1], x[:, 1:]).backward()
+    opt.step()
+    assert model.smear_lambda.item() != 0.0 and model.backout_lambda.item() != pytest.approx(0.2)
+
+
+def test_unknown_parameter_still_an_error():
+    from picochat.optim import gpt_param_groups
+
+    model = build_model(TINY)
+    model.mystery = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="mystery"):
+        gpt_param_groups(model, **LRS)

@@ -214,6 +214,38 @@ def test_bench_pretrain_prints_metrics(capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["bench"] == "pretrain" and res["tok_per_s"] > 0 and res["steps"] == 2 and res["params"] > 0
     assert res["grad_accum"] == 1 and res["total_batch_size"] == 64
+    assert res["smear"] is False and res["backout"] is False
+    assert main(["bench", "pretrain", "--depth", "2", "--head-dim", "16", "--seq-len", "32", "--device-batch-size",
+                 "2", "--steps", "1", "--warmup", "1", "--vocab-size", "128", "--no-compile", "--smear",
+                 "--backout"]) == 0
+    res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res2["smear"] is True and res2["backout"] is True and res2["params"] > res["params"]
+
+
+def test_smear_backout_flags_reach_the_model_and_resume():
+    import argparse
+
+    from picochat.pretrain import add_cli, config_from_cli, make_plan
+
+    p = argparse.ArgumentParser()
+    add_cli(p)
+    cfg = config_from_cli(p.parse_args(TINY + ["--smear", "--backout"]))
+    assert cfg.smear and cfg.backout
+    mc = make_plan(cfg, 128, 1, torch.device("cpu")).model_config
+    assert mc.smear and mc.backout
+    plain = config_from_cli(p.parse_args(TINY))
+    assert not make_plan(plain, 128, 1, torch.device("cpu")).model_config.smear
+    # trains, saves the flags in the checkpoint, and resumes (the saved model config must match this run's)
+    part = run(_cfg("sb", smear=True, backout=True, num_iterations=4, stop_at_step=2, save_every=0))
+    assert part["stopped_early"]
+    state = load_model_state(latest_checkpoint(checkpoints_dir("sb", "base")))
+    assert {"smear_gate.weight", "smear_lambda", "backout_lambda"} <= set(k.removeprefix("_orig_mod.") for k in state)
+    rest = run(_cfg("sb", smear=True, backout=True, num_iterations=4, save_every=0))
+    assert rest["step"] == 4 and rest["steps_this_run"] == 2 and math.isfinite(rest["val_bpb"])
+    from picochat.config import UserError
+
+    with pytest.raises(UserError, match="differs from this run"):  # the flags are part of the model identity
+        run(_cfg("sb", num_iterations=6, save_every=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
