@@ -164,6 +164,7 @@ class _Slot:
     tok: torch.Tensor          # (B, 1) int64: the tokens fed at this step
     pos: torch.Tensor          # (1,) int64: their absolute position
     npre: torch.Tensor         # (1,) int64: prompt length
+    prev_embed: torch.Tensor   # (B, 1, d): normed embedding of each row's previous token (the smear's input)
     logits: torch.Tensor | None = None
     graph: Any = None
     prefill_ids: torch.Tensor | None = None   # (1, P_cap) int64, the padded prompt
@@ -218,7 +219,14 @@ class _GPTDecoder:
         sin = m.sin.index_select(1, s.pos).to(dt)
         sidx = s.pos - s.npre  # where this token goes in the rows' own caches
         x = rms_norm(m.wte(idx).to(dt))
+        if m.smear_gate is not None:  # GPT.smear with the previous token's embedding from the slot
+            e = x
+            gate = m.smear_lambda.to(dt) * torch.sigmoid(F.linear(e[..., : m.smear_gate.in_features],
+                                                                   m.smear_gate.weight.to(dt)))
+            x = e + gate * s.prev_embed
+            s.prev_embed.copy_(e)
         x0 = x
+        x_mid = x
         B, H, Hkv, D = idx.shape[0], self.n_head, self.n_kv_head, self.head_dim
         for i, block in enumerate(m.blocks):
             a = block.attn
@@ -233,13 +241,20 @@ class _GPTDecoder:
             y = attention.decode_attention(q.view(B, Hkv, H // Hkv, D), s.prefix.k[i, 0], s.prefix.v[i, 0],
                                            s.ks[i], s.vs[i], s.npre, s.pos, m.window_sizes[i])
             x = self._post(x, y.reshape(B, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)
+            if i == m.config.n_layer // 2:
+                x_mid = x
         s.pos.add_(1)
+        if m.backout_lambda is not None:
+            x = x - m.backout_lambda.to(dt) * x_mid
         return self._head(x, m.lm_head.weight, m.config.vocab_size, m.config.softcap)
 
     def _prefill_forward(self, s: _Slot, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The prompt (padded or not) through `GPT.forward` into `s.prefix`; logits (1, V) at index `last`."""
+        m = self.model
         s.prefix.reset()
-        logits = self.model(ids, kv_cache=s.prefix)
+        logits = m(ids, kv_cache=s.prefix)
+        if m.smear_gate is not None:  # the last real prompt token's embedding (the prompt may be padded)
+            s.prev_embed.copy_(rms_norm(m.wte(ids.index_select(1, last)).to(m.compute_dtype)).expand_as(s.prev_embed))
         return logits.index_select(1, last).view(1, -1)
 
     # -- slots and graphs -----------------------------------------------------------------------------------------
@@ -260,7 +275,8 @@ class _GPTDecoder:
                   ks=torch.zeros(shape, dtype=dt, device=self.device), vs=torch.zeros(shape, dtype=dt, device=self.device),
                   tok=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
                   pos=torch.zeros(1, dtype=torch.long, device=self.device),
-                  npre=torch.zeros(1, dtype=torch.long, device=self.device))
+                  npre=torch.zeros(1, dtype=torch.long, device=self.device),
+                  prev_embed=torch.zeros(batch, 1, c.n_embd, dtype=dt, device=self.device))
         if self.cuda_graph:
             self._capture(s)
         self.slots[key] = s
@@ -283,15 +299,11 @@ class _GPTDecoder:
     def _capture(self, s: _Slot) -> None:
         """Capture the slot's decode step and its (padded, full-capacity) prefill. Scratch positions are used:
         the graphs are captured before any real data is written."""
-        p_cap = s.prefix.max_len
-
-        def decode() -> torch.Tensor:
-            s.npre.fill_(p_cap)
-            s.pos.fill_(p_cap)
-            return self._step(s)
-
         try:
-            s.graph, s.logits = self._graph(decode)
+            # scratch position 0 (no prompt): set outside the captured function, or every replay would reset it
+            s.npre.zero_()
+            s.pos.zero_()
+            s.graph, s.logits = self._graph(lambda: self._step(s))
             s.prefill_ids = torch.zeros(1, p_cap, dtype=torch.long, device=self.device)
             s.prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
             s.prefill_graph, s.prefill_logits = self._graph(
