@@ -300,6 +300,7 @@ class _GPTDecoder:
         """Capture the slot's decode step and its (padded, full-capacity) prefill. Scratch positions are used:
         the graphs are captured before any real data is written."""
         try:
+            p_cap = s.prefix.max_len
             # scratch position 0 (no prompt): set outside the captured function, or every replay would reset it
             s.npre.zero_()
             s.pos.zero_()
