@@ -63,9 +63,10 @@ class PretrainConfig:
     window_pattern: str = field(default="L", metadata={"help": "per-layer S(hort)/L(ong) attention pattern, "
                                                                "tiled; L = full causal (fastest with cuDNN)"})
     value_embeds: bool = True
-    smear: bool = field(default=False, metadata={"help": "smear: add a gated previous-token embedding (nanochat)"})
-    backout: bool = field(default=False, metadata={"help": "backout: subtract a learned fraction of the mid-depth "
-                                                           "residual before the final norm (nanochat)"})
+    # on by default: d12, 150 x 262,144 tokens, val bpb 1.506 -> 1.471 with both (README "Quality per token")
+    smear: bool = field(default=True, metadata={"help": "smear: add a gated previous-token embedding (nanochat)"})
+    backout: bool = field(default=True, metadata={"help": "backout: subtract a learned fraction of the mid-depth "
+                                                          "residual before the final norm (nanochat)"})
     seq_len: int = 2048
     device_batch_size: int = field(default=0, metadata={"help": "rows per micro-batch per process (0 = by depth)"})
     total_batch_size: int = field(default=0, metadata={"help": "tokens per optimizer step (0 = Power Lines rule)"})
@@ -638,8 +639,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-pattern", default="L")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--data", default="random", help="'random' tokens, or a shard directory (needs --tokenizer)")
     parser.add_argument("--tokenizer", default=None)
@@ -657,8 +658,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = PretrainConfig(depth=args.depth, seq_len=args.seq_len, window_pattern=args.window_pattern,
                          head_dim=args.head_dim, value_embeds=args.value_embeds, compile=args.compile,
                          data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                         device_batch_size=args.device_batch_size, smear=getattr(args, "smear", False),
-                         backout=getattr(args, "backout", False))
+                         device_batch_size=args.device_batch_size, smear=getattr(args, "smear", True),
+                         backout=getattr(args, "backout", True))
     tok, _ = _load_tokenizer(cfg)
     B = args.device_batch_size or scaling.device_batch_size(args.depth, args.seq_len)
     cfg.device_batch_size = B

@@ -210,15 +210,15 @@ def test_bench_pretrain_prints_metrics(capsys):
     from picochat.cli import main
 
     assert main(["bench", "pretrain", "--depth", "2", "--head-dim", "16", "--seq-len", "32", "--device-batch-size",
-                 "2", "--steps", "2", "--warmup", "1", "--vocab-size", "128", "--no-compile"]) == 0
+                 "2", "--steps", "2", "--warmup", "1", "--vocab-size", "128", "--no-compile", "--no-smear",
+                 "--no-backout"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["bench"] == "pretrain" and res["tok_per_s"] > 0 and res["steps"] == 2 and res["params"] > 0
     assert res["grad_accum"] == 1 and res["total_batch_size"] == 64
     assert res["smear"] is False and res["backout"] is False
     assert main(["bench", "pretrain", "--depth", "2", "--head-dim", "16", "--seq-len", "32", "--device-batch-size",
-                 "2", "--steps", "1", "--warmup", "1", "--vocab-size", "128", "--no-compile", "--smear",
-                 "--backout"]) == 0
-    res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                 "2", "--steps", "1", "--warmup", "1", "--vocab-size", "128", "--no-compile"]) == 0
+    res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the defaults: both on
     assert res2["smear"] is True and res2["backout"] is True and res2["params"] > res["params"]
 
 
@@ -233,8 +233,9 @@ def test_smear_backout_flags_reach_the_model_and_resume():
     assert cfg.smear and cfg.backout
     mc = make_plan(cfg, 128, 1, torch.device("cpu")).model_config
     assert mc.smear and mc.backout
-    plain = config_from_cli(p.parse_args(TINY))
+    plain = config_from_cli(p.parse_args(TINY + ["--no-smear", "--no-backout"]))
     assert not make_plan(plain, 128, 1, torch.device("cpu")).model_config.smear
+    assert make_plan(config_from_cli(p.parse_args(TINY)), 128, 1, torch.device("cpu")).model_config.backout
     # trains, saves the flags in the checkpoint, and resumes (the saved model config must match this run's)
     part = run(_cfg("sb", smear=True, backout=True, num_iterations=4, stop_at_step=2, save_every=0))
     assert part["stopped_early"]
@@ -245,7 +246,7 @@ def test_smear_backout_flags_reach_the_model_and_resume():
     from picochat.config import UserError
 
     with pytest.raises(UserError, match="differs from this run"):  # the flags are part of the model identity
-        run(_cfg("sb", num_iterations=6, save_every=0))
+        run(_cfg("sb", smear=False, backout=False, num_iterations=6, save_every=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
