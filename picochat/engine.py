@@ -369,6 +369,11 @@ def _fuse_qkv(model: GPT) -> list[tuple[torch.Tensor, None, None]] | None:
         for block in model.blocks:
             a = block.attn
             ws = (a.c_q.weight, a.c_k.weight, a.c_v.weight)
+            base = ws[0].data._base
+            if base is not None and all(t.data._base is base for t in ws) and base.shape[0] == sum(
+                    t.shape[0] for t in ws):  # fused by an earlier engine on this model: share it
+                fused.append((base, None, None))
+                continue
             w = torch.cat([t.data for t in ws])
             lo = 0
             for t in ws:
