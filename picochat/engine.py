@@ -650,6 +650,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true", help="benchmark a random-weight model of --depth")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab of the random-init model")
     parser.add_argument("--window-pattern", default="L", help="window pattern of the random-init model")
+    parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=True,
+                        help="random-init model with smear (the pretraining default)")
+    parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True,
+                        help="random-init model with backout (the pretraining default)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8,64", help="comma-separated decode batch sizes")
@@ -691,6 +695,7 @@ def bench_main(args: argparse.Namespace) -> dict:
         model, what = engine.model, meta["checkpoint_dir"]
     else:
         cfg = _config_for_depth(args.depth, args.vocab_size, args.window_pattern)
+        cfg.smear, cfg.backout = args.smear, args.backout
         model = build_model(cfg, device=dev).set_compute_dtype(compute_dtype(dev))
 
         class _BenchTok:  # a random-init model has no tokenizer; the engine only needs the special ids
@@ -736,7 +741,8 @@ def bench_main(args: argparse.Namespace) -> dict:
               f"{row['tokens_per_s']:,} tok/s" + (f", peak {row['peak_mem_gb']} GB" if "peak_mem_gb" in row else ""),
               flush=True)
         results.append(row)
-    out: dict[str, Any] = {"model": what, "params": model.num_params(), "device": str(dev),
+    out: dict[str, Any] = {"model": what, "params": model.num_params(), "smear": cfg.smear, "backout": cfg.backout,
+                           "device": str(dev),
                            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                            "dtype": str(model.compute_dtype).replace("torch.", ""), "mode": engine.mode,
                            "prompt_tokens": n_prompt, "new_tokens": args.new_tokens, "results": results}

@@ -226,6 +226,7 @@ def test_bench_infer_cpu():
                          "--new-tokens", "5", "--batch-sizes", "1,2", "--repeats", "1", "--device", "cpu"])
     out = bench_main(args)
     assert [r["batch"] for r in out["results"]] == [1, 2]
+    assert out["smear"] is True and out["backout"] is True  # the random-init model follows the training defaults
     for r in out["results"]:
         assert r["ttft_ms"] > 0 and r["per_token_ms"] > 0 and r["tokens_per_s"] > 0
 
