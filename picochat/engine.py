@@ -7,13 +7,14 @@ One `Engine(model, tokenizer)` serves every caller (chat CLI, web server, evals,
     sequences, masks = engine.generate_batch(prompt, num_samples=B, ...)              # prompt + completion
 
 How it is fast (see performance.md section 6: an eager 20-layer decode is launch-bound at ~15 ms/token):
-- Prefill runs the model's own forward over the prompt once (batch 1), and its keys/values are broadcast into every
-  row of a static decode cache of shape (n_layer, B, n_kv_head, T_cap, head_dim). Rows share the position, so it
-  is one device tensor; T_cap is rounded up to a multiple of 256 so a few cache shapes cover all requests.
-- The one-token decode step is a functional copy of `GPT.forward` that reads the position from that device tensor
-  (no Python ints, fixed shapes), attends over the whole static cache with a mask, and advances the position
-  itself. On CUDA it is captured once per (batch, T_cap) in a CUDA graph (optionally with torch.compile'd pieces
-  inside for kernel fusion) and replayed each step. On CPU it runs eagerly.
+- Prefill runs the model's own forward over the prompt once (batch 1) into a prompt cache that every row shares;
+  each row caches only the tokens it generates. Sampling many rows from one prompt (RL, pass@k, `n`) therefore
+  reads the prompt's keys/values once per step instead of once per row (attention.decode_attention, a Triton
+  split-KV kernel on CUDA). Cache capacities are rounded up to multiples of 256 so a few shapes cover all requests.
+- The one-token decode step is a functional copy of `GPT.forward` that reads the prompt length and position from
+  device tensors (no Python ints, fixed shapes) and advances the position itself. On CUDA it is captured once per
+  slot (batch, prompt capacity, generation capacity) in a CUDA graph, with torch.compile'd pieces inside for kernel
+  fusion, and so is the prefill (the prompt padded to the slot's capacity). On CPU both run eagerly.
 - The host never waits for the GPU more than it must: the next step is launched before the sampled tokens of this
   step are read back (a pinned copy + event), so the Python state machine overlaps the GPU work.
 
