@@ -370,7 +370,7 @@ def run() -> dict[str, Any]:
 
 def format_report(r: dict[str, Any]) -> str:
     v = r["versions"]
-    lines = [f"picochat doctor",
+    lines = ["picochat doctor",
              f"  python    {v['python']} ({v['python_path']})",
              f"  torch     {v['torch']} from {v['torch_path']}",
              f"  cuda      {v['cuda'] or '-'}   cudnn {v['cudnn'] or '-'}   nccl {v['nccl'] or '-'}   "

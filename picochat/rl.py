@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -18,6 +18,18 @@ def _picochat_home(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores (CI has 2). Opt in
+    per module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def shared_data():
     """../shared/data when present (tests that need it skip otherwise)."""

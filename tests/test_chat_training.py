@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from picochat import checkpoint
-from picochat.conversation import RenderStats
 from picochat.sft import ChatPacker, SFTConfig
 from picochat.tasks import ListTask
 

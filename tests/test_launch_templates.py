@@ -4,7 +4,6 @@ The scripts are executed with stub `srun`/`scontrol`/`python` on PATH that recor
 running anything; the recorded arguments must parse and plan as valid `picochat launch` invocations.
 """
 
-import os
 import shutil
 import stat
 import subprocess

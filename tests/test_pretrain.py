@@ -19,13 +19,7 @@ from picochat.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpo
 from picochat.pretrain import PretrainConfig, RandomTokens, run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REPO = Path(__file__).resolve().parent.parent
