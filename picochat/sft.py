@@ -31,7 +31,7 @@ import torch.distributed as dist
 from picochat import checkpoint as ckpt_mod
 from picochat.config import UserError, add_config_args, config_from_args, require, to_dict
 from picochat.conversation import RenderStats, render
-from picochat.runtime import Runtime, init_runtime, print0, stage_dir, teardown
+from picochat.runtime import init_runtime, print0, stage_dir, teardown
 from picochat.tasks import SynthMC, Task, TaskMixture, parse_mixture
 
 # ----------------------------------------------------------------------------------------------------------------
