@@ -235,7 +235,7 @@ class _GPTDecoder:
             gate_w = a.ve_gate.weight if a.ve_gate is not None else None
             wq, wk, wv = self.qkv[i] if self.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
             x, q, k, v = self._pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin,
-                                   H, Hkv, D)
+                                   H, Hkv, D, m.config.ve_gate_scale)
             s.ks[i].index_copy_(1, sidx, k)
             s.vs[i].index_copy_(1, sidx, v)
             # GQA without repeating anything: a KV head's G query heads are G query rows of the kernel
@@ -384,7 +384,7 @@ def _fuse_qkv(model: GPT) -> list[tuple[torch.Tensor, None, None]] | None:
     return fused
 
 
-def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int):
+def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv: int, D: int, ve_scale: float):
     """Residual mix, pre-norm, q/k/v projections (wk = wv = None: wq is the fused q|k|v weight), value embeds,
     RoPE and QK-norm for one decode token per row."""
     dt = x.dtype
@@ -399,7 +399,7 @@ def _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H: int, Hkv
         k = F.linear(h, wk.to(dt)).view(B, T, Hkv, D)
         v = F.linear(h, wv.to(dt)).view(B, T, Hkv, D)
     if ve is not None:
-        gate = 2.0 * torch.sigmoid(F.linear(h[..., : gate_w.shape[1]], gate_w.to(dt)))
+        gate = ve_scale * torch.sigmoid(F.linear(h[..., : gate_w.shape[1]], gate_w.to(dt)))
         v = v + gate.unsqueeze(-1) * ve.to(dt).view(B, T, Hkv, D)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     return x, rms_norm(q), rms_norm(k), v

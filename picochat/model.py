@@ -39,6 +39,7 @@ class GPTConfig:
     # nanochat HEAD, autoresearch round 2 (nanochat.md 2.1): both measured as val-loss gains there
     smear: bool = False         # x_t += lambda * sigmoid(W_s x_t[:24]) * x_{t-1} on the normed embeddings
     backout: bool = False       # before the final norm: x -= lambda * (residual after block n_layer // 2)
+    ve_gate_scale: float = 2.0  # value-embedding gate = scale * sigmoid(W_g x[:12]); nanochat HEAD uses 3
 
     @classmethod
     def from_saved(cls, d: dict) -> "GPTConfig":
@@ -167,6 +168,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(d, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(self.n_head * self.head_dim, d)
         self.ve_gate = Linear(min(12, d), self.n_kv_head) if config.has_value_embed(layer) else None
+        self.ve_gate_scale = config.ve_gate_scale
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 window: int | None, kv_cache: KVCache | None) -> torch.Tensor:
@@ -176,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             assert self.ve_gate is not None
-            gate = 2.0 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, n_kv_head)
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B,T,Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = rms_norm(q), rms_norm(k)

@@ -80,6 +80,7 @@ class PretrainConfig:
     x0_lr: float = scaling.X0_LR
     lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0 = sqrt(batch / 2^19))"})
     weight_decay: float = field(default=-1.0, metadata={"help": "Muon weight decay (negative = T_epoch rule)"})
+    ve_gate_scale: float = field(default=2.0, metadata={"help": "value-embedding gate range: scale * sigmoid(.)"})
     normuon: bool = field(default=True, metadata={"help": "NorMuon variance reduction in Muon"})
     muon_eq: bool = field(default=False, metadata={"help": "MuonEq: equalise the momentum's row norms before "
                                                           "orthogonalising"})
@@ -240,6 +241,7 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     require(cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: must be >= 8")
     mc = scaling.gpt_config(cfg.depth, vocab_size, cfg.seq_len, cfg.head_dim, cfg.window_pattern.upper(),
                             cfg.value_embeds, cfg.n_kv_head, cfg.aspect_ratio, smear=cfg.smear, backout=cfg.backout)
+    mc.ve_gate_scale = cfg.ve_gate_scale
     mc.validate()
     d = scaling.derive(cfg.depth, vocab_size, cfg.seq_len, cfg.ratio, cfg.head_dim, cfg.window_pattern.upper(),
                        cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio,
