@@ -78,9 +78,11 @@ class PretrainConfig:
     unembedding_lr: float = scaling.UNEMBEDDING_LR
     resid_lr: float = scaling.RESID_LR
     x0_lr: float = scaling.X0_LR
-    lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0 = sqrt(batch / 2^19))"})
+    lr_scale: float = field(default=0.0, metadata={"help": "multiplier of every LR (0 = the rule: "
+                                                               "sqrt(batch / 2^19), at least 1)"})
     weight_decay: float = field(default=-1.0, metadata={"help": "Muon weight decay (negative = T_epoch rule)"})
-    ve_gate_scale: float = field(default=2.0, metadata={"help": "value-embedding gate range: scale * sigmoid(.)"})
+    ve_gate_scale: float = field(default=3.0, metadata={"help": "value-embedding gate range: scale * sigmoid(.) "
+                                                                   "(3, as nanochat HEAD: measured better than 2)"})
     normuon: bool = field(default=True, metadata={"help": "NorMuon variance reduction in Muon"})
     muon_eq: bool = field(default=False, metadata={"help": "MuonEq: equalise the momentum's row norms before "
                                                           "orthogonalising"})

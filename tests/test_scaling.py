@@ -15,7 +15,15 @@ def test_derive_matches_nanochat_table(depth, d_model, heads, batch, steps, wd):
     d = scaling.derive(depth)
     assert (d["n_embd"], d["n_head"], d["total_batch_size"], d["num_iterations"]) == (d_model, heads, batch, steps)
     assert d["muon_weight_decay"] == pytest.approx(wd, rel=0.03)
-    assert d["lr_scale"] == pytest.approx(math.sqrt(batch / 2**19))
+    assert d["lr_scale"] == pytest.approx(math.sqrt(max(batch, 2**19) / 2**19))
+
+
+def test_lr_scale_grows_with_batch_and_is_floored_at_the_reference():
+    assert scaling.lr_scale(2**21) == pytest.approx(2.0)
+    assert scaling.lr_scale(2**19) == 1.0
+    assert scaling.lr_scale(2**17) == 1.0  # measured: scaling down below 2^19 hurt (scaling.lr_scale)
+    # weight decay keeps the sqrt rule on both sides (T_epoch)
+    assert scaling.muon_weight_decay(2**17, 1.0, 1.0) == pytest.approx(scaling.MUON_WD_REF * 0.5)
 
 
 def test_known_parameter_counts():
