@@ -194,14 +194,18 @@ class _GPTDecoder:
         self.slot: _Slot | None = None
         self.mode = "cuda-graph" if self.cuda_graph else "eager"
         self.qkv = _fuse_qkv(model)
+        self.fused = self.cuda_graph and self._fusable()
+        if self.fused:
+            self.mode += "+fused-b1"
+            self._one = torch.ones(1, device=self.device)
         self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
         if compile and self.device.type == "cuda":
             try:
                 kw = dict(fullgraph=True, dynamic=False)
                 # one specialisation per (batch size, with/without value embeds): raise dynamo's default limit of 8
-                import torch._dynamo
+                from torch import _dynamo
 
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
                 self._pre = torch.compile(_attn_pre, **kw)
                 self._post = torch.compile(_attn_post_mlp, **kw)
                 self._head = torch.compile(_lm_head, **kw)
@@ -211,21 +215,42 @@ class _GPTDecoder:
 
     # -- the decode step ------------------------------------------------------------------------------------------
 
+    def _embed(self, s: _Slot) -> torch.Tensor:
+        """The normed token embeddings (B, 1, d) of this step, smeared with the previous token's (GPT.smear)."""
+        m = self.model
+        dt = m.compute_dtype
+        x = rms_norm(m.wte(s.tok).to(dt))
+        if m.smear_gate is not None:
+            e = x
+            gate = m.smear_lambda.to(dt) * torch.sigmoid(F.linear(e[..., : m.smear_gate.in_features],
+                                                                   m.smear_gate.weight.to(dt)))
+            x = e + gate * s.prev_embed
+            s.prev_embed.copy_(e)
+        return x
+
+    def _fusable(self) -> bool:
+        """Whether batch-1 steps can use the fused Triton kernels (kernels.gemv / qkv_post): an inference-only bf16
+        or fp16 model on CUDA (fused q|k|v), triton present, and not switched off with PICOCHAT_FUSED_DECODE=0."""
+        from picochat import kernels
+
+        m = self.model
+        dt = m.compute_dtype
+        return (self.qkv is not None and kernels.available() and dt in (torch.bfloat16, torch.float16)
+                and os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0" and self.head_dim % 32 == 0
+                and self.head_dim & (self.head_dim - 1) == 0
+                and all(p.dtype == dt and p.is_contiguous() for p in m.parameters()))
+
     def _step(self, s: _Slot) -> torch.Tensor:
         """One token per row at position `s.pos`: writes the cache, advances `s.pos`, returns fp32 logits (B, V)."""
+        if self.fused and s.tok.shape[0] == 1:
+            return self._step_fused(s)
         m = self.model
         dt = m.compute_dtype
         idx = s.tok
         cos = m.cos.index_select(1, s.pos).to(dt)
         sin = m.sin.index_select(1, s.pos).to(dt)
         sidx = s.pos - s.npre  # where this token goes in the rows' own caches
-        x = rms_norm(m.wte(idx).to(dt))
-        if m.smear_gate is not None:  # GPT.smear with the previous token's embedding from the slot
-            e = x
-            gate = m.smear_lambda.to(dt) * torch.sigmoid(F.linear(e[..., : m.smear_gate.in_features],
-                                                                   m.smear_gate.weight.to(dt)))
-            x = e + gate * s.prev_embed
-            s.prev_embed.copy_(e)
+        x = self._embed(s)
         x0 = x
         x_mid = x
         B, H, Hkv, D = idx.shape[0], self.n_head, self.n_kv_head, self.head_dim
@@ -248,6 +273,42 @@ class _GPTDecoder:
         if m.backout_lambda is not None:
             x = x - m.backout_lambda.to(dt) * x_mid
         return self._head(x, m.lm_head.weight, m.config.vocab_size, m.config.softcap)
+
+    def _step_fused(self, s: _Slot) -> torch.Tensor:
+        """`_step` for one row with the fused kernels (same math; see kernels.py for why): per layer one GEMV for
+        mix + norm + q|k|v, one kernel for RoPE/QK-norm/value embeds/cache writes, decode attention, and three
+        GEMVs carrying the residual adds, the MLP's norm and ReLU²."""
+        from picochat import kernels
+
+        m = self.model
+        eps = torch.finfo(m.compute_dtype).eps  # what F.rms_norm uses for this dtype in the unfused path
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        cos, sin = m.cos.view(-1, D // 2), m.sin.view(-1, D // 2)
+        if m.smear_gate is not None:
+            x = kernels.embed(m.wte.weight, s.tok, eps, s.prev_embed.view(-1), m.smear_gate.weight, m.smear_lambda)
+        else:
+            x = kernels.embed(m.wte.weight, s.tok, eps)
+        x0 = x_mid = x
+        for i, block in enumerate(m.blocks):
+            a = block.attn
+            qkv, x = kernels.gemv(x, self.qkv[i][0], mix=(x0, m.resid_lambdas[i:i + 1], m.x0_lambdas[i:i + 1]),
+                                  norm_eps=eps)
+            ve = m.value_embeds[str(i)].weight if str(i) in m.value_embeds else None
+            q = kernels.qkv_post(qkv, x, s.tok, cos, sin, s.pos, s.npre, s.ks[i, 0], s.vs[i, 0], H, Hkv, D, eps,
+                                 a.ve_gate.weight if ve is not None else None, ve, m.config.ve_gate_scale)
+            y = attention.decode_attention(q.view(1, Hkv, H // Hkv, D), s.prefix.k[i, 0], s.prefix.v[i, 0],
+                                           s.ks[i], s.vs[i], s.npre, s.pos, m.window_sizes[i])
+            x, _ = kernels.gemv(y.view(-1), a.c_proj.weight, residual=x)
+            h, _ = kernels.gemv(x, block.mlp.c_fc.weight, norm_eps=eps, relu2=True)
+            x, _ = kernels.gemv(h, block.mlp.c_proj.weight, residual=x)
+            if i == m.config.n_layer // 2:
+                x_mid = x
+        s.pos.add_(1)
+        # backout (x - lambda * x_mid) is the head GEMV's residual mix with weights (1, -lambda)
+        mix = (x_mid, self._one, -m.backout_lambda) if m.backout_lambda is not None else None
+        logits, _ = kernels.gemv(x, m.lm_head.weight, n=m.config.vocab_size, out_dtype=torch.float32, mix=mix,
+                                 norm_eps=eps, softcap=m.config.softcap)
+        return logits.view(1, -1)
 
     def _prefill_forward(self, s: _Slot, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The prompt (padded or not) through `GPT.forward` into `s.prefix`; logits (1, V) at index `last`."""
@@ -312,12 +373,19 @@ class _GPTDecoder:
                 lambda: self._prefill_forward(s, s.prefill_ids, s.prefill_last))
         except Exception as e:
             s.graph = s.prefill_graph = None
+            if self.fused:  # the fused batch-1 kernels failed: retry with the general step
+                warnings.warn(f"[engine] fused batch-1 decode failed to capture ({type(e).__name__}: {e}); "
+                              f"using the general decode step")
+                torch.cuda.synchronize(self.device)
+                self.fused = False
+                self.mode = self.mode.replace("+fused-b1", "")
+                return self._capture(s)
             if self._pre is not _attn_pre:  # the compiled pieces failed: retry with plain kernels in the graph
                 warnings.warn(f"[engine] compiled decode failed to capture ({type(e).__name__}: {e}); "
                               f"using the CUDA graph without torch.compile")
                 torch.cuda.synchronize(self.device)
                 self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
-                self.mode = "cuda-graph"
+                self.mode = "cuda-graph" + ("+fused-b1" if self.fused else "")
                 return self._capture(s)
             warnings.warn(f"[engine] CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
             torch.cuda.synchronize(self.device)
@@ -453,6 +521,12 @@ class _Row:
     forced: collections.deque = field(default_factory=collections.deque)
 
 
+def _kernels():
+    from picochat import kernels
+
+    return kernels
+
+
 def _default_tool(expr: str) -> str | None:
     from picochat.sandbox import run_expression
 
@@ -541,8 +615,14 @@ class Engine:
         pinned = dev.type == "cuda"
         host = torch.empty(B, dtype=torch.long, pin_memory=pinned)
         logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
+        # on CUDA without top-k/top-p: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches)
+        fast = (dev.type == "cuda" and _kernels().available() and top_k is None and (top_p is None or top_p >= 1.0)
+                and os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0")
         for step in range(max_tokens):
-            col_dev = sample_next_token(logits, gen, temperature, top_k, top_p)
+            if fast:
+                col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step)
+            else:
+                col_dev = sample_next_token(logits, gen, temperature, top_k, top_p)
             mask = [1] * B
             forced = [(i, r.forced.popleft()) for i, r in enumerate(rows) if r.forced and not r.done]
             if forced:

@@ -246,9 +246,10 @@ def test_cuda_graph_decode_matches_eager(tok, compile):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_decode_close_to_full_forward(tok):
-    """The GPU inference path (bf16 weights, fused q|k|v, Triton decode attention, padded prefill graph) tracks a
-    full forward pass over the same tokens, for every row of a batch."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_bf16_decode_close_to_full_forward(tok, batch):
+    """The GPU inference path (bf16 weights, fused q|k|v, Triton decode attention, padded prefill graph; at batch 1
+    the fused GEMV kernels) tracks a full forward pass over the same tokens, for every row of a batch."""
     from picochat.engine import prepare_model
 
     model = tiny_model(n_embd=256, n_head=2, n_kv_head=1, n_layer=3, smear=True, backout=True,
@@ -261,10 +262,14 @@ def test_cuda_bf16_decode_close_to_full_forward(tok):
     prompt, rest = seq[0, :17].tolist(), seq[0, 17:]
     with torch.no_grad():
         full = model(seq)[0]
-        got = [engine.decoder.prefill(prompt, 4, len(seq[0]))[0].clone()]
+        got = [engine.decoder.prefill(prompt, batch, len(seq[0]))[0].clone()]
         for t in rest[:-1]:
-            got.append(engine.decoder.step(torch.full((4,), int(t), device="cuda"))[3].clone())
+            got.append(engine.decoder.step(torch.full((batch,), int(t), device="cuda"))[batch - 1].clone())
     assert engine.mode.startswith("cuda-graph")
+    if batch == 1:
+        from picochat import kernels
+
+        assert ("fused-b1" in engine.mode) == kernels.available(), engine.mode
     got = torch.stack(got)
     want = full[16:-1]
     # bf16 activations through 3 randomly perturbed layers: logits reach ~10, rounding differs between the fused
@@ -274,3 +279,23 @@ def test_cuda_bf16_decode_close_to_full_forward(tok):
     print(f"max rel diff {err:.4f}, argmax agreement {agree:.3f}")
     assert err < 0.05, err
     assert agree > 0.9, agree
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gumbel_sampler_matches_softmax():
+    """kernels.sample (the engine's one-launch sampler on CUDA): greedy = argmax, draws follow softmax(logits / T),
+    the same seed gives the same tokens."""
+    from picochat import kernels
+
+    if not kernels.available():
+        pytest.skip("needs triton")
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(5, 33000, generator=g).cuda() * 3
+    assert torch.equal(kernels.sample(big, 0.0, 1), big.argmax(-1))
+    assert torch.equal(kernels.sample(big, 1.0, 7), kernels.sample(big, 1.0, 7))
+    logits = torch.tensor([[0.0, 2.0, 1.5, -1.0]], device="cuda").expand(4096, -1)
+    for temp in (1.0, 3.0):
+        draws = torch.cat([kernels.sample(logits, temp, s) for s in range(8)])
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        want = torch.softmax(logits[0] / temp, 0)
+        assert (freq - want).abs().max() < 0.01, (freq, want)
