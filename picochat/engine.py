@@ -415,12 +415,18 @@ class _GPTDecoder:
         self.slot = s
         return logits.expand(batch, -1)
 
+    def token_buffer(self, batch: int) -> torch.Tensor | None:
+        """The current slot's input-token buffer (batch,), for a sampler to write the next tokens into directly."""
+        s = self.slot
+        return s.tok.view(-1) if s is not None and s.tok.shape[0] == batch else None
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) on the device; returns logits (B, V) for the next position."""
         s = self.slot
         assert s is not None, "prefill() first"
-        s.tok.copy_(tokens.view(-1, 1))
+        if tokens.data_ptr() != s.tok.data_ptr():  # the engine's sampler may write straight into s.tok
+            s.tok.copy_(tokens.view(-1, 1))
         if s.graph is not None:
             s.graph.replay()
             return s.logits
@@ -500,6 +506,9 @@ class _GenericDecoder:
     def prefill(self, prompt: list[int], batch: int, need: int) -> torch.Tensor:
         self.seqs = torch.tensor([prompt] * batch, dtype=torch.long, device=self.device)
         return self.model(self.seqs[:1])[:, -1].float().expand(batch, -1)
+
+    def token_buffer(self, batch: int) -> None:
+        return None
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -620,7 +629,8 @@ class Engine:
                 and os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0")
         for step in range(max_tokens):
             if fast:
-                col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step)
+                col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step,
+                                            out=self.decoder.token_buffer(B))
             else:
                 col_dev = sample_next_token(logits, gen, temperature, top_k, top_p)
             mask = [1] * B

@@ -357,15 +357,17 @@ def embed(wte: torch.Tensor, tok: torch.Tensor, eps: float, prev: torch.Tensor |
     return x
 
 
-def sample(logits: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (B,) int64 from logits (B, V) at `temperature` (<= 0: greedy), without top-k/top-p, in one
-    kernel; rows draw independently, reproducibly from `seed` (vary it per step)."""
+    kernel; rows draw independently, reproducibly from `seed` (vary it per step). `out`: where to write them."""
     B, V = logits.shape
     assert logits.stride(1) == 1
-    out = torch.empty(B, device=logits.device, dtype=torch.long)
+    if out is None:
+        out = torch.empty(B, device=logits.device, dtype=torch.long)
+    assert out.shape == (B,) and out.dtype == torch.long and out.is_contiguous()
     greedy = temperature <= 0.0
     _sample_kernel[(B,)](logits, out, logits.stride(0), 1.0 / temperature if not greedy else 1.0,
-                         int(seed) & 0x7FFFFFFF, V=V, GREEDY=greedy, BLOCK=4096, num_warps=8)
+                         int(seed) & 0x7FFFFFFF, V=V, GREEDY=greedy, BLOCK=8192, num_warps=16)
     return out
 
 
