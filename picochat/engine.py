@@ -15,6 +15,9 @@ How it is fast (see performance.md section 6: an eager 20-layer decode is launch
   device tensors (no Python ints, fixed shapes) and advances the position itself. On CUDA it is captured once per
   slot (batch, prompt capacity, generation capacity) in a CUDA graph, with torch.compile'd pieces inside for kernel
   fusion, and so is the prefill (the prompt padded to the slot's capacity). On CPU both run eagerly.
+- At batch 1 (latency-bound: ~0.9 GB of weights per token on d20) the step is instead a chain of fused Triton
+  kernels, 8 per layer, launched with programmatic dependent launch (kernels.py says why and measures);
+  sampling without top-k/top-p is one Gumbel-max kernel that writes the next input token in place.
 - The host never waits for the GPU more than it must: the next step is launched before the sampled tokens of this
   step are read back (a pinned copy + event), so the Python state machine overlaps the GPU work.
 
