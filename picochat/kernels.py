@@ -1,5 +1,6 @@
-"""Hand-written Triton kernels. Only `picochat.attention` calls them (it decides, and falls back loudly); nothing
-here runs at import, and CPU-only installs never import triton.
+"""Hand-written Triton kernels. `picochat.attention` (decode attention) and `picochat.engine` (the batch-1 step and
+the sampler) call them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs
+never import triton.
 
 Decode attention over a shared prefix (split-KV, "flash decoding"):
 one new query token per row attends to (a) the prompt's keys, stored once and shared by every row, and (b) the
@@ -16,7 +17,9 @@ RoPE and cache-write kernels a step was ~300 launches and 1.07 ms of kernel time
 of which only 0.59 ms was the GEMVs themselves. Here each GEMV carries its neighbours with it: the residual mix
 and the RMSNorm of its input (the norm is a per-row scalar, so it is applied to the dot products afterwards), and
 ReLU², the residual add or the logit softcap on its output; q/k RoPE + QK-norm, the value-embedding gate and the
-KV-cache writes are one small kernel. A layer is then 8 launches instead of ~15.
+KV-cache writes are one small kernel. A layer is then 8 launches instead of ~15, chained with programmatic
+dependent launch (`pdl`). Measured on an H100 (d20, 512-token prompt, README "Performance"): batch-1 decode went from
+855 tok/s (cuBLAS + compiled pieces) to 1,414-1,516 tok/s; GEMVs run at ~1.8 TB/s against cuBLAS's ~1.5.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only torch: callers check `available()` first
     triton = None
     tl = None
+try:  # grid dependency control (triton >= 3.3); without it the kernels are launched the ordinary way
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 BN = 64  # keys per program
 
@@ -49,7 +55,8 @@ def pdl(device: torch.device) -> bool:
     predecessor finishes. A kernel then only touches memory nobody writes (the weights, the prompt cache) before
     `gdc_wait()`, which returns once the predecessor grid has completed; all stores come after it. Off under the
     Triton interpreter and with PICOCHAT_PDL=0."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PICOCHAT_PDL") == "0":
+    if (device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1"
+            or os.environ.get("PICOCHAT_PDL") == "0"):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _pdl_cache:
