@@ -195,11 +195,9 @@ class _GPTDecoder:
         self.slots: collections.OrderedDict[tuple[int, int, int], _Slot] = collections.OrderedDict()
         self.max_slots = 2 if self.device.type == "cuda" else 1
         self.slot: _Slot | None = None
-        self.mode = "cuda-graph" if self.cuda_graph else "eager"
         self.qkv = _fuse_qkv(model)
         self.fused = self.cuda_graph and self._fusable()
         if self.fused:
-            self.mode += "+fused-b1"
             self._one = torch.ones(1, device=self.device)
         self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
         if compile and self.device.type == "cuda":
@@ -212,9 +210,14 @@ class _GPTDecoder:
                 self._pre = torch.compile(_attn_pre, **kw)
                 self._post = torch.compile(_attn_post_mlp, **kw)
                 self._head = torch.compile(_lm_head, **kw)
-                self.mode += "+compile"
             except Exception as e:  # torch.compile missing or broken: the graph alone is still most of the win
                 warnings.warn(f"[engine] torch.compile unavailable ({e}); decoding without it")
+
+    @property
+    def mode(self) -> str:
+        """How steps run: eager | cuda-graph, plus +fused-b1 (batch-1 Triton chain) and +compile."""
+        return (("cuda-graph" if self.cuda_graph else "eager") + ("+fused-b1" if self.fused else "")
+                + ("+compile" if self._pre is not _attn_pre else ""))
 
     # -- the decode step ------------------------------------------------------------------------------------------
 
@@ -234,12 +237,10 @@ class _GPTDecoder:
     def _fusable(self) -> bool:
         """Whether batch-1 steps can use the fused Triton kernels (kernels.gemv / qkv_post): an inference-only bf16
         or fp16 model on CUDA (fused q|k|v), triton present, and not switched off with PICOCHAT_FUSED_DECODE=0."""
-        from picochat import kernels
-
         m = self.model
         dt = m.compute_dtype
-        return (self.qkv is not None and kernels.available() and dt in (torch.bfloat16, torch.float16)
-                and os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0" and self.head_dim % 32 == 0
+        return (self.qkv is not None and _fused_kernels_on() and dt in (torch.bfloat16, torch.float16)
+                and self.head_dim % 32 == 0
                 and self.head_dim & (self.head_dim - 1) == 0
                 and all(p.dtype == dt and p.is_contiguous() for p in m.parameters()))
 
@@ -281,8 +282,7 @@ class _GPTDecoder:
         """`_step` for one row with the fused kernels (same math; see kernels.py for why): per layer one GEMV for
         mix + norm + q|k|v, one kernel for RoPE/QK-norm/value embeds/cache writes, decode attention, and three
         GEMVs carrying the residual adds, the MLP's norm and ReLU²."""
-        from picochat import kernels
-
+        kernels = _kernels()
         m = self.model
         eps = torch.finfo(m.compute_dtype).eps  # what F.rms_norm uses for this dtype in the unfused path
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -381,19 +381,16 @@ class _GPTDecoder:
                               f"using the general decode step")
                 torch.cuda.synchronize(self.device)
                 self.fused = False
-                self.mode = self.mode.replace("+fused-b1", "")
                 return self._capture(s)
             if self._pre is not _attn_pre:  # the compiled pieces failed: retry with plain kernels in the graph
                 warnings.warn(f"[engine] compiled decode failed to capture ({type(e).__name__}: {e}); "
                               f"using the CUDA graph without torch.compile")
                 torch.cuda.synchronize(self.device)
                 self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
-                self.mode = "cuda-graph" + ("+fused-b1" if self.fused else "")
                 return self._capture(s)
             warnings.warn(f"[engine] CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
             torch.cuda.synchronize(self.device)
             self.cuda_graph = False
-            self.mode = "eager"
 
     # -- public ---------------------------------------------------------------------------------------------------
 
@@ -534,9 +531,15 @@ class _Row:
 
 
 def _kernels():
+    """picochat.kernels, imported on first use (it imports triton)."""
     from picochat import kernels
 
     return kernels
+
+
+def _fused_kernels_on() -> bool:
+    """The engine's Triton fast paths (batch-1 step, sampler): triton present and PICOCHAT_FUSED_DECODE != 0."""
+    return os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0" and _kernels().available()
 
 
 def _default_tool(expr: str) -> str | None:
@@ -628,8 +631,7 @@ class Engine:
         host = torch.empty(B, dtype=torch.long, pin_memory=pinned)
         logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
         # on CUDA without top-k/top-p: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches)
-        fast = (dev.type == "cuda" and _kernels().available() and top_k is None and (top_p is None or top_p >= 1.0)
-                and os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0")
+        fast = dev.type == "cuda" and top_k is None and (top_p is None or top_p >= 1.0) and _fused_kernels_on()
         for step in range(max_tokens):
             if fast:
                 col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step,

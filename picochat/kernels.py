@@ -343,10 +343,11 @@ def qkv_post(qkv: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, cos: torch.T
     q = torch.empty(H, D, device=qkv.device, dtype=qkv.dtype)
     has_ve = ve is not None
     gin = gate_w.shape[1] if has_ve else 1
+    use_pdl = pdl(qkv.device)
     _qkv_post_kernel[(H + 2 * Hkv,)](
         qkv, x, gate_w if has_ve else qkv, ve if has_ve else qkv, tok, cos, sin, pos, npre, q, kc, vc, kc.stride(0),
         H, Hkv, x.shape[-1], gin, gate_scale, eps, HAS_VE=has_ve, D=D, NE=triton.next_power_of_2(x.shape[-1]),
-        GIN=max(16, triton.next_power_of_2(gin)), PDL=pdl(qkv.device), num_warps=4, launch_pdl=pdl(qkv.device))
+        GIN=max(16, triton.next_power_of_2(gin)), PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return q
 
 
