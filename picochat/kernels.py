@@ -311,6 +311,57 @@ if triton is not None:
         tl.store(OUT + row, best_idx.to(tl.int64))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _softcap_ce_kernel(Z, TGT, LOSS, G, stride_z, stride_g, V, softcap, BLOCK: tl.constexpr):
+        """One row of softcapped cross-entropy: loss = lse(c) - c[t] with c = softcap * tanh(z / softcap), and
+        dloss/dz = (softmax(c) - onehot(t)) * (1 - tanh^2) written to G (0 for t = -1). Two passes over z: the
+        softcap bounds c by +-softcap, so exp(c - softcap) never overflows and pass 1 needs no running max."""
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(TGT + row)
+        zrow = Z + row * stride_z
+        offs = tl.arange(0, BLOCK)
+        inv = 1.0 / softcap
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            ok = cols < V
+            z = tl.load(zrow + cols, mask=ok, other=0.0).to(tl.float32)
+            th = 2.0 * tl.sigmoid(2.0 * inv * z) - 1.0  # tanh
+            acc += tl.where(ok, tl.exp(softcap * th - softcap), 0.0)
+        lse = softcap + tl.log(tl.sum(acc, 0))
+        valid = t >= 0
+        zt = tl.load(zrow + tl.where(valid, t, 0)).to(tl.float32)
+        ct = softcap * (2.0 * tl.sigmoid(2.0 * inv * zt) - 1.0)
+        tl.store(LOSS + row, tl.where(valid, lse - ct, 0.0))
+        grow = G + row * stride_g
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            ok = cols < V
+            z = tl.load(zrow + cols, mask=ok, other=0.0).to(tl.float32)
+            th = 2.0 * tl.sigmoid(2.0 * inv * z) - 1.0
+            p = tl.exp(softcap * th - lse)
+            p = tl.where(cols == t, p - 1.0, p)
+            g = tl.where(valid, p * (1.0 - th * th), 0.0)
+            tl.store(grow + cols, g.to(G.dtype.element_ty), mask=ok)
+
+
+def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits z (N, V) (bf16/fp16/fp32, last dim contiguous), targets (N,) int (-1 = ignored) ->
+    (per-row loss (N,) fp32, d loss_row / d z (N, V) in z's dtype) of softcap * tanh(z / softcap) cross-entropy.
+    The training loss's epilogue (`model._FusedLinearCE`): it replaces ~10 elementwise passes over the fp32 logits
+    with one kernel that reads z twice and writes the gradient once. softcap must be in (0, 60]."""
+    N, V = z.shape
+    assert z.stride(1) == 1 and 0.0 < softcap <= 60.0
+    loss = torch.empty(N, device=z.device, dtype=torch.float32)
+    g = torch.empty_like(z)
+    if N:
+        _softcap_ce_kernel[(N,)](z, targets.contiguous(), loss, g, z.stride(0), g.stride(0), V, float(softcap),
+                                 BLOCK=2048, num_warps=8)
+    return loss, g
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None, n: int | None = None,
          mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, norm_eps: float | None = None,
          relu2: bool = False, residual: torch.Tensor | None = None, softcap: float | None = None

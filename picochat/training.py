@@ -389,15 +389,25 @@ def should_compile(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.device) -> torch.nn.Module:
+def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.device,
+                  activation_budget: float = 1.0) -> torch.nn.Module:
     """The model to call in the training loop (compiled or not). Save/load `state_dict` from the original module.
 
     dynamic=False: shapes are fixed in training, and a dynamic-shape graph is slower; eval with another batch shape
-    compiles one more graph.
+    compiles one more graph. `activation_budget` < 1 asks the compiler's partitioner to keep at most that fraction
+    of the activations it would save for backward and recompute the cheapest rest (torch._functorch's
+    activation_memory_budget). Measured at d20, micro-batch 32, on an H200: 1.0 -> 72.3 GB peak, 150.8K tok/s;
+    0.7 -> 47.4 GB, 147.0K tok/s (README "Performance").
     """
     if not should_compile(flag, device):
         return model
-    print0("[compile] torch.compile(model, dynamic=False): the first step takes a while")
+    if not 0.0 < activation_budget <= 1.0:
+        raise UserError(f"--activation-budget {activation_budget}: must be in (0, 1] (1 = no recomputation)")
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = activation_budget
+    budget = f", activation budget {activation_budget:g}" if activation_budget < 1.0 else ""
+    print0(f"[compile] torch.compile(model, dynamic=False{budget}): the first step takes a while")
     return torch.compile(model, dynamic=False)
 
 

@@ -96,6 +96,27 @@ def test_fused_loss_matches_plain_path(reduction):
     assert torch.allclose(a, b, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton)")
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 1000), (torch.bfloat16, 32768)])
+def test_softcap_ce_kernel_matches_torch_definition(dtype, V):
+    from picochat import kernels
+    from picochat.model import _softcap_ce_torch
+
+    torch.manual_seed(0)
+    z = (torch.randn(300, V, device="cuda") * 8).to(dtype)  # spans the softcap's curved range
+    t = torch.randint(0, V, (300,), device="cuda")
+    t[::7] = -1
+    loss_k, g_k = kernels.softcap_ce(z, t, 15.0)
+    loss_t, g_t = _softcap_ce_torch(z, t, 15.0)
+    assert g_k.dtype == dtype and loss_k.dtype == torch.float32
+    assert torch.allclose(loss_k, loss_t, rtol=1e-5, atol=1e-5)
+    assert (loss_k[::7] == 0).all() and (g_k[::7] == 0).all()
+    # fp32: the kernel's tanh (via sigmoid) and exp differ from torch's in the last bits; bf16: one rounding step
+    rtol, atol = (2e-4, 1e-6) if dtype == torch.float32 else (1e-2, 1e-5)
+    assert torch.allclose(g_k.float(), g_t.float(), rtol=rtol, atol=atol)
+    assert torch.allclose(g_k.float().sum(1), g_t.float().sum(1), atol=1e-3)  # softmax - onehot rows sum near 0
+
+
 @pytest.mark.parametrize("pattern", ["L", "SL"])
 def test_kv_cache_decode_equals_full_forward(pattern):
     # seq 512 -> S window 128 < the 200 tokens decoded, so windows really cut
