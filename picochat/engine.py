@@ -782,7 +782,7 @@ def _config_for_depth(depth: int, vocab_size: int, window_pattern: str):
 
 def bench_main(args: argparse.Namespace) -> dict:
     from picochat.model import build_model
-    from picochat.runtime import compute_dtype, detect_device, peak_flops, synchronize
+    from picochat.runtime import compute_dtype, detect_device, peak_bandwidth, synchronize
 
     dev = detect_device(args.device)
     kw = dict(cuda_graph=not args.no_cuda_graph, compile=not args.no_compile)
@@ -842,8 +842,24 @@ def bench_main(args: argparse.Namespace) -> dict:
                            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                            "dtype": str(model.compute_dtype).replace("torch.", ""), "mode": engine.mode,
                            "prompt_tokens": n_prompt, "new_tokens": args.new_tokens, "results": results}
-    if dev.type == "cuda":
-        bw = 3.35e12 if peak_flops(dev) else None
-        if bw and results:
-            out["bw_ceiling_tok_s_batch1"] = round(bw / weight_bytes, 1)
+    bw = peak_bandwidth(dev)
+    per_token = decode_bytes_per_token(model, n_prompt + args.new_tokens // 2)
+    out["bytes_per_token_batch1"] = per_token
+    if bw:  # the batch-1 roofline: every matrix and the cache read once per token
+        out["bw_ceiling_tok_s_batch1"] = round(bw / per_token, 1)
+        for row in results:
+            if row["batch"] == 1 and row["tokens_per_s"]:
+                out["mbu_batch1"] = round(row["tokens_per_s"] * per_token / bw, 4)
     return out
+
+
+def decode_bytes_per_token(model: Any, context: int) -> int:
+    """Bytes one batch-1 decode step must read: every weight matrix except the embedding tables (a token reads one
+    row of those), plus the KV cache over `context` positions, in the compute dtype."""
+    c = model.config
+    esize = torch.empty((), dtype=model.compute_dtype).element_size()
+    mats = sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and not n.startswith(("wte.", "value_embeds.")))
+    rows = c.n_embd + len(model.value_embeds) * c.n_kv_head * c.head_dim
+    kv = c.n_layer * 2 * c.n_kv_head * c.head_dim * context
+    return (mats + rows + kv) * esize

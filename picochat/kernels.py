@@ -1,6 +1,12 @@
-"""Hand-written Triton kernels. `picochat.attention` (decode attention) and `picochat.engine` (the batch-1 step and
-the sampler) call them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs
+"""Hand-written Triton kernels. `picochat.attention` (decode attention), `picochat.engine` (the batch-1 step and
+the sampler) and `picochat.model` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
+custom op) call them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs
 never import triton.
+
+Training loss epilogue (`softcap_ce`): for each chunk of lm_head logits, the loss per row and its gradient
+(softmax - onehot) * (1 - tanh^2) in one kernel that reads the bf16 logits twice and writes the gradient once.
+Compiled from torch ops the same math was ~10 passes over fp32 logits: 35 ms of a 265 ms d12 step on an H200,
+9.5 ms now; d12 went from 494K to 542K tok/s (README "Performance").
 
 Decode attention over a shared prefix (split-KV, "flash decoding"):
 one new query token per row attends to (a) the prompt's keys, stored once and shared by every row, and (b) the

@@ -105,6 +105,8 @@ class PretrainConfig:
                                                            "span --num-iterations); 0 = off"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model and optimizer "
                                                                  "(default: on CUDA)"})
+    fp8: bool = field(default=False, metadata={"help": "fp8 matmuls (tensorwise e4m3/e5m2) in the transformer "
+                                                       "blocks; sm_89+ GPUs (picochat/fp8.py)"})
     activation_budget: float = field(default=1.0, metadata={"help": "fraction of the activations the compiled "
                                                                   "model keeps for backward; below 1 the rest is "
                                                                   "recomputed (d20 micro-batch 32: 0.7 -> 47 GB "
@@ -269,6 +271,21 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     return Plan(mc, d, B, total, total // per_micro, d["num_iterations"], lr_scale, wd)
 
 
+def apply_fp8(model: Any, on: bool, device: torch.device) -> int:
+    """--fp8: switch the block matmuls to fp8 (picochat/fp8.py) or fail clearly where the GPU has no fp8 cores."""
+    if not on:
+        return 0
+    from picochat import fp8
+    from picochat.runtime import print0
+
+    ok, why = fp8.supported(device)
+    if not ok:
+        raise UserError(f"--fp8: {why}; drop --fp8 to train in bf16")
+    n = fp8.convert(model)
+    print0(f"[fp8] {n} block matmuls in fp8 (tensorwise e4m3 forward, e5m2 gradients); lm_head stays bf16")
+    return n
+
+
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan, compile_step: bool):
     from picochat.optim import build_optimizer
 
@@ -424,6 +441,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
 
     model = build_model(mc, device=rt.device)
     model.set_compute_dtype(rt.dtype)
+    apply_fp8(model, cfg.fp8, rt.device)
     compiled = should_compile(cfg.compile, rt.device)
     opt = make_optimizer(model, cfg, plan, compile_step=compiled)
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
@@ -652,6 +670,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (sm_89+ GPUs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one more step and print its N biggest kernels by time, and "
+                             "the time per category (matmul, attention, triton, ...)")
     parser.add_argument("--activation-budget", type=float, default=1.0,
                         help="fraction of activations kept for backward (below 1: recompute the rest)")
     parser.add_argument("--data", default="random", help="'random' tokens, or a shard directory (needs --tokenizer)")
@@ -671,7 +693,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
                          head_dim=args.head_dim, value_embeds=args.value_embeds, compile=args.compile,
                          data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                          device_batch_size=args.device_batch_size, smear=getattr(args, "smear", True),
-                         backout=getattr(args, "backout", True))
+                         backout=getattr(args, "backout", True), fp8=args.fp8,
+                         activation_budget=args.activation_budget)
     tok, _ = _load_tokenizer(cfg)
     B = args.device_batch_size or scaling.device_batch_size(args.depth, args.seq_len)
     cfg.device_batch_size = B
@@ -680,6 +703,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
     model = build_model(plan.model_config, device=rt.device)
     model.set_compute_dtype(rt.dtype)
+    apply_fp8(model, args.fp8, rt.device)
     compiled = should_compile(args.compile, rt.device)
     opt = make_optimizer(model, cfg, plan, compile_step=compiled)
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
@@ -703,6 +727,16 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
     synchronize(rt.device)
     dt = time.perf_counter() - t0
+    prof = None
+    if args.profile > 0:  # after the timing, so the profiler's overhead never shows in tok/s
+        from picochat.training import profile_step
+
+        def one_step() -> None:
+            nonlocal loss, batch
+            apply_schedules(opt, cfg, args.warmup + args.steps, total)
+            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+
+        prof = profile_step(one_step, rt.device, top=args.profile)
     loader.close()
     tok_s = args.steps * plan.total_batch_size / dt
     peak = peak_flops(rt.device)
@@ -719,5 +753,6 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         "tok_per_s": round(tok_s), "mfu": round(fpt * tok_s / (peak * rt.world_size), 4) if peak else None,
         "peak_mem_gb": round(peak_memory_gb(rt.device), 2) if rt.device.type == "cuda" else None,
         "warmup_s": round(warm_s, 1), "final_loss": round(float(loss.item()) / plan.grad_accum, 4),
-        "fused_loss": model.fused_loss, "activation_budget": args.activation_budget, "data": args.data,
+        "fused_loss": model.fused_loss, "activation_budget": args.activation_budget, "fp8": args.fp8,
+        "data": args.data, **({"profile": prof} if prof is not None else {}),
     }

@@ -135,6 +135,21 @@ PEAK_FLOPS = [
 ]
 
 
+# HBM/GDDR bandwidth, bytes/s, from the vendors' datasheets (SXM parts unless named): the decode roofline.
+PEAK_BANDWIDTH = [
+    ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("GH200", 4.0e12), ("B200", 8.0e12),
+    ("B100", 8.0e12), ("A100", 2.0e12), ("A10G", 0.6e12), ("L40S", 0.864e12), ("L4", 0.3e12),
+    ("RTX 5090", 1.79e12), ("RTX 4090", 1.008e12), ("RTX 3090", 0.936e12), ("A6000", 0.768e12), ("V100", 0.9e12),
+]
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_BANDWIDTH if key in name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

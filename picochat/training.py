@@ -411,6 +411,53 @@ def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.devic
     return torch.compile(model, dynamic=False)
 
 
+KERNEL_CATEGORIES = (  # first match wins: cuDNN attention kernels also carry "sm90_" like the GEMMs
+    ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn", "scaled_dot_product")),
+    ("matmul", ("nvjet", "gemm", "xmma", "cutlass", "cublas", "splitkreduce", "aten::mm", "aten::addmm",
+                "aten::bmm", "scaled_mm")),
+    ("triton", ("triton",)),
+    ("nccl", ("nccl", "gloo")),
+    ("memory", ("memcpy", "memset")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    if low.startswith("_") and low.endswith("_kernel"):  # picochat's own Triton kernels (picochat/kernels.py)
+        return "triton"
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_step(step: Any, device: torch.device, top: int = 25) -> dict[str, Any]:
+    """Run `step()` once under torch.profiler and sum kernel time (device time on CUDA, CPU op self time elsewhere)
+    by name and by category (matmul, attention, triton, nccl, memory, other). Prints the `top` names on rank 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if t > 0:
+            rows.append((t / 1000.0, e.count, e.key))
+    rows.sort(key=lambda r: -r[0])
+    cats: dict[str, float] = {}
+    for ms, _, name in rows:
+        cat = kernel_category(name)
+        cats[cat] = cats.get(cat, 0.0) + ms
+    total = sum(cats.values())
+    print0(f"[profile] one step: {total:.1f} ms of {'kernel' if cuda else 'CPU op'} time; "
+           + ", ".join(f"{k} {v:.1f} ms ({100 * v / max(total, 1e-9):.0f}%)"
+                       for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
+    for ms, count, name in rows[:top]:
+        print0(f"[profile] {ms:9.2f} ms {count:6d}x  {kernel_category(name):9s} {name[:110]}")
+    return {"total_ms": round(total, 2), "categories": {k: round(v, 2) for k, v in cats.items()},
+            "top": [[name[:200], round(ms, 3), count] for ms, count, name in rows[:top]]}
+
+
 def freeze_gc() -> None:
     """Collect once and stop the cyclic GC: long-lived training state makes gen-2 collections cost ~0.5 s
     pauses (measured by nanochat); reference counting still frees everything the loop allocates."""

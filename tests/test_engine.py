@@ -229,6 +229,18 @@ def test_bench_infer_cpu():
     assert out["smear"] is True and out["backout"] is True  # the random-init model follows the training defaults
     for r in out["results"]:
         assert r["ttft_ms"] > 0 and r["per_token_ms"] > 0 and r["tokens_per_s"] > 0
+    assert "bw_ceiling_tok_s_batch1" not in out  # no bandwidth figure for a CPU
+
+
+def test_decode_bytes_per_token_counts_matrices_and_cache_not_tables():
+    from picochat.engine import decode_bytes_per_token
+    from picochat.model import GPTConfig, build_model
+
+    c = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, smear=False)
+    m = build_model(c).set_compute_dtype(torch.bfloat16)
+    blocks = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 64 * 256) + 12 * 1  # q, k|v (GQA), proj, MLP; 1 ve gate
+    head, rows, kv = 256 * 64, 64 + 32, 2 * 2 * 32 * 10
+    assert decode_bytes_per_token(m, 10) == 2 * (blocks + head + rows + kv)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

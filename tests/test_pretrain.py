@@ -214,6 +214,23 @@ def test_bench_pretrain_prints_metrics(capsys):
                  "2", "--steps", "1", "--warmup", "1", "--vocab-size", "128", "--no-compile"]) == 0
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the defaults: both on
     assert res2["smear"] is True and res2["backout"] is True and res2["params"] > res["params"]
+    assert "profile" not in res2
+
+
+def test_bench_pretrain_profile_breaks_a_step_down(capsys):
+    from picochat.cli import main
+    from picochat.training import kernel_category
+
+    assert main(["bench", "pretrain", "--depth", "2", "--head-dim", "16", "--seq-len", "32", "--device-batch-size",
+                 "2", "--steps", "1", "--warmup", "1", "--vocab-size", "128", "--no-compile", "--profile", "5"]) == 0
+    out = capsys.readouterr().out
+    prof = json.loads(out.strip().splitlines()[-1])["profile"]
+    assert len(prof["top"]) == 5 and prof["categories"]["matmul"] > 0
+    assert sum(prof["categories"].values()) == pytest.approx(prof["total_ms"], rel=1e-3)
+    assert out.count("[profile]") == 6  # the category line and the five biggest
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
+    assert kernel_category("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN") == "matmul"
+    assert kernel_category("_softcap_ce_kernel") == "triton"
 
 
 def test_smear_backout_flags_reach_the_model_and_resume():
@@ -241,6 +258,19 @@ def test_smear_backout_flags_reach_the_model_and_resume():
 
     with pytest.raises(UserError, match="differs from this run"):  # the flags are part of the model identity
         run(_cfg("sb", smear=False, backout=False, num_iterations=6, save_every=0))
+
+
+def test_activation_budget_and_fp8_flags_fail_clearly():
+    from picochat.config import UserError
+    from picochat.pretrain import make_plan
+
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match="--activation-budget"):
+            make_plan(_cfg("ab", activation_budget=bad), 128, 1, torch.device("cpu"))
+    with pytest.raises(UserError, match="--activation-budget"):
+        training.maybe_compile(torch.nn.Linear(2, 2), True, torch.device("cpu"), activation_budget=-1.0)
+    with pytest.raises(UserError, match="--fp8"):  # CPU has no fp8 tensor cores: refused before any training
+        run(_cfg("fp8cpu", fp8=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""fp8 training matmuls for the transformer blocks, applied from outside the model (`convert(model)`).
+
+Each converted Linear computes y = x W^T with both operands cast to float8 e4m3 under one dynamic scale per tensor
+("tensorwise": amax / 448), and in backward casts the incoming gradient to e5m2 (wider range, amax / 57344) for
+dx = dy W and dW = dy^T x. The products run on the fp8 tensor cores through `torch._scaled_mm` and accumulate in
+fp32. Why tensorwise: nanochat measured it +17% tok/s at d26 on 8xH100 against bf16, and rowwise scaling a loss
+(performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200: in isolation the
+block GEMMs of d20 run 1.6-1.8x faster in fp8, but a whole d12 step is *slower* (509.6K tok/s against 541.6K in
+bf16; its 768-wide matmuls are too small for the casts to pay, as nanochat also found at d12) and needs 21% less
+memory (23.4 GB against 29.7). So it is off by default; at d20 and beyond it is not measured yet (README
+"Performance"). The forward saves the fp8 copy of x for backward, half the bytes of the bf16 activation.
+
+What stays in bf16/fp32: the lm_head (its logits feed the softcapped loss), embeddings, the small gates, and any
+Linear whose dimensions are not multiples of 16 (the fp8 GEMM's constraint). Parameters stay fp32 master weights,
+so checkpoints are the same as without fp8 and later stages load them as usual. Needs an fp8 tensor-core GPU
+(sm_89+: RTX 4090, H100, B200) for speed; `torch._scaled_mm` also runs on CPU, which the tests use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from picochat.model import GPT, Linear
+
+E4M3, E4M3_MAX = torch.float8_e4m3fn, 448.0
+E5M2, E5M2_MAX = torch.float8_e5m2, 57344.0
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, fmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (fp8 tensor, fp32 dequantisation scale) with x ~= q * scale; one scale for the whole tensor."""
+    amax = x.detach().abs().amax().float().clamp_min(1e-12)
+    q = (x.float() * (fmax / amax)).clamp(-fmax, fmax).to(dtype)
+    return q, amax / fmax
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column-major (the layout `_scaled_mm` wants for its second operand)."""
+    return t.t().contiguous().t()
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """x (M, K) in the compute dtype, w (N, K) fp32 master weight -> x @ w^T in x's dtype; fp8 both ways."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize(x, E4M3, E4M3_MAX)
+        wq, ws = quantize(w, E4M3, E4M3_MAX)
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.out_dtype = x.dtype
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xq, xs, wq, ws = ctx.saved_tensors
+        gq, gs = quantize(dy, E5M2, E5M2_MAX)
+        dx = torch._scaled_mm(gq, _col_major(wq), scale_a=gs, scale_b=ws, out_dtype=ctx.out_dtype)
+        dw = torch._scaled_mm(gq.t().contiguous(), _col_major(xq), scale_a=gs, scale_b=xs, out_dtype=torch.float32)
+        return dx, dw
+
+
+class Float8Linear(Linear):
+    """A `model.Linear` whose matmul runs in fp8 (same parameters and state_dict; see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] % 16:  # the fp8 GEMM needs every dimension divisible by 16 (e.g. single-token decoding)
+            return super().forward(x)
+        return _Fp8Matmul.apply(x2, self.weight).view(*shape[:-1], self.out_features)
+
+
+def eligible(lin: torch.nn.Module) -> bool:
+    return type(lin) is Linear and lin.in_features % 16 == 0 and lin.out_features % 16 == 0
+
+
+def convert(model: GPT) -> int:
+    """Switch the block projections (attention q/k/v/out, MLP in/out) of `model` to fp8 in place; returns how many.
+    The lm_head, embeddings and gates are left alone."""
+    n = 0
+    for block in model.blocks:
+        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj, block.mlp.c_fc,
+                    block.mlp.c_proj):
+            if eligible(lin):
+                lin.__class__ = Float8Linear
+                n += 1
+    return n
+
+
+def supported(device: torch.device) -> tuple[bool, str]:
+    """(ok, why not): fp8 tensor cores are sm_89+ (Ada, Hopper, Blackwell)."""
+    if device.type != "cuda":
+        return False, f"device {device.type} has no fp8 tensor cores"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; fp8 needs sm_89 or newer"
+    return True, ""
