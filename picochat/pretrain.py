@@ -159,7 +159,10 @@ class RandomTokens:
         rnd = torch.randint(0, self.V, (self.B, self.T), generator=g)
         for t in range(self.T):
             rows[:, t + 1] = torch.where(noise[:, t], rnd[:, t], self.perm[rows[:, t]])
-        rows = rows.to(self.device)
+        if self.device.type == "cuda":  # like the real loader: a pageable copy would wait for the GPU to drain
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        else:
+            rows = rows.to(self.device)
         return rows[:, :-1], rows[:, 1:]
 
     def __iter__(self):
