@@ -1,5 +1,5 @@
 """Hand-written Triton kernels. `picochat.attention` (decode attention), `picochat.engine` (the batch-1 step and
-the sampler) and `picochat.model` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
+the sampler) and `picochat.loss` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
 custom op) call them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs
 never import triton.
 
@@ -356,7 +356,7 @@ if triton is not None:
 def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of logits z (N, V) (bf16/fp16/fp32, last dim contiguous), targets (N,) int (-1 = ignored) ->
     (per-row loss (N,) fp32, d loss_row / d z (N, V) in z's dtype) of softcap * tanh(z / softcap) cross-entropy.
-    The training loss's epilogue (`model._FusedLinearCE`): it replaces ~10 elementwise passes over the fp32 logits
+    The training loss's epilogue (`loss._FusedLinearCE`): it replaces ~10 elementwise passes over the fp32 logits
     with one kernel that reads z twice and writes the gradient once. softcap must be in (0, 60]."""
     N, V = z.shape
     assert z.stride(1) == 1 and 0.0 < softcap <= 60.0

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from picochat.model import GPT, GPTConfig, build_model, flops_per_token, fused_linear_cross_entropy, num_scaling_params
+from picochat.loss import fused_linear_cross_entropy
+from picochat.model import GPT, GPTConfig, build_model, flops_per_token, num_scaling_params
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +101,7 @@ def test_fused_loss_matches_plain_path(reduction):
 @pytest.mark.parametrize("dtype,V", [(torch.float32, 1000), (torch.bfloat16, 32768)])
 def test_softcap_ce_kernel_matches_torch_definition(dtype, V):
     from picochat import kernels
-    from picochat.model import _softcap_ce_torch
+    from picochat.loss import _softcap_ce_torch
 
     torch.manual_seed(0)
     z = (torch.randn(300, V, device="cuda") * 8).to(dtype)  # spans the softcap's curved range
