@@ -405,7 +405,11 @@ def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.devic
         raise UserError(f"--activation-budget {activation_budget}: must be in (0, 1] (1 = no recomputation)")
     import torch._functorch.config as functorch_config
 
-    functorch_config.activation_memory_budget = activation_budget
+    if hasattr(functorch_config, "activation_memory_budget"):
+        functorch_config.activation_memory_budget = activation_budget
+    elif activation_budget < 1.0:
+        raise UserError(f"--activation-budget {activation_budget}: this torch ({torch.__version__}) has no "
+                        f"activation memory budget; upgrade torch or drop the flag")
     budget = f", activation budget {activation_budget:g}" if activation_budget < 1.0 else ""
     print0(f"[compile] torch.compile(model, dynamic=False{budget}): the first step takes a while")
     return torch.compile(model, dynamic=False)
