@@ -8,6 +8,7 @@ model itself stays unaware of where it runs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -41,17 +42,12 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[
             from picochat import kernels
 
             return kernels.softcap_ce(z, targets, softcap)
-        if not _warned_no_triton:
-            _warn_no_triton()
+        _warn_no_triton()
     return _softcap_ce_torch(z, targets, softcap)
 
 
-_warned_no_triton = False
-
-
-def _warn_no_triton() -> None:
-    global _warned_no_triton
-    _warned_no_triton = True
+@functools.cache
+def _warn_no_triton() -> None:  # cached: warns once per process
     warnings.warn("[loss] triton is not installed: the training loss runs its softcapped cross-entropy as eager "
                   "torch ops instead of one kernel, several times slower (the kernel saved ~25 ms per 131K-token "
                   "d12 step on an H200); pip install triton, or PICOCHAT_CE_KERNEL=0 to silence this")

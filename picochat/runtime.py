@@ -143,21 +143,20 @@ PEAK_BANDWIDTH = [
 ]
 
 
-def peak_bandwidth(device: torch.device) -> float | None:
+def _by_gpu_name(table: list[tuple[str, float]], device: torch.device) -> float | None:
+    """The first entry of `table` whose key is a substring of the CUDA device's name; None elsewhere/unknown."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((value for key, value in PEAK_BANDWIDTH if key in name), None)
+    return next((value for key, value in table if key in name), None)
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    return _by_gpu_name(PEAK_BANDWIDTH, device)
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS:
-        if key in name:
-            return value
-    return None
+    return _by_gpu_name(PEAK_FLOPS, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

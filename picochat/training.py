@@ -442,24 +442,23 @@ def profile_step(step: Any, device: torch.device, top: int = 25) -> dict[str, An
         step()
         if cuda:
             torch.cuda.synchronize(device)
-    rows = []
+    rows = []  # (ms, calls, name, category)
     for e in prof.key_averages():
         t = e.self_device_time_total if cuda else e.self_cpu_time_total
         if t > 0:
-            rows.append((t / 1000.0, e.count, e.key))
+            rows.append((t / 1000.0, e.count, e.key, kernel_category(e.key)))
     rows.sort(key=lambda r: -r[0])
     cats: dict[str, float] = {}
-    for ms, _, name in rows:
-        cat = kernel_category(name)
+    for ms, _, _, cat in rows:
         cats[cat] = cats.get(cat, 0.0) + ms
     total = sum(cats.values())
     print0(f"[profile] one step: {total:.1f} ms of {'kernel' if cuda else 'CPU op'} time; "
            + ", ".join(f"{k} {v:.1f} ms ({100 * v / max(total, 1e-9):.0f}%)"
                        for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
-    for ms, count, name in rows[:top]:
-        print0(f"[profile] {ms:9.2f} ms {count:6d}x  {kernel_category(name):9s} {name[:110]}")
+    for ms, count, name, cat in rows[:top]:
+        print0(f"[profile] {ms:9.2f} ms {count:6d}x  {cat:9s} {name[:110]}")
     return {"total_ms": round(total, 2), "categories": {k: round(v, 2) for k, v in cats.items()},
-            "top": [[name[:200], round(ms, 3), count] for ms, count, name in rows[:top]]}
+            "top": [[name[:200], round(ms, 3), count] for ms, count, name, _ in rows[:top]]}
 
 
 def freeze_gc() -> None:
