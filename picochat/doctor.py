@@ -296,11 +296,12 @@ def _recommend(gpus: list[dict[str, Any]], attention: str, disk: dict[str, Any],
             notes.append(f"device batch size for d{depth}: --device-batch-size {batches[f'd{depth}']} "
                          f"(estimate; halve it on out-of-memory, the total batch stays the same)")
         if rec["fp8"]:
-            notes.append(f"fp8 should pay off here for d{depth}: try `pretrain --fp8` (nanochat measured +17% "
-                         f"tok/s at d26; picochat has measured it only at d12, where it is 6% slower)")
+            notes.append(f"fp8 should pay off here for d{depth}: try `pretrain --fp8` (picochat measured +15% "
+                         f"tok/s and 21% less memory at d20 on an H200, nanochat +17% at d26; at d12 it is 6% "
+                         f"slower); its effect on quality per token is not measured yet")
         elif rec.get("fp8_supported"):
-            notes.append("fp8 (`pretrain --fp8`) is supported but only pays off from about d20 up; at d12 it was "
-                         "measured 6% slower, so leave it off for smaller models")
+            notes.append("fp8 (`pretrain --fp8`) is supported but only pays off from about d20 up (+15% measured "
+                         "at d20); at d12 it was measured 6% slower, so leave it off for smaller models")
     if not libuv.get("available"):
         notes.append("torch.distributed has no libuv TCPStore here: `picochat launch` detects this and uses the "
                      "classic store (USE_LIBUV=0 plus use_libuv=False everywhere); plain torchrun may fail")

@@ -17,7 +17,8 @@ How it is fast (see performance.md section 6: an eager 20-layer decode is launch
   fusion, and so is the prefill (the prompt padded to the slot's capacity). On CPU both run eagerly.
 - At batch 1 (latency-bound: ~0.9 GB of weights per token on d20) the step is instead a chain of fused Triton
   kernels, 8 per layer, launched with programmatic dependent launch (kernels.py says why and measures);
-  sampling without top-k/top-p is one Gumbel-max kernel that writes the next input token in place.
+  sampling without top-k/top-p is one Gumbel-max launch spread over the vocabulary (32 programs per row at 32K)
+  that writes the next input token in place.
 - The host never waits for the GPU more than it must: the next step is launched before the sampled tokens of this
   step are read back (a pinned copy + event), so the Python state machine overlaps the GPU work.
 
@@ -632,10 +633,11 @@ class Engine:
         logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
         # on CUDA without top-k/top-p: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches)
         fast = dev.type == "cuda" and top_k is None and (top_p is None or top_p >= 1.0) and _fused_kernels_on()
+        scratch = torch.zeros(2, B, dtype=torch.long, device=dev) if fast else None  # the sampler's, reused
         for step in range(max_tokens):
             if fast:
                 col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step,
-                                            out=self.decoder.token_buffer(B))
+                                            out=self.decoder.token_buffer(B), scratch=scratch)
             else:
                 col_dev = sample_next_token(logits, gen, temperature, top_k, top_p)
             mask = [1] * B

@@ -4,11 +4,15 @@ Each converted Linear computes y = x W^T with both operands cast to float8 e4m3 
 ("tensorwise": amax / 448), and in backward casts the incoming gradient to e5m2 (wider range, amax / 57344) for
 dx = dy W and dW = dy^T x. The products run on the fp8 tensor cores through `torch._scaled_mm` and accumulate in
 fp32. Why tensorwise: nanochat measured it +17% tok/s at d26 on 8xH100 against bf16, and rowwise scaling a loss
-(performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200: in isolation the
-block GEMMs of d20 run 1.6-1.8x faster in fp8, but a whole d12 step is *slower* (509.6K tok/s against 541.6K in
-bf16; its 768-wide matmuls are too small for the casts to pay, as nanochat also found at d12) and needs 21% less
-memory (23.4 GB against 29.7). So it is off by default; at d20 and beyond it is not measured yet (README
-"Performance"). The forward saves the fp8 copy of x for backward, half the bytes of the bf16 activation.
+(performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200 (README
+"Performance"): a whole d20 step is 15% faster (181.1K tok/s, 59.4% bf16-equivalent MFU, against 157.6K) and
+needs 21% less memory (35.0 GB against 44.4); a d12 step is *slower* (509.6K against 541.6K: its 768-wide matmuls
+are too small for the casts to pay, as nanochat also found at d12). At d20 the casts, transposes and amax
+reductions are a third of the step's kernel time, which is why the 1.6-1.8x faster GEMMs give only 15%. Tried and
+dropped (d20 width, 4 layers, fwd+bwd of 32K tokens): q, k, v as one fp8 matmul over the concatenated weights
+(x cast once) was 3% *slower* (46.1 ms against 44.8) than three; fp8 in the MLP only was the same speed (44.7)
+as all six; bf16 was 48.4. fp8 stays off by default until its quality per token is measured. The forward saves
+the fp8 copy of x for backward, half the bytes of the bf16 activation.
 
 What stays in bf16/fp32: the lm_head (its logits feed the softcapped loss), embeddings, the small gates, and any
 Linear whose dimensions are not multiples of 16 (the fp8 GEMM's constraint). Parameters stay fp32 master weights,
