@@ -200,6 +200,22 @@ def test_random_tokens_global_index_and_state():
     assert torch.equal(b0[0][:, 1:], b0[1][:, :-1])  # targets are inputs shifted by one
 
 
+def test_random_tokens_follow_their_definition():
+    """Each row: a uniform first token, then next = perm[current], or with 10% probability a uniform token; the
+    draws come from one generator seeded by the global batch index, in this order (what earlier runs saw)."""
+    r = RandomTokens(50, 3, 40, seed=5)
+    x, y = r.next_batch()
+    g = torch.Generator().manual_seed(r.seed * 1_000_003 + 0 + 1)
+    rows = torch.empty(3, 41, dtype=torch.long)
+    rows[:, 0] = torch.randint(0, 50, (3,), generator=g)
+    noise = torch.rand(3, 40, generator=g) < 0.1
+    rnd = torch.randint(0, 50, (3, 40), generator=g)
+    for t in range(40):
+        rows[:, t + 1] = torch.where(noise[:, t], rnd[:, t], r.perm[rows[:, t]])
+    assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+    assert noise.any() and (~noise).any()  # both branches are exercised
+
+
 def test_bench_pretrain_prints_metrics(capsys):
     from picochat.cli import main
 
