@@ -247,6 +247,7 @@ def test_bench_pretrain_profile_breaks_a_step_down(capsys):
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
     assert kernel_category("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN") == "matmul"
     assert kernel_category("_softcap_ce_kernel") == "triton"
+    assert kernel_category("triton_poi_fused__scaled_mm__to_copy_clamp_t_view_19") == "triton"
 
 
 def test_smear_backout_flags_reach_the_model_and_resume():
