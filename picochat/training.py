@@ -429,8 +429,10 @@ def kernel_category(name: str) -> str:
     low = name.lower()
     if low.startswith("_") and low.endswith("_kernel"):  # picochat's own Triton kernels (picochat/kernels.py)
         return "triton"
-    if low.startswith("triton_"):  # compiler-generated, even when named after the op they feed (fp8 casts:
-        return "triton"            # "triton_poi_fused__scaled_mm_..." is elementwise work, not a GEMM)
+    # compiler-generated kernels are elementwise work even when named after the op they feed
+    # ("triton_poi_fused__scaled_mm_..." is an fp8 cast, not a GEMM)
+    if low.startswith("triton_"):
+        return "triton"
     return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
 
 
