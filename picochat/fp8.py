@@ -6,13 +6,20 @@ dx = dy W and dW = dy^T x. The products run on the fp8 tensor cores through `tor
 fp32. Why tensorwise: nanochat measured it +17% tok/s at d26 on 8xH100 against bf16, and rowwise scaling a loss
 (performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200 (README
 "Performance"): a whole d20 step is 15% faster (181.1K tok/s, 59.4% bf16-equivalent MFU, against 157.6K) and
-needs 21% less memory (35.0 GB against 44.4); a d12 step is *slower* (509.6K against 541.6K: its 768-wide matmuls
-are too small for the casts to pay, as nanochat also found at d12). At d20 the casts, transposes and amax
-reductions are a third of the step's kernel time, which is why the 1.6-1.8x faster GEMMs give only 15%. Tried and
-dropped (d20 width, 4 layers, fwd+bwd of 32K tokens): q, k, v as one fp8 matmul over the concatenated weights
+needs 21% less memory (35.0 GB against 44.4); a d12 step is *slower* (1.5%, 527.8K against 535.6K on one machine:
+its 768-wide matmuls are too small for the casts to pay, as nanochat also found at d12). Why the 1.6-1.8x faster
+GEMMs give only 15%: the compiled kernels that compute amax reductions, casts and transposes take ~6.5 of the 43.8 ms
+of kernel time of a 4-layer d20-width step (several of them also do norm or ReLU^2 work the bf16 step has too), and
+the lm_head, attention and the other elementwise work stay as they were. Tried and dropped (d20 width, 4 layers, fwd+bwd of 32K tokens): q, k, v as one fp8 matmul over the concatenated weights
 (x cast once) was 3% *slower* (46.1 ms against 44.8) than three; fp8 in the MLP only was the same speed (44.7)
-as all six; bf16 was 48.4. fp8 stays off by default until its quality per token is measured. The forward saves
-the fp8 copy of x for backward, half the bytes of the bf16 activation.
+as all six; bf16 was 48.4. A Triton transpose for the dW operands (3.6 TB/s alone, 10x torch's copy) left the
+4-layer step the same (45.5 ms against 45.0): the compiler's fused cast-and-transpose kernels were not the waste
+they looked like in the profile. The forward saves the fp8 copy of x for backward, half the bytes of the bf16
+activation.
+
+Default: on for d20+ on Hopper/Blackwell when compiled (`resolve`), off elsewhere; `--fp8` / `--no-fp8` decide
+explicitly. Quality per token, measured on the issue's d12 benchmark (150 x 262,144 tokens, val shard, seed 1337,
+H200): val bpb 1.4572 at step 150 with `--fp8` against 1.4565 in bf16 (seed-to-seed spread in bf16: 1.444-1.457).
 
 What stays in bf16/fp32: the lm_head (its logits feed the softcapped loss), embeddings, the small gates, and any
 Linear whose dimensions are not multiples of 16 (the fp8 GEMM's constraint). Parameters stay fp32 master weights,
@@ -88,6 +95,27 @@ def convert(model: GPT) -> int:
                 lin.__class__ = Float8Linear
                 n += 1
     return n
+
+
+FP8_MIN_DEPTH = 20  # measured on one H200: d12 1.5% slower in fp8 (527.8K vs 535.6K tok/s), d20 14% faster
+
+
+def pays_off(capability: tuple[int, int], depth: int) -> bool:
+    """Whether fp8 is the default: datacenter/consumer Hopper or Blackwell (sm_90, sm_100, sm_120) and a model wide
+    enough for the faster GEMMs to outweigh the casts (d20+: README "Performance"; nanochat: +17% at d26, slower at
+    d12). Ada (sm_89) has fp8 tensor cores too but is not measured, so it stays opt-in there."""
+    return capability[0] in (9, 10, 12) and depth >= FP8_MIN_DEPTH
+
+
+def resolve(flag: bool | None, depth: int, device: torch.device, compiled: bool) -> bool:
+    """--fp8 / --no-fp8 / neither: explicit wins (an fp8 request on a GPU without fp8 cores is refused by the
+    caller); by default fp8 is on where `pays_off` and the model is compiled (eager casts cost more than they
+    save)."""
+    if flag is not None:
+        return flag
+    if device.type != "cuda" or not compiled or not supported(device)[0]:
+        return False
+    return pays_off(torch.cuda.get_device_capability(device), depth)
 
 
 def supported(device: torch.device) -> tuple[bool, str]:

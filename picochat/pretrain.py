@@ -106,8 +106,10 @@ class PretrainConfig:
                                                            "span --num-iterations); 0 = off"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model and optimizer "
                                                                  "(default: on CUDA)"})
-    fp8: bool = field(default=False, metadata={"help": "fp8 matmuls (tensorwise e4m3/e5m2) in the transformer "
-                                                       "blocks; sm_89+ GPUs (picochat/fp8.py)"})
+    fp8: bool | None = field(default=None, metadata={"help": "fp8 matmuls (tensorwise e4m3/e5m2) in the "
+                                                              "transformer blocks, sm_89+ GPUs (default: on for "
+                                                              "d20+ on Hopper/Blackwell when compiled; "
+                                                              "picochat/fp8.py)"})
     activation_budget: float = field(default=1.0, metadata={"help": "fraction of the activations the compiled "
                                                                   "model keeps for backward; below 1 the rest is "
                                                                   "recomputed (d20 micro-batch 32: 0.7 -> 47 GB "
@@ -281,18 +283,20 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     return Plan(mc, d, B, total, total // per_micro, d["num_iterations"], lr_scale, wd)
 
 
-def apply_fp8(model: Any, on: bool, device: torch.device) -> int:
-    """--fp8: switch the block matmuls to fp8 (picochat/fp8.py) or fail clearly where the GPU has no fp8 cores."""
-    if not on:
-        return 0
+def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: bool = True) -> int:
+    """--fp8 / --no-fp8 / the default (`fp8.resolve`): switch the block matmuls to fp8 (picochat/fp8.py), or fail
+    clearly where fp8 was asked for and the GPU has no fp8 cores. Returns how many matmuls were switched."""
     from picochat import fp8
     from picochat.runtime import print0
 
+    if not fp8.resolve(flag, model.config.n_layer, device, compiled):
+        return 0
     ok, why = fp8.supported(device)
     if not ok:
         raise UserError(f"--fp8: {why}; drop --fp8 to train in bf16")
     n = fp8.convert(model)
-    print0(f"[fp8] {n} block matmuls in fp8 (tensorwise e4m3 forward, e5m2 gradients); lm_head stays bf16")
+    how = "--fp8" if flag else f"default for d{fp8.FP8_MIN_DEPTH}+ on this GPU; --no-fp8 turns it off"
+    print0(f"[fp8] {n} block matmuls in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}); lm_head stays bf16")
     return n
 
 
@@ -451,8 +455,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
 
     model = build_model(mc, device=rt.device)
     model.set_compute_dtype(rt.dtype)
-    apply_fp8(model, cfg.fp8, rt.device)
     compiled = should_compile(cfg.compile, rt.device)
+    fp8_on = apply_fp8(model, cfg.fp8, rt.device, compiled) > 0
     opt = make_optimizer(model, cfg, plan, compile_step=compiled)
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
 
@@ -474,7 +478,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
 
     write_run_header(sdir, cfg, rt.device, extra={"derived": plan.derived, "resumed_from": resumed_from,
                                                   "plan": {"device_batch_size": plan.device_batch_size,
-                                                           "grad_accum": plan.grad_accum}})
+                                                           "grad_accum": plan.grad_accum, "fp8": fp8_on}})
     metrics = MetricsLogger(sdir / "metrics.jsonl", resume_step=start_step if ck is not None else None)
     attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
     cmodel = maybe_compile(model, cfg.compile, rt.device, cfg.activation_budget)
@@ -619,7 +623,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
         else min_val_bpb, "train_loss": last_loss, "train_time_s": round(train_time, 2),
         "tok_per_s": round(tokens_per_step / timer.mean()) if timer.mean() else None,
         "peak_mem_gb": peak_memory_gb(rt.device), "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "stopped_early": stopped_early, "params": plan.derived["params_total"],
+        "stopped_early": stopped_early, "params": plan.derived["params_total"], "fp8": fp8_on,
     }
     if summary["tok_per_s"] and peak:
         summary["mfu"] = fpt * summary["tok_per_s"] / (peak * rt.world_size)
@@ -680,7 +684,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (sm_89+ GPUs)")
+    parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                        help="fp8 matmuls in the blocks, sm_89+ GPUs (default: on for d20+ on Hopper/Blackwell "
+                             "when compiled)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more step and print its N biggest kernels by time, and "
                              "the time per category (matmul, attention, triton, ...)")
@@ -713,8 +719,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
     model = build_model(plan.model_config, device=rt.device)
     model.set_compute_dtype(rt.dtype)
-    apply_fp8(model, args.fp8, rt.device)
     compiled = should_compile(args.compile, rt.device)
+    fp8_on = apply_fp8(model, args.fp8, rt.device, compiled) > 0
     opt = make_optimizer(model, cfg, plan, compile_step=compiled)
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
     attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
@@ -763,6 +769,6 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         "tok_per_s": round(tok_s), "mfu": round(fpt * tok_s / (peak * rt.world_size), 4) if peak else None,
         "peak_mem_gb": round(peak_memory_gb(rt.device), 2) if rt.device.type == "cuda" else None,
         "warmup_s": round(warm_s, 1), "final_loss": round(float(loss.item()) / plan.grad_accum, 4),
-        "fused_loss": model.fused_loss, "activation_budget": args.activation_budget, "fp8": args.fp8,
+        "fused_loss": model.fused_loss, "activation_budget": args.activation_budget, "fp8": fp8_on,
         "data": args.data, **({"profile": prof} if prof is not None else {}),
     }

@@ -71,3 +71,18 @@ def test_fp8_refused_without_fp8_tensor_cores():
     with pytest.raises(UserError, match="--fp8"):
         apply_fp8(build_model(CFG), True, torch.device("cpu"))
     assert apply_fp8(build_model(CFG), False, torch.device("cpu")) == 0
+
+
+def test_fp8_default_is_on_only_where_it_was_measured_to_pay():
+    """`fp8.resolve`: explicit flags win; the default needs a compiled model on an fp8 GPU and d20+ on
+    Hopper/Blackwell (d12 measured slower, d20 faster)."""
+    cpu = torch.device("cpu")
+    assert fp8.resolve(None, 20, cpu, compiled=True) is False
+    assert fp8.resolve(True, 12, cpu, compiled=False) is True and fp8.resolve(False, 32, cpu, True) is False
+    assert fp8.pays_off((9, 0), 20) and fp8.pays_off((12, 0), 26) and fp8.pays_off((10, 0), 20)
+    assert not fp8.pays_off((9, 0), 12) and not fp8.pays_off((8, 9), 20) and not fp8.pays_off((8, 0), 32)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        want = fp8.supported(dev)[0] and fp8.pays_off(torch.cuda.get_device_capability(dev), 20)
+        assert fp8.resolve(None, 20, dev, compiled=True) is want
+        assert fp8.resolve(None, 20, dev, compiled=False) is False
