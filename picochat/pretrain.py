@@ -256,6 +256,51 @@ class Plan:
     muon_weight_decay: float
 
 
+def out_of_memory_message(step: int, plan: Plan, cfg: PretrainConfig, device: torch.device,
+                          last_checkpoint: Path | None) -> str:
+    """What to do when the GPU runs out of memory: a smaller micro-batch keeps the total batch (more accumulation
+    steps) and resumes exactly from the last checkpoint's weights and optimizer state."""
+    mem = gpu_memory(device)
+    where = f" ({mem / 1e9:.0f} GB)" if mem else ""
+    kept = (f"the last checkpoint, {last_checkpoint}, is intact and a rerun resumes from it"
+            if last_checkpoint else "no checkpoint was saved yet")
+    smaller = (f"--device-batch-size {plan.device_batch_size // 2} (the total batch stays "
+               f"{plan.total_batch_size:,} tokens through gradient accumulation)" if plan.device_batch_size > 1
+               else "a smaller --depth or --seq-len")
+    budget = " or --activation-budget 0.7 (recompute some activations)" if cfg.activation_budget >= 1.0 else ""
+    return (f"out of GPU memory at step {step} with a micro-batch of {plan.device_batch_size} x {cfg.seq_len} "
+            f"tokens (d{cfg.depth}){where}; {kept}. Rerun the same command with {smaller}{budget}")
+
+
+def gpu_memory(device: torch.device) -> float | None:
+    """Total memory of a CUDA device in bytes; None elsewhere."""
+    return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+
+
+def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes: float | None) -> int:
+    """The micro-batch when --device-batch-size is not given: the depth rule (`scaling.device_batch_size`, sized
+    for 80 GB GPUs), lowered to what the doctor's memory estimate fits on a smaller GPU (a 24 GB card would
+    otherwise run out of memory at d12's 32 rows). Never raised above the rule: bigger micro-batches were not
+    faster everywhere (d20 x 32 on an H200: 150.8K tok/s against 157.6K at 16)."""
+    from picochat import doctor
+
+    rule = scaling.device_batch_size(depth, seq_len)
+    if memory_bytes is None:
+        return rule
+    fit = doctor.recommend_batch(memory_bytes, depth, world_size, seq_len)
+    if fit == 0:
+        raise UserError(f"--depth {depth}: by picochat's memory estimate not even one sequence of {seq_len} tokens "
+                        f"fits in {memory_bytes / 1e9:.0f} GB per GPU; use a smaller --depth or --seq-len, more "
+                        f"GPUs (optimizer state is sharded across them), or try --device-batch-size 1")
+    if fit < rule:
+        from picochat.runtime import print0
+
+        print0(f"[pretrain] micro-batch {fit} rows: the depth rule's {rule} would not fit in "
+               f"{memory_bytes / 1e9:.0f} GB (estimate); the total batch is unchanged (more accumulation steps), "
+               f"--device-batch-size overrides")
+    return min(rule, fit)
+
+
 def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: torch.device) -> Plan:
     require(cfg.depth >= 1, f"--depth {cfg.depth}: must be >= 1")
     require(cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: must be >= 8")
@@ -268,7 +313,7 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     d = scaling.derive(cfg.depth, vocab_size, cfg.seq_len, cfg.ratio, cfg.head_dim, cfg.window_pattern.upper(),
                        cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio,
                        smear=cfg.smear, backout=cfg.backout)
-    B = cfg.device_batch_size or scaling.device_batch_size(cfg.depth, cfg.seq_len)
+    B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device))
     per_micro = B * cfg.seq_len * world_size
     total = d["total_batch_size"]
     if total < per_micro and not cfg.device_batch_size:  # small batches (tiny runs): shrink the micro-batch
@@ -388,8 +433,17 @@ def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: P
             raise UserError(f"{ckpt}: missing optim_rank{rt.rank}.pt or state_rank{rt.rank}.pt; the checkpoint "
                             f"is incomplete; delete it to fall back to the previous one, or --resume never")
         opt.load_state_dict(optim_state)
-        loader.load_state_dict(rank_state["loader"])
         restore_rng_state(rank_state.get("rng", {}), rt.device)
+        old_batch = int(rank_state.get("loop", {}).get("device_batch_size", plan.device_batch_size))
+        if old_batch == plan.device_batch_size:
+            loader.load_state_dict(rank_state["loader"])
+        else:  # e.g. after running out of memory: the weights and optimizer continue exactly, the data cannot
+            loader.load_state_dict(rank_state["loader"], strict=False)
+            rank_state = dict(rank_state, held_batch=None)
+            print0(f"[resume] WARNING: checkpoint written with a micro-batch of {old_batch} rows, resuming with "
+                   f"{plan.device_batch_size} (same total batch, {plan.grad_accum} accumulation steps): weights "
+                   f"and optimizer state are exact; the data order restarts at the saved stream position, so the "
+                   f"loss curve will differ slightly from an uninterrupted run")
     else:
         # Optimizer shards are keyed by parameter name, so all old ranks' files rebuild this rank's shard exactly.
         # The data stream cannot be re-split exactly; it restarts at the saved position (approximate), loudly.
@@ -532,7 +586,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
         rank_state = {"loader": loader.state_dict(), "rng": capture_rng_state(rt.device),
                       "held_batch": (next_batch[0].cpu(), next_batch[1].cpu()),
                       "loop": {"step": at_step, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
-                               "train_time": train_time}}
+                               "train_time": train_time, "device_batch_size": plan.device_batch_size}}
         path = save_checkpoint(ckpt_root, at_step, model.state_dict() if rt.master else None, opt.state_dict(),
                                _meta(cfg, plan, tok_dir, {"val_bpb": val_bpb, "train_loss": last_loss}),
                                rank_state=rank_state, keep_last=cfg.keep_last)
@@ -609,6 +663,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
                     why = f"signal {stop.signame}" if stop_now else f"--stop-at-step {cfg.stop_at_step}"
                     print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
                     break
+    except torch.OutOfMemoryError as e:
+        raise UserError(out_of_memory_message(step + 1, plan, cfg, rt.device, last_ckpt)) from e
     finally:
         unfreeze_gc()
         stop.restore()
@@ -712,7 +768,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
                          backout=getattr(args, "backout", True), fp8=args.fp8,
                          activation_budget=args.activation_budget)
     tok, _ = _load_tokenizer(cfg)
-    B = args.device_batch_size or scaling.device_batch_size(args.depth, args.seq_len)
+    B = args.device_batch_size or default_device_batch(args.depth, args.seq_len, rt.world_size,
+                                                       gpu_memory(rt.device))
     cfg.device_batch_size = B
     if args.total_batch_size != 0:
         cfg.total_batch_size = args.total_batch_size if args.total_batch_size > 0 else B * args.seq_len * rt.world_size

@@ -100,6 +100,45 @@ def test_nan_loss_stops_with_clear_message(monkeypatch):
     assert [p.name for p in list_checkpoints(checkpoints_dir("nan", "base"))] == ["step_000004"]
 
 
+def test_default_micro_batch_fits_the_gpu():
+    """Without --device-batch-size: the depth rule on 80 GB-class GPUs and on CPU, lowered to the memory estimate on
+    a smaller card, and one clear error when not even one sequence fits."""
+    from picochat.config import UserError
+    from picochat.pretrain import default_device_batch
+
+    h100, rtx4090 = 85.5e9, 25.4e9  # torch's total_memory of an 80 GB H100 and a 24 GB card, in bytes
+    assert default_device_batch(12, 2048, 1, None) == 32 and default_device_batch(20, 2048, 1, None) == 16
+    assert default_device_batch(12, 2048, 1, h100) == 32 and default_device_batch(20, 2048, 1, h100) == 16
+    assert default_device_batch(12, 2048, 1, 150e9) == 32  # never above the rule on a bigger GPU
+    assert default_device_batch(12, 2048, 1, rtx4090) == 8 and default_device_batch(20, 2048, 1, rtx4090) == 2
+    with pytest.raises(UserError, match="--depth 32.*--device-batch-size 1"):
+        default_device_batch(32, 2048, 1, 8e9)
+
+
+def test_out_of_memory_names_the_flag_and_resumes_with_a_smaller_micro_batch(monkeypatch, capsys):
+    import picochat.pretrain as pt
+    from picochat.config import UserError
+
+    real = pt.train_step
+    count = {"n": 0}
+
+    def oom_at_6(*a, **kw):
+        count["n"] += 1
+        if count["n"] == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pt, "train_step", oom_at_6)
+    with pytest.raises(UserError, match=r"step 6 .*micro-batch of 2 x 32.*step_000004.*--device-batch-size 1"):
+        run(_cfg("oom"))
+    assert [p.name for p in list_checkpoints(checkpoints_dir("oom", "base"))] == ["step_000004"]
+    monkeypatch.setattr(pt, "train_step", real)
+    capsys.readouterr()
+    out = run(_cfg("oom", device_batch_size=1))  # half the micro-batch, twice the accumulation
+    assert out["step"] == 8 and out["steps_this_run"] == 4 and math.isfinite(out["train_loss"])
+    assert "micro-batch of 2 rows, resuming with 1" in capsys.readouterr().out
+
+
 def _cli(args, env_extra=None, **kw):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "picochat", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
