@@ -5,17 +5,17 @@ Each converted Linear computes y = x W^T with both operands cast to float8 e4m3 
 dx = dy W and dW = dy^T x. The products run on the fp8 tensor cores through `torch._scaled_mm` and accumulate in
 fp32. Why tensorwise: nanochat measured it +17% tok/s at d26 on 8xH100 against bf16, and rowwise scaling a loss
 (performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200 (README
-"Performance"): a whole d20 step is 15% faster (181.1K tok/s, 59.4% bf16-equivalent MFU, against 157.6K) and
-needs 21% less memory (35.0 GB against 44.4); a d12 step is *slower* (1.5%, 527.8K against 535.6K on one machine:
-its 768-wide matmuls are too small for the casts to pay, as nanochat also found at d12). Why the 1.6-1.8x faster
-GEMMs give only 15%: the compiled kernels that compute amax reductions, casts and transposes take ~6.5 of the 43.8 ms
-of kernel time of a 4-layer d20-width step (several of them also do norm or ReLU^2 work the bf16 step has too), and
-the lm_head, attention and the other elementwise work stay as they were. Tried and dropped (d20 width, 4 layers, fwd+bwd of 32K tokens): q, k, v as one fp8 matmul over the concatenated weights
-(x cast once) was 3% *slower* (46.1 ms against 44.8) than three; fp8 in the MLP only was the same speed (44.7)
-as all six; bf16 was 48.4. A Triton transpose for the dW operands (3.6 TB/s alone, 10x torch's copy) left the
-4-layer step the same (45.5 ms against 45.0): the compiler's fused cast-and-transpose kernels were not the waste
-they looked like in the profile. The forward saves the fp8 copy of x for backward, half the bytes of the bf16
-activation.
+"Performance"): a whole d20 step is 15% faster (181.1K tok/s, 59.4% bf16-equivalent MFU, against 157.6K) and needs
+21% less memory (35.0 GB against 44.4); a d12 step is *slower* (1.5%, 527.8K against 535.6K on one machine: its
+768-wide matmuls are too small for the casts to pay, as nanochat also found at d12). Why the 1.6-1.8x faster GEMMs
+give only 15%: the compiled kernels that compute amax reductions, casts and transposes take ~6.5 of the 43.8 ms of
+kernel time of a 4-layer d20-width step (several of them also do norm or ReLU^2 work the bf16 step has too), and the
+lm_head, attention and the other elementwise work stay as they were. Tried and dropped (d20 width, 4 layers, fwd+bwd
+of 32K tokens): q, k, v as one fp8 matmul over the concatenated weights (x cast once) was 3% *slower* (46.1 ms
+against 44.8) than three; fp8 in the MLP only was the same speed (44.7) as all six; bf16 was 48.4. A Triton
+transpose for the dW operands (3.6 TB/s alone, 10x torch's copy) left the 4-layer step the same (45.5 ms against
+45.0): the compiler's fused cast-and-transpose kernels were not the waste they looked like in the profile. The
+forward saves the fp8 copy of x for backward, half the bytes of the bf16 activation.
 
 Default: on for d20+ on Hopper/Blackwell when compiled (`resolve`), off elsewhere; `--fp8` / `--no-fp8` decide
 explicitly. Quality per token, measured on the issue's d12 benchmark (150 x 262,144 tokens, val shard, seed 1337,

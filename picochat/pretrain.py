@@ -256,22 +256,6 @@ class Plan:
     muon_weight_decay: float
 
 
-def out_of_memory_message(step: int, plan: Plan, cfg: PretrainConfig, device: torch.device,
-                          last_checkpoint: Path | None) -> str:
-    """What to do when the GPU runs out of memory: a smaller micro-batch keeps the total batch (more accumulation
-    steps) and resumes exactly from the last checkpoint's weights and optimizer state."""
-    mem = gpu_memory(device)
-    where = f" ({mem / 1e9:.0f} GB)" if mem else ""
-    kept = (f"the last checkpoint, {last_checkpoint}, is intact and a rerun resumes from it"
-            if last_checkpoint else "no checkpoint was saved yet")
-    smaller = (f"--device-batch-size {plan.device_batch_size // 2} (the total batch stays "
-               f"{plan.total_batch_size:,} tokens through gradient accumulation)" if plan.device_batch_size > 1
-               else "a smaller --depth or --seq-len")
-    budget = " or --activation-budget 0.7 (recompute some activations)" if cfg.activation_budget >= 1.0 else ""
-    return (f"out of GPU memory at step {step} with a micro-batch of {plan.device_batch_size} x {cfg.seq_len} "
-            f"tokens (d{cfg.depth}){where}; {kept}. Rerun the same command with {smaller}{budget}")
-
-
 def gpu_memory(device: torch.device) -> float | None:
     """Total memory of a CUDA device in bytes; None elsewhere."""
     return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
@@ -464,7 +448,9 @@ def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: P
 def _meta(cfg: PretrainConfig, plan: Plan, tok_dir: Path | None, metrics: dict[str, Any]) -> dict[str, Any]:
     from picochat.runtime import environment_info
 
-    return {"stage": "base", "run": cfg.run, "model_config": asdict(plan.model_config), "config": to_dict(cfg),
+    # the micro-batch that ran (the default depends on the GPU's memory), which the chat stages inherit
+    return {"stage": "base", "run": cfg.run, "model_config": asdict(plan.model_config),
+            "config": dict(to_dict(cfg), device_batch_size=plan.device_batch_size),
             "tokenizer_dir": str(tok_dir) if tok_dir else None, "metrics": metrics, "parent": None,
             "derived": plan.derived, "env": environment_info()}
 
@@ -483,7 +469,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     from picochat.runtime import init_runtime, peak_flops, print0, stage_dir
     from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
                                    check_finite, find_resume_checkpoint, format_step_line, freeze_gc, maybe_compile,
-                                   peak_memory_gb, should_compile, unfreeze_gc, write_run_header)
+                                   out_of_memory, peak_memory_gb, should_compile, unfreeze_gc, write_run_header)
 
     if not preset_applied:
         cfg = apply_preset(cfg)
@@ -664,7 +650,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
                     print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
                     break
     except torch.OutOfMemoryError as e:
-        raise UserError(out_of_memory_message(step + 1, plan, cfg, rt.device, last_ckpt)) from e
+        raise out_of_memory("pretrain", step + 1, plan.device_batch_size, cfg.seq_len, plan.total_batch_size,
+                            rt.device, last_ckpt, cfg.activation_budget) from e
     finally:
         unfreeze_gc()
         stop.restore()

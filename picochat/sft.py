@@ -556,49 +556,52 @@ def _train_chat_stage(stage, cfg, rt, source_order, full_train, full_val, crop, 
     final_metrics: dict = {}
     t_start = time.time()
     tokens_per_step = shape["total_batch_size"]
-    with training.Heartbeat(stage, "training") as hb:
-        while step < num_steps:
-            if cfg.eval_every and step % cfg.eval_every == 0 and (resume_from is None or step > int(meta["step"])):
-                last_eval = evaluate(step)
-            timer.start()
-            progress = step / num_steps
-            lrm = schedule(progress, cfg)
-            set_lr(opt, lrm)
-            batches = [packer.next_batch() for _ in range(accum)]
-            n_tok = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in batches)), device=rt.device)
-            if rt.distributed:
-                dist.all_reduce(n_tok)
-            denom = n_tok.clamp(min=1.0)
-            loss_sum = torch.zeros((), device=rt.device)
-            for i, (x, y) in enumerate(batches):
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                loss = model(x, y, loss_reduction="sum") / denom
-                opt.arm(i == accum - 1)  # lets the last backward start the gradient reductions early
-                # the optimizer averages gradients over ranks; scale so the step is the global per-token mean
-                (loss * rt.world_size).backward()
-                loss_sum += loss.detach()
-            opt.step()
-            model.zero_grad(set_to_none=True)
-            step += 1
-            loss_val, stop_now = training.agree_on_step(loss_sum * rt.world_size, stop.requested, rt.device)
-            training.check_finite(loss_val, step, last_ckpt)
-            dt = timer.stop()
-            hb.beat()
-            extra = f"epoch {packer.epoch:.3f} | trained {int(n_tok)} tok"
-            print0(training.format_step_line(step, num_steps, loss_val, lrm, dt, tokens_per_step / max(dt, 1e-9),
-                                             eta_s=timer.eta(num_steps - step, dt), extra=extra))
-            metrics.log({"step": step, "loss": loss_val, "lrm": lrm, "dt": dt, "epoch": packer.epoch,
-                         "trained_tokens": int(n_tok)})
-            if stop_now:
-                last_ckpt = save(step, last_eval)
-                print0(f"[{stage}] stopped by {stop.signame or 'signal'} at step {step}; checkpoint {last_ckpt}")
-                metrics.close()
-                stop.restore()
-                return {"stage": stage, "run": run, "step": step, "stopped": True, "checkpoint": str(last_ckpt)}
-            if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:
-                last_ckpt = save(step, last_eval)
-        final_metrics = evaluate(step)
-        last_ckpt = save(step, final_metrics)
+    try:
+        with training.Heartbeat(stage, "training") as hb:
+            while step < num_steps:
+                if cfg.eval_every and step % cfg.eval_every == 0 and (resume_from is None or step > int(meta["step"])):
+                    last_eval = evaluate(step)
+                timer.start()
+                progress = step / num_steps
+                lrm = schedule(progress, cfg)
+                set_lr(opt, lrm)
+                batches = [packer.next_batch() for _ in range(accum)]
+                n_tok = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in batches)), device=rt.device)
+                if rt.distributed:
+                    dist.all_reduce(n_tok)
+                denom = n_tok.clamp(min=1.0)
+                loss_sum = torch.zeros((), device=rt.device)
+                for i, (x, y) in enumerate(batches):
+                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    loss = model(x, y, loss_reduction="sum") / denom
+                    opt.arm(i == accum - 1)  # lets the last backward start the gradient reductions early
+                    # the optimizer averages gradients over ranks; scale so the step is the global per-token mean
+                    (loss * rt.world_size).backward()
+                    loss_sum += loss.detach()
+                opt.step()
+                model.zero_grad(set_to_none=True)
+                step += 1
+                loss_val, stop_now = training.agree_on_step(loss_sum * rt.world_size, stop.requested, rt.device)
+                training.check_finite(loss_val, step, last_ckpt)
+                dt = timer.stop()
+                hb.beat()
+                extra = f"epoch {packer.epoch:.3f} | trained {int(n_tok)} tok"
+                print0(training.format_step_line(step, num_steps, loss_val, lrm, dt, tokens_per_step / max(dt, 1e-9),
+                                                 eta_s=timer.eta(num_steps - step, dt), extra=extra))
+                metrics.log({"step": step, "loss": loss_val, "lrm": lrm, "dt": dt, "epoch": packer.epoch,
+                             "trained_tokens": int(n_tok)})
+                if stop_now:
+                    last_ckpt = save(step, last_eval)
+                    print0(f"[{stage}] stopped by {stop.signame or 'signal'} at step {step}; checkpoint {last_ckpt}")
+                    metrics.close()
+                    stop.restore()
+                    return {"stage": stage, "run": run, "step": step, "stopped": True, "checkpoint": str(last_ckpt)}
+                if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:
+                    last_ckpt = save(step, last_eval)
+            final_metrics = evaluate(step)
+            last_ckpt = save(step, final_metrics)
+    except torch.OutOfMemoryError as e:
+        raise training.out_of_memory(stage, step + 1, B, T, tokens_per_step, rt.device, last_ckpt) from e
     stop.restore()
     metrics.close()
     s = packer.stats

@@ -178,6 +178,29 @@ def test_sft_resume_is_exact(chat_home, monkeypatch):
     assert la == lb and len(la) == 4
 
 
+def test_sft_out_of_memory_names_the_flag_and_keeps_the_checkpoint(chat_home, monkeypatch):
+    from picochat import sft
+    from picochat.config import UserError
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
+    src = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base")))
+    real, calls = sft.set_lr, {"n": 0}
+
+    def oom_at_3(*a, **kw):  # called once at the start of every step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sft, "set_lr", oom_at_3)
+    with pytest.raises(UserError, match=r"\[sft\] out of GPU memory at step 3 .*4 x .*step_000002.*"
+                                        r"--device-batch-size 2"):
+        sft.run(_sft_cfg(run="oom", source=src, num_iterations=4, save_every=2))
+    monkeypatch.setattr(sft, "set_lr", real)
+    out = sft.run(_sft_cfg(run="oom", source=src, num_iterations=4, save_every=2, device_batch_size=2))
+    assert out["step"] == 4
+
+
 def test_midtrain_then_sft_chain(chat_home, monkeypatch):
     from picochat import midtrain, sft
 
