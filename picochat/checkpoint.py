@@ -145,9 +145,15 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json. A relative tokenizer_dir (an exported model's `tokenizer/`) is resolved against the
+    checkpoint directory."""
     path = Path(ckpt) / "meta.json"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
+        tok = meta.get("tokenizer_dir") if isinstance(meta, dict) else None
+        if tok and not Path(tok).is_absolute():
+            meta["tokenizer_dir"] = str(Path(ckpt) / tok)
+        return meta
     except FileNotFoundError:
         raise UserError(f"{path}: not a picochat checkpoint (no meta.json)") from None
     except json.JSONDecodeError as e:
@@ -169,6 +175,12 @@ def update_meta(ckpt: Path, **fields: Any) -> dict[str, Any]:
 
 
 def load_model_state(ckpt: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a training checkpoint (model.pt) or of an exported model (model.safetensors)."""
+    st = Path(ckpt) / "model.safetensors"
+    if st.is_file() and not (Path(ckpt) / "model.pt").is_file():
+        from safetensors.torch import load_file
+
+        return {k: v.to(map_location) for k, v in load_file(str(st)).items()}
     return torch.load(Path(ckpt) / "model.pt", map_location=map_location, weights_only=True)
 
 

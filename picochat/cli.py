@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("picochat.evaluate", "base (bpb, CORE, samples) | chat (ARC, MMLU, GSM8K, HumanEval, SpellingBee)"),
     "chat": ("picochat.chat_cli", "talk to a model in the terminal"),
     "serve": ("picochat.serve", "web chat UI and OpenAI-compatible /v1 API"),
+    "export": ("picochat.export", "write a trained model as one shareable folder (safetensors + tokenizer)"),
     "report": ("picochat.report", "write report.md (with plots) for a run"),
     "speedrun": ("picochat.speedrun", "run the whole pipeline for a preset, resumably"),
     "launch": ("picochat.launch", "run a stage under torchrun (multi-GPU, multi-node, no libuv needed)"),

@@ -1,0 +1,126 @@
+"""`picochat export`: a trained model as one self-contained folder to share or deploy.
+
+    picochat export --out my-chat                      # the newest SFT checkpoint, bf16 weights
+    picochat export --source base --run d20 --out d20-base --dtype float32
+    picochat chat --checkpoint my-chat                 # chat, serve, eval and bench infer load it like a checkpoint
+
+The folder holds `model.safetensors` (the weights; safetensors, so loading a stranger's model runs no pickle),
+`meta.json` (model config, stage, step, metrics and the training config it came from: what `checkpoint.load_model`
+reads), `tokenizer/` (copied, so the folder does not point back into the training machine) and a `README.md` model
+card. No optimizer or loader state: an export is for inference, not for resuming training. It is written to a
+temporary folder and renamed into place, so an interrupted export never leaves a half-written model under the
+final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picochat.config import UserError, add_config_args, config_from_args
+
+FORMAT = "picochat-export-1"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ExportConfig:
+    out: str = field(default="", metadata={"help": "folder to write (must not exist unless --force)"})
+    run: str | None = field(default=None, metadata={"help": "run to export (default: the newest run with --source)"})
+    source: str = field(default="sft", metadata={"help": "which stage's checkpoint to export",
+                                                 "choices": ["base", "mid", "sft", "rl"]})
+    checkpoint: str | None = field(default=None, metadata={"help": "explicit checkpoint directory (overrides --run)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "weight dtype in the file (bfloat16 halves the size; "
+                                                             "GPUs run bf16 anyway)", "choices": list(DTYPES)})
+    force: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, ExportConfig)
+
+
+def _model_card(meta: dict[str, Any], n_params: int, dtype: str, name: str) -> str:
+    mc = meta["model_config"]
+    metrics = {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float)) and k != "step"}
+    lines = [f"# {name}", "",
+             f"A picochat model: stage `{meta.get('stage')}` of run `{meta.get('run')}`, step {meta.get('step')}, "
+             f"exported {time.strftime('%Y-%m-%d', time.gmtime())} with picochat {meta.get('picochat_version')}.", "",
+             "| | |", "|---|---|",
+             f"| parameters | {n_params:,} |",
+             f"| layers x width | {mc.get('n_layer')} x {mc.get('n_embd')} ({mc.get('n_head')} heads) |",
+             f"| context | {mc.get('sequence_len')} tokens |",
+             f"| vocabulary | {mc.get('vocab_size')} |",
+             f"| weights | {dtype}, model.safetensors |"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    lines += ["", "Use it with picochat:", "", "```",
+              f"picochat chat --checkpoint {name}", f"picochat serve --checkpoint {name}",
+              f"picochat eval chat --checkpoint {name}", "```", ""]
+    return "\n".join(lines)
+
+
+def run(cfg: ExportConfig) -> dict[str, Any]:
+    """Export one checkpoint to `cfg.out`; returns what was written."""
+    from safetensors.torch import save_file
+
+    from picochat import __version__
+    from picochat.checkpoint import find_run_with_stage, load_model_state, read_meta
+
+    if not cfg.out:
+        raise UserError("--out: give the folder to write the model to, e.g. --out my-chat")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise UserError(f"--out {out}: already exists; choose another folder or add --force to replace it")
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else find_run_with_stage(cfg.source, cfg.run)[1]
+    meta = read_meta(ckpt)
+    if "model_config" not in meta or not meta.get("tokenizer_dir"):
+        raise UserError(f"{ckpt}/meta.json: no model_config or tokenizer_dir; not a model checkpoint picochat "
+                        f"can export")
+    tok_dir = Path(meta["tokenizer_dir"])
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{ckpt}: its tokenizer {tok_dir} is missing (tokenizer.json); the export needs it")
+    dtype = DTYPES[cfg.dtype]
+    state = {k.removeprefix("_orig_mod."): v for k, v in load_model_state(ckpt).items()}
+    # safetensors stores each tensor contiguous and refuses shared storage; floating tensors take the export dtype
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
+    n_params = sum(v.numel() for v in tensors.values())
+    exported = dict(meta, format=FORMAT, tokenizer_dir="tokenizer", exported_from=str(ckpt), dtype=cfg.dtype,
+                    picochat_version=__version__)
+    exported.pop("parent", None)
+
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "picochat": FORMAT})
+        shutil.copytree(tok_dir, tmp / "tokenizer")
+        (tmp / "meta.json").write_text(json.dumps(exported, indent=2, default=str))
+        (tmp / "README.md").write_text(_model_card(exported, n_params, cfg.dtype, out.name))
+        if out.exists():  # --force: swap in the new folder, then drop the old one
+            old = out.parent / f".{out.name}.old{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = (out / "model.safetensors").stat().st_size
+    return {"export": str(out), "checkpoint": str(ckpt), "stage": meta.get("stage"), "step": meta.get("step"),
+            "params": n_params, "dtype": cfg.dtype, "bytes": size}
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    res = run(config_from_args(ExportConfig, args))
+    print(f"[export] {res['checkpoint']} -> {res['export']} ({res['params']:,} params, {res['dtype']}, "
+          f"{res['bytes'] / 1e6:.1f} MB); load it with --checkpoint {res['export']}")
+    print(json.dumps(res))
+    return 0
