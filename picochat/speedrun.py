@@ -586,6 +586,7 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     if report.exists():
         print(f"[speedrun] report: {report}")
     print(f"[speedrun] talk to it: picochat chat --run {run_name}   or   picochat serve --run {run_name}")
+    print(f"[speedrun] share it: picochat export --run {run_name} --out {run_name}-chat")
     return {"run": run_name, "preset": name, "stages": summary, "total_seconds": total}
 
 
