@@ -255,68 +255,73 @@ def _run(cfg: RLConfig, rt) -> dict[str, Any]:
         return {"stage": STAGE, "run": run_name, "step": step, "checkpoint": str(resume_from),
                 "num_steps": num_steps, **{k: v for k, v in (meta.get("metrics") or {}).items() if k != "step"}}
     timer = training.StepTimer(skip=0)
-    with training.Heartbeat(STAGE, "sampling and training") as hb:
-        while step < num_steps:
-            if cfg.eval_every and step % cfg.eval_every == 0 and (resume_from is None or step > int(meta["step"])):
-                last_eval = evaluate(step)
-            timer.start()
-            lrm = 1.0 - step / num_steps  # linear decay to 0
-            set_lr(opt, lrm)
-            # --- rollouts (eval mode: no dropout exists, but keeps any future train-only behaviour out) ---
-            model.eval()
-            seqs, masks, advs, rewards = [], [], [], []
-            for j in range(per_rank):
-                idx = (step * cfg.examples_per_step + rt.rank + j * rt.world_size) % len(train_task)
-                conv = train_task[idx]
-                g_seqs, g_masks, g_rewards, _ = sample_group(engine, tok, train_task, conv, cfg.num_samples, cfg,
-                                                             _seed(cfg.seed, step, idx))
-                mean = sum(g_rewards) / len(g_rewards)
-                seqs += g_seqs
-                masks += g_masks
-                advs += [r - mean for r in g_rewards]
-                rewards += g_rewards
-            model.train()
-            # --- one policy-gradient update, token-level normalised over the whole step ---
-            n_tok = torch.tensor([float(sum(sum(m[1:]) for m in masks)), float(sum(rewards)), float(len(rewards)),
-                                  float(sum(len(s) for s in seqs))], device=rt.device)
-            if rt.distributed:
-                dist.all_reduce(n_tok)
-            denom = float(n_tok[0].clamp(min=1.0))
-            loss_sum = torch.zeros((), device=rt.device)
-            n_micro = (len(seqs) + cfg.device_batch_size - 1) // cfg.device_batch_size
-            for b in range(n_micro):
-                sl = slice(b * cfg.device_batch_size, (b + 1) * cfg.device_batch_size)
-                # no skipping of zero-advantage micro-batches: every rank must run the same backward passes, so the
-                # optimizer's gradient reductions (launched from backward hooks) happen in the same order everywhere
-                loss = _policy_loss(model, seqs[sl], masks[sl], advs[sl], denom, rt.device, tok.bos_id)
-                opt.arm(b == n_micro - 1)
-                (loss * rt.world_size).backward()  # the optimizer averages gradients over ranks
-                loss_sum += loss.detach()
-            _ensure_grads(model)
-            opt.step()
-            model.zero_grad(set_to_none=True)
-            step += 1
-            loss_val, stop_now = training.agree_on_step(loss_sum * rt.world_size, stop.requested, rt.device)
-            training.check_finite(loss_val, step, last_ckpt)
-            dt = timer.stop()
-            hb.beat()
-            mean_reward = float(n_tok[1] / n_tok[2])
-            mean_len = float(n_tok[3] / n_tok[2])
-            print0(training.format_step_line(step, num_steps, loss_val, lrm, dt, float(n_tok[3]) / max(dt, 1e-9),
-                                             eta_s=timer.eta(num_steps - step, dt),
-                                             extra=f"reward {mean_reward:.3f} | len {mean_len:.0f}"))
-            metrics.log({"step": step, "loss": loss_val, "reward": mean_reward, "seq_len": mean_len, "lrm": lrm,
-                         "dt": dt})
-            if stop_now:
-                last_ckpt = save(step, last_eval)
-                print0(f"[rl] stopped by {stop.signame or 'signal'} at step {step}; checkpoint {last_ckpt}")
-                stop.restore()
-                metrics.close()
-                return {"stage": STAGE, "run": run_name, "step": step, "stopped": True, "checkpoint": str(last_ckpt)}
-            if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:
-                last_ckpt = save(step, last_eval)
-        final = evaluate(step)
-        last_ckpt = save(step, final)
+    try:
+        with training.Heartbeat(STAGE, "sampling and training") as hb:
+            while step < num_steps:
+                if cfg.eval_every and step % cfg.eval_every == 0 and (resume_from is None or step > int(meta["step"])):
+                    last_eval = evaluate(step)
+                timer.start()
+                lrm = 1.0 - step / num_steps  # linear decay to 0
+                set_lr(opt, lrm)
+                # --- rollouts (eval mode: no dropout exists, but keeps any future train-only behaviour out) ---
+                model.eval()
+                seqs, masks, advs, rewards = [], [], [], []
+                for j in range(per_rank):
+                    idx = (step * cfg.examples_per_step + rt.rank + j * rt.world_size) % len(train_task)
+                    conv = train_task[idx]
+                    g_seqs, g_masks, g_rewards, _ = sample_group(engine, tok, train_task, conv, cfg.num_samples, cfg,
+                                                                 _seed(cfg.seed, step, idx))
+                    mean = sum(g_rewards) / len(g_rewards)
+                    seqs += g_seqs
+                    masks += g_masks
+                    advs += [r - mean for r in g_rewards]
+                    rewards += g_rewards
+                model.train()
+                # --- one policy-gradient update, token-level normalised over the whole step ---
+                n_tok = torch.tensor([float(sum(sum(m[1:]) for m in masks)), float(sum(rewards)), float(len(rewards)),
+                                      float(sum(len(s) for s in seqs))], device=rt.device)
+                if rt.distributed:
+                    dist.all_reduce(n_tok)
+                denom = float(n_tok[0].clamp(min=1.0))
+                loss_sum = torch.zeros((), device=rt.device)
+                n_micro = (len(seqs) + cfg.device_batch_size - 1) // cfg.device_batch_size
+                for b in range(n_micro):
+                    sl = slice(b * cfg.device_batch_size, (b + 1) * cfg.device_batch_size)
+                    # no skipping of zero-advantage micro-batches: every rank must run the same backward passes, so the
+                    # optimizer's gradient reductions (launched from backward hooks) happen in the same order everywhere
+                    loss = _policy_loss(model, seqs[sl], masks[sl], advs[sl], denom, rt.device, tok.bos_id)
+                    opt.arm(b == n_micro - 1)
+                    (loss * rt.world_size).backward()  # the optimizer averages gradients over ranks
+                    loss_sum += loss.detach()
+                _ensure_grads(model)
+                opt.step()
+                model.zero_grad(set_to_none=True)
+                step += 1
+                loss_val, stop_now = training.agree_on_step(loss_sum * rt.world_size, stop.requested, rt.device)
+                training.check_finite(loss_val, step, last_ckpt)
+                dt = timer.stop()
+                hb.beat()
+                mean_reward = float(n_tok[1] / n_tok[2])
+                mean_len = float(n_tok[3] / n_tok[2])
+                print0(training.format_step_line(step, num_steps, loss_val, lrm, dt, float(n_tok[3]) / max(dt, 1e-9),
+                                                 eta_s=timer.eta(num_steps - step, dt),
+                                                 extra=f"reward {mean_reward:.3f} | len {mean_len:.0f}"))
+                metrics.log({"step": step, "loss": loss_val, "reward": mean_reward, "seq_len": mean_len, "lrm": lrm,
+                             "dt": dt})
+                if stop_now:
+                    last_ckpt = save(step, last_eval)
+                    print0(f"[rl] stopped by {stop.signame or 'signal'} at step {step}; checkpoint {last_ckpt}")
+                    stop.restore()
+                    metrics.close()
+                    return {"stage": STAGE, "run": run_name, "step": step, "stopped": True,
+                            "checkpoint": str(last_ckpt)}
+                if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:
+                    last_ckpt = save(step, last_eval)
+            final = evaluate(step)
+            last_ckpt = save(step, final)
+    except torch.OutOfMemoryError as e:
+        raise training.out_of_memory(STAGE, step + 1, cfg.device_batch_size, None, None, rt.device,
+                                     last_ckpt) from e
     stop.restore()
     metrics.close()
     print0(f"[rl] done: {step} steps | " + " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))

@@ -317,21 +317,25 @@ def check_finite(loss: float, step: int, last_checkpoint: Path | None = None) ->
         f"(--matrix-lr / --embedding-lr), check the data, or resume from the checkpoint with a different --seed")
 
 
-def out_of_memory(stage: str, step: int, rows: int, seq_len: int, total_tokens: int, device: torch.device,
-                  last_checkpoint: Path | None, activation_budget: float | None = None) -> UserError:
+def out_of_memory(stage: str, step: int, rows: int, seq_len: int | None, total_tokens: int | None,
+                  device: torch.device, last_checkpoint: Path | None, activation_budget: float | None = None
+                  ) -> UserError:
     """The one error for a training step that ran out of GPU memory: where, with what micro-batch, what is kept,
-    and the flag to change. Halving --device-batch-size keeps the total batch (twice the accumulation steps) and
+    and the flag to change. Halving --device-batch-size keeps the step's batch (more, smaller micro-batches) and
     the rerun resumes from the last checkpoint."""
     mem = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
     where = f" ({mem:.0f} GB)" if mem else ""
     kept = (f"the last checkpoint, {last_checkpoint}, is intact and a rerun resumes from it" if last_checkpoint
             else "no checkpoint was saved yet")
-    smaller = (f"--device-batch-size {rows // 2} (the total batch stays {total_tokens:,} tokens through gradient "
-               f"accumulation)" if rows > 1 else "a shorter sequence length or a smaller model")
+    same = (f"the total batch stays {total_tokens:,} tokens through gradient accumulation" if total_tokens
+            else "each step still trains on the same samples, in more micro-batches")
+    smaller = (f"--device-batch-size {rows // 2} ({same})" if rows > 1
+               else "a shorter sequence length or a smaller model")
     budget = (" or --activation-budget 0.7 (recompute some activations)"
               if activation_budget is not None and activation_budget >= 1.0 else "")
-    return UserError(f"[{stage}] out of GPU memory at step {step} with a micro-batch of {rows} x {seq_len} tokens"
-                     f"{where}; {kept}. Rerun the same command with {smaller}{budget}")
+    shape = f"{rows} x {seq_len} tokens" if seq_len else f"{rows} sequences"
+    return UserError(f"[{stage}] out of GPU memory at step {step} with a micro-batch of {shape}{where}; {kept}. "
+                     f"Rerun the same command with {smaller}{budget}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

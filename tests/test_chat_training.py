@@ -308,3 +308,25 @@ def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
     before, after = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     print(f"RL mean reward: first 6 steps {before:.3f} -> last 6 steps {after:.3f}")
     assert after >= before + 0.15, (before, after)
+
+    # out of memory mid-run: one message naming the flag, the last checkpoint kept; the rerun with it finishes
+    from picochat.config import UserError
+
+    real, calls = rl.set_lr, {"n": 0}
+
+    def oom_at_3(*a, **kw):  # called once at the start of every step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rl, "set_lr", oom_at_3)
+    sft_ckpt = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("rl_toy", "sft")))
+    small = dict(run="rl_oom", source=sft_ckpt, task=f"jsonl:{tmp_path / 'clean.jsonl'}", device="cpu",
+                 num_iterations=3, examples_per_step=2, num_samples=2, max_new_tokens=3, eval_every=0,
+                 eval_examples=2, pass_k=1, save_every=1)
+    with pytest.raises(UserError, match=r"\[rl\] out of GPU memory at step 3 .*32 sequences.*step_000002.*"
+                                        r"--device-batch-size 16"):
+        rl.run(rl.RLConfig(device_batch_size=32, **small))
+    monkeypatch.setattr(rl, "set_lr", real)
+    assert rl.run(rl.RLConfig(device_batch_size=16, **small))["step"] == 3
