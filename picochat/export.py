@@ -47,6 +47,24 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, ExportConfig)
 
 
+def _shareable(meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's metadata without what identifies the training machine: its hostname, install paths, and
+    absolute paths in the configs (kept as their last component, e.g. the data folder's name)."""
+    def scrub(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: scrub(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [scrub(x) for x in v]
+        if isinstance(v, str) and os.path.isabs(v):
+            return Path(v).name
+        return v
+
+    out = {k: scrub(v) for k, v in meta.items() if k not in ("parent", "checkpoint_dir")}
+    if isinstance(out.get("env"), dict):
+        out["env"] = {k: v for k, v in out["env"].items() if k not in ("hostname", "torch_path")}
+    return out
+
+
 def _model_card(meta: dict[str, Any], n_params: int, dtype: str, name: str) -> str:
     mc = meta["model_config"]
     metrics = {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float)) and k != "step"}
@@ -91,9 +109,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     # safetensors stores each tensor contiguous and refuses shared storage; floating tensors take the export dtype
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
     n_params = sum(v.numel() for v in tensors.values())
-    exported = dict(meta, format=FORMAT, tokenizer_dir="tokenizer", exported_from=str(ckpt), dtype=cfg.dtype,
-                    picochat_version=__version__)
-    exported.pop("parent", None)
+    exported = _shareable(dict(meta, format=FORMAT, tokenizer_dir="tokenizer", dtype=cfg.dtype,
+                               picochat_version=__version__))
 
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,8 @@ def _trained_checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module, Path]:
     torch.manual_seed(0)
     model = _live(build_model(cfg)).eval()
     meta = {"stage": "sft", "run": "r", "model_config": to_dict(cfg), "tokenizer_dir": str(tdir),
-            "metrics": {"val_bpb": 1.25, "chat_acc": 0.5}}
+            "metrics": {"val_bpb": 1.25, "chat_acc": 0.5}, "config": {"data": str(tmp_path / "shards")},
+            "env": {"hostname": "alice-laptop", "torch": torch.__version__}}
     ck = checkpoint.save_checkpoint(checkpoint.checkpoints_dir("r", "sft"), 7, model.state_dict(), None, meta, None)
     return ck, model, tdir
 
@@ -52,6 +53,8 @@ def test_export_round_trip_gives_identical_logits_and_needs_nothing_else(tmp_pat
     idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
+    shared = (out / "meta.json").read_text()  # nothing that points back into the training machine
+    assert str(tmp_path) not in shared and "hostname" not in shared
     card = (out / "README.md").read_text()
     assert "picochat chat --checkpoint my-chat" in card and "val_bpb | 1.2500" in card
 
