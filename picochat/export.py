@@ -6,10 +6,10 @@
 
 The folder holds `model.safetensors` (the weights; safetensors, so loading a stranger's model runs no pickle),
 `meta.json` (model config, stage, step, metrics and the training config it came from: what `checkpoint.load_model`
-reads), `tokenizer/` (copied, so the folder does not point back into the training machine) and a `README.md` model
-card. No optimizer or loader state: an export is for inference, not for resuming training. It is written to a
-temporary folder and renamed into place, so an interrupted export never leaves a half-written model under the
-final name.
+reads), `tokenizer/tokenizer.json` (copied, so the folder does not point back into the training machine) and a
+`README.md` model card: JSON and safetensors only. No optimizer or loader state: an export is for inference, not for
+resuming training. It is written to a temporary folder and renamed into place, so an interrupted export never leaves
+a half-written model under the final name.
 """
 
 from __future__ import annotations
@@ -117,7 +117,12 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "picochat": FORMAT})
-        shutil.copytree(tok_dir, tmp / "tokenizer")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # readable like the other files, for sharing
+        (tmp / "tokenizer").mkdir()
+        # tokenizer.json is all that loading needs (token_bytes.pt is derived from it and is a pickle)
+        shutil.copy2(tok_dir / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(exported, indent=2, default=str))
         (tmp / "README.md").write_text(_model_card(exported, n_params, cfg.dtype, out.name))
         if out.exists():  # --force: swap in the new folder, then drop the old one

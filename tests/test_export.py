@@ -45,6 +45,7 @@ def test_export_round_trip_gives_identical_logits_and_needs_nothing_else(tmp_pat
                                                                                        model.parameters())
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "meta.json", "model.safetensors", "tokenizer"]
     assert not list(out.parent.glob(".my-chat*"))  # no temp folder left behind
+    assert [p.name for p in (out / "tokenizer").iterdir()] == ["tokenizer.json"]  # no pickle anywhere
     shutil.rmtree(tdir)  # the training machine's tokenizer is gone: the folder must carry its own
     shutil.rmtree(ck.parent)
     loaded, tok, meta = checkpoint.load_model(out)
