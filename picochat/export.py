@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from picochat.checkpoint import STAGES
 from picochat.config import UserError, add_config_args, config_from_args
 
 FORMAT = "picochat-export-1"
@@ -36,7 +37,7 @@ class ExportConfig:
     out: str = field(default="", metadata={"help": "folder to write (must not exist unless --force)"})
     run: str | None = field(default=None, metadata={"help": "run to export (default: the newest run with --source)"})
     source: str = field(default="sft", metadata={"help": "which stage's checkpoint to export",
-                                                 "choices": ["base", "mid", "sft", "rl"]})
+                                                 "choices": list(STAGES)})
     checkpoint: str | None = field(default=None, metadata={"help": "explicit checkpoint directory (overrides --run)"})
     dtype: str = field(default="bfloat16", metadata={"help": "weight dtype in the file (bfloat16 halves the size; "
                                                              "GPUs run bf16 anyway)", "choices": list(DTYPES)})

@@ -256,11 +256,6 @@ class Plan:
     muon_weight_decay: float
 
 
-def gpu_memory(device: torch.device) -> float | None:
-    """Total memory of a CUDA device in bytes; None elsewhere."""
-    return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
-
-
 def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes: float | None) -> int:
     """The micro-batch when --device-batch-size is not given: the depth rule (`scaling.device_batch_size`, sized
     for 80 GB GPUs), lowered to what the doctor's memory estimate fits on a smaller GPU (a 24 GB card would
@@ -297,6 +292,8 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     d = scaling.derive(cfg.depth, vocab_size, cfg.seq_len, cfg.ratio, cfg.head_dim, cfg.window_pattern.upper(),
                        cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio,
                        smear=cfg.smear, backout=cfg.backout)
+    from picochat.runtime import gpu_memory
+
     B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device))
     per_micro = B * cfg.seq_len * world_size
     total = d["total_batch_size"]
@@ -744,7 +741,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     from picochat import attention
     from picochat.model import build_model
-    from picochat.runtime import init_runtime, peak_flops, print0, synchronize
+    from picochat.runtime import gpu_memory, init_runtime, peak_flops, print0, synchronize
     from picochat.training import Heartbeat, maybe_compile, peak_memory_gb, should_compile
 
     rt = init_runtime(args.device, None, 0)

@@ -240,6 +240,11 @@ def git_sha() -> str | None:
         return None
 
 
+def gpu_memory(device: torch.device) -> float | None:
+    """Total memory of a CUDA device in bytes; None elsewhere."""
+    return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+
+
 def environment_info(device: torch.device | None = None) -> dict[str, Any]:
     """Versions and hardware, for run headers and the report card."""
     info: dict[str, Any] = {

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.config import UserError, to_dict
-from picochat.runtime import environment_info, is_rank0, print0
+from picochat.runtime import environment_info, gpu_memory, is_rank0, print0
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run header and metrics
@@ -323,8 +323,8 @@ def out_of_memory(stage: str, step: int, rows: int, seq_len: int | None, total_t
     """The one error for a training step that ran out of GPU memory: where, with what micro-batch, what is kept,
     and the flag to change. Halving --device-batch-size keeps the step's batch (more, smaller micro-batches) and
     the rerun resumes from the last checkpoint."""
-    mem = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
-    where = f" ({mem:.0f} GB)" if mem else ""
+    mem = gpu_memory(device)
+    where = f" ({mem / 1e9:.0f} GB)" if mem else ""
     kept = (f"the last checkpoint, {last_checkpoint}, is intact and a rerun resumes from it" if last_checkpoint
             else "no checkpoint was saved yet")
     same = (f"the total batch stays {total_tokens:,} tokens through gradient accumulation" if total_tokens

@@ -178,21 +178,27 @@ def test_sft_resume_is_exact(chat_home, monkeypatch):
     assert la == lb and len(la) == 4
 
 
+def _oom_on_call(real, n: int):
+    """`real`, except that its n-th call raises CUDA's out-of-memory error (an injected OOM mid-run)."""
+    calls = {"n": 0}
+
+    def wrapped(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    return wrapped
+
+
 def test_sft_out_of_memory_names_the_flag_and_keeps_the_checkpoint(chat_home, monkeypatch):
     from picochat import sft
     from picochat.config import UserError
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
     src = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base")))
-    real, calls = sft.set_lr, {"n": 0}
-
-    def oom_at_3(*a, **kw):  # called once at the start of every step
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sft, "set_lr", oom_at_3)
+    real = sft.set_lr
+    monkeypatch.setattr(sft, "set_lr", _oom_on_call(real, 3))  # set_lr runs once at the start of every step
     with pytest.raises(UserError, match=r"\[sft\] out of GPU memory at step 3 .*4 x .*step_000002.*"
                                         r"--device-batch-size 2"):
         sft.run(_sft_cfg(run="oom", source=src, num_iterations=4, save_every=2))
@@ -312,15 +318,8 @@ def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
     # out of memory mid-run: one message naming the flag, the last checkpoint kept; the rerun with it finishes
     from picochat.config import UserError
 
-    real, calls = rl.set_lr, {"n": 0}
-
-    def oom_at_3(*a, **kw):  # called once at the start of every step
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(rl, "set_lr", oom_at_3)
+    real = rl.set_lr
+    monkeypatch.setattr(rl, "set_lr", _oom_on_call(real, 3))
     sft_ckpt = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("rl_toy", "sft")))
     small = dict(run="rl_oom", source=sft_ckpt, task=f"jsonl:{tmp_path / 'clean.jsonl'}", device="cpu",
                  num_iterations=3, examples_per_step=2, num_samples=2, max_new_tokens=3, eval_every=0,
