@@ -6,8 +6,10 @@ dx = dy W and dW = dy^T x. The products run on the fp8 tensor cores through `tor
 fp32. Why tensorwise: nanochat measured it +17% tok/s at d26 on 8xH100 against bf16, and rowwise scaling a loss
 (performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200 (README
 "Performance"): a whole d20 step is 15% faster (181.1K tok/s, 59.4% bf16-equivalent MFU, against 157.6K) and needs
-21% less memory (35.0 GB against 44.4); a d12 step is *slower* (1.5%, 527.8K against 535.6K on one machine: its
-768-wide matmuls are too small for the casts to pay, as nanochat also found at d12). Why the 1.6-1.8x faster GEMMs
+21% less memory (35.0 GB against 44.4). At d12 all six matmuls in fp8 are *slower* (1.5%, 527.8K against 535.6K on
+one machine: the 768-wide attention projections are too small for their casts to pay, as nanochat also found at
+d12), but the MLP alone in fp8 is faster: 562.1K against 543.0K in bf16 (+3.5%, same machine, the default d12
+config of 8 micro-batches x 32 rows) with 24.0 GB peak against 29.8. Hence `scope`. Why the 1.6-1.8x faster GEMMs
 give only 15%: the compiled kernels that compute amax reductions, casts and transposes take ~6.5 of the 43.8 ms of
 kernel time of a 4-layer d20-width step (several of them also do norm or ReLU^2 work the bf16 step has too), and the
 lm_head, attention and the other elementwise work stay as they were. Tried and dropped (d20 width, 4 layers, fwd+bwd
@@ -17,9 +19,11 @@ transpose for the dW operands (3.6 TB/s alone, 10x torch's copy) left the 4-laye
 45.0): the compiler's fused cast-and-transpose kernels were not the waste they looked like in the profile. The
 forward saves the fp8 copy of x for backward, half the bytes of the bf16 activation.
 
-Default: on for d20+ on Hopper/Blackwell when compiled (`resolve`), off elsewhere; `--fp8` / `--no-fp8` decide
-explicitly. Quality per token, measured on the issue's d12 benchmark (150 x 262,144 tokens, val shard, seed 1337,
-H200): val bpb 1.4572 at step 150 with `--fp8` against 1.4565 in bf16 (seed-to-seed spread in bf16: 1.444-1.457).
+Default: on for d12+ on Hopper/Blackwell when compiled (`resolve`), off elsewhere; `--fp8` / `--no-fp8` decide
+explicitly. Either way `scope(depth)` picks the matmuls: the MLP below d20, all six block projections from d20.
+Quality per token, measured on the issue's d12 benchmark (150 x 262,144 tokens, val shard, seed 1337, H200): val
+bpb at step 150 1.4567 with the MLP in fp8, 1.4572 with all six, 1.4565 in bf16 (seed-to-seed spread in bf16:
+1.444-1.457).
 
 What stays in bf16/fp32: the lm_head (its logits feed the softcapped loss), embeddings, the small gates, and any
 Linear whose dimensions are not multiples of 16 (the fp8 GEMM's constraint). Parameters stay fp32 master weights,
@@ -84,26 +88,41 @@ def eligible(lin: torch.nn.Module) -> bool:
     return type(lin) is Linear and lin.in_features % 16 == 0 and lin.out_features % 16 == 0
 
 
-def convert(model: GPT) -> int:
-    """Switch the block projections (attention q/k/v/out, MLP in/out) of `model` to fp8 in place; returns how many.
-    The lm_head, embeddings and gates are left alone."""
+SCOPES = ("mlp", "all")
+FP8_MIN_DEPTH = 12  # the default turns fp8 on from here (for the MLP; see `scope`)
+FP8_ALL_DEPTH = 20  # and for the attention projections too from here
+
+
+def scope(depth: int) -> str:
+    """Which block matmuls run in fp8 at this depth: "mlp" (c_fc, c_proj of the MLP) below d20, "all" six from d20.
+    Measured on one H200 (README "Performance"): at d12 fp8 in the MLP only is +3.5% tok/s over bf16 (562.1K
+    against 543.0K, same machine) while all six is 1.5% *slower* (the 768-wide attention projections are too small
+    for their casts to pay); at d20 width the two were the same speed (44.7 against 44.8 ms per 4-layer step) and the
+    full d20 default was measured with all six."""
+    return "all" if depth >= FP8_ALL_DEPTH else "mlp"
+
+
+def convert(model: GPT, which: str = "all") -> int:
+    """Switch block projections of `model` to fp8 in place: `which` = "all" (attention q/k/v/out and MLP in/out) or
+    "mlp" (MLP in/out only); returns how many. The lm_head, embeddings and gates are left alone."""
+    if which not in SCOPES:
+        raise ValueError(f"fp8 scope {which!r}: use one of {SCOPES}")
     n = 0
     for block in model.blocks:
-        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj, block.mlp.c_fc,
-                    block.mlp.c_proj):
+        lins = [block.mlp.c_fc, block.mlp.c_proj]
+        if which == "all":
+            lins += [block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj]
+        for lin in lins:
             if eligible(lin):
                 lin.__class__ = Float8Linear
                 n += 1
     return n
 
 
-FP8_MIN_DEPTH = 20  # measured on one H200: d12 1.5% slower in fp8 (527.8K vs 535.6K tok/s), d20 14% faster
-
-
 def pays_off(capability: tuple[int, int], depth: int) -> bool:
     """Whether fp8 is the default: datacenter/consumer Hopper or Blackwell (sm_90, sm_100, sm_120) and a model wide
-    enough for the faster GEMMs to outweigh the casts (d20+: README "Performance"; nanochat: +17% at d26, slower at
-    d12). Ada (sm_89) has fp8 tensor cores too but is not measured, so it stays opt-in there."""
+    enough for the faster GEMMs to outweigh the casts (d12+ with `scope`'s split: README "Performance"; nanochat:
+    +17% at d26). Below d12 nothing is measured, so fp8 stays opt-in there, as on Ada (sm_89)."""
     return capability[0] in (9, 10, 12) and depth >= FP8_MIN_DEPTH
 
 

@@ -87,7 +87,7 @@ class _FusedLinearCE(torch.autograd.Function):
         n = x.shape[0]
         count = (targets != -1).sum()
         dx = torch.empty_like(x)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        dw = None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
@@ -95,7 +95,10 @@ class _FusedLinearCE(torch.autograd.Function):
             loss_rows, g = softcap_ce(xc @ w.t(), targets[lo:hi], softcap)
             total = total + loss_rows.sum()
             dx[lo:hi] = g @ w
-            dw[:vocab_size] += _mm_f32(g.t(), xc)
+            part = _mm_f32(g.t(), xc)
+            dw = part if dw is None else dw + part
+        if weight.shape[0] > vocab_size:  # the padded vocab rows get no gradient
+            dw = torch.nn.functional.pad(dw, (0, 0, 0, weight.shape[0] - vocab_size))
         scale = 1.0 / count.to(torch.float32) if reduction == "mean" else torch.ones((), device=x.device)
         ctx.save_for_backward(dx, dw, scale)
         return total * scale
@@ -107,9 +110,17 @@ class _FusedLinearCE(torch.autograd.Function):
         return (dx * s.to(dx.dtype)), (dw * s).to(dw.dtype), None, None, None, None, None
 
 
+def default_chunk_logits(device: torch.device) -> int:
+    """Logits per chunk. CUDA: 2^29 (1 GB of bf16 logits plus 1 GB of their gradient alive at once); each chunk
+    adds its (V, d) fp32 weight gradient into the running sum, so fewer chunks mean fewer passes over it: 16K rows
+    instead of 4K measured +0.7% tok/s for the whole d12 default step (546.6K against 543.0K, one H200, same
+    machine) for +0.75 GB peak. Elsewhere 2^27: the CPU path keeps several fp32 copies of a chunk."""
+    return 1 << 29 if device.type == "cuda" else 1 << 27
+
+
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                                softcap: float, reduction: str = "mean", chunk: int = 0) -> torch.Tensor:
     """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore."""
-    if chunk <= 0:  # ~2^27 logits per chunk (256 MB in bf16, 512 MB in fp32), at least 1024 rows
-        chunk = max(1024, (1 << 27) // max(1, vocab_size))
+    if chunk <= 0:  # at least 1024 rows
+        chunk = max(1024, default_chunk_logits(x.device) // max(1, vocab_size))
     return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk)

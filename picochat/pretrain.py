@@ -107,8 +107,9 @@ class PretrainConfig:
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model and optimizer "
                                                                  "(default: on CUDA)"})
     fp8: bool | None = field(default=None, metadata={"help": "fp8 matmuls (tensorwise e4m3/e5m2) in the "
-                                                              "transformer blocks, sm_89+ GPUs (default: on for "
-                                                              "d20+ on Hopper/Blackwell when compiled; "
+                                                              "transformer blocks, sm_89+ GPUs: the MLP below "
+                                                              "d20, all block matmuls from d20 (default: on for "
+                                                              "d12+ on Hopper/Blackwell when compiled; "
                                                               "picochat/fp8.py)"})
     activation_budget: float = field(default=1.0, metadata={"help": "fraction of the activations the compiled "
                                                                   "model keeps for backward; below 1 the rest is "
@@ -320,9 +321,12 @@ def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: boo
     ok, why = fp8.supported(device)
     if not ok:
         raise UserError(f"--fp8: {why}; drop --fp8 to train in bf16")
-    n = fp8.convert(model)
+    which = fp8.scope(model.config.n_layer)
+    n = fp8.convert(model, which)
     how = "--fp8" if flag else f"default for d{fp8.FP8_MIN_DEPTH}+ on this GPU; --no-fp8 turns it off"
-    print0(f"[fp8] {n} block matmuls in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}); lm_head stays bf16")
+    what = ("MLP matmuls (attention projections stay bf16 below "
+            f"d{fp8.FP8_ALL_DEPTH})" if which == "mlp" else "block matmuls")
+    print0(f"[fp8] {n} {what} in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}); lm_head stays bf16")
     return n
 
 
@@ -725,8 +729,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
-                        help="fp8 matmuls in the blocks, sm_89+ GPUs (default: on for d20+ on Hopper/Blackwell "
-                             "when compiled)")
+                        help="fp8 matmuls in the blocks (the MLP below d20, all from d20), sm_89+ GPUs (default: "
+                             "on for d12+ on Hopper/Blackwell when compiled)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more step and print its N biggest kernels by time, and "
                              "the time per category (matmul, attention, triton, ...)")

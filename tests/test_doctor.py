@@ -90,7 +90,10 @@ def test_recommendations_for_gpu_nodes():
     assert r["window_pattern"] == "L" and r["device_batch_size"]["d20"] == 16
     assert any("--nproc-per-node 8" in n for n in r["notes"])
     r = doctor._recommend(gpu((12, 0), 31.4, 1), "sdpa-cudnn", {"free_gb": 10}, {"available": False}, 16)
-    assert r["preset"] == "d12" and r["fp8"] is False and r["fp8_supported"] is True
+    assert r["preset"] == "d12" and r["fp8"] is True  # d12 on Blackwell: fp8 for the MLP (fp8.scope)
+    r = doctor._recommend(gpu((8, 9), 23.6, 1), "sdpa-cudnn", disk, {"available": True}, 16)
+    assert r["preset"] == "d12" and r["fp8"] is False and r["fp8_supported"] is True  # Ada: not measured, opt-in
+    r = doctor._recommend(gpu((12, 0), 31.4, 1), "sdpa-cudnn", {"free_gb": 10}, {"available": False}, 16)
     assert any("libuv" in n for n in r["notes"]) and any("GB free" in n for n in r["notes"])
     r = doctor._recommend([], "sdpa", disk, {"available": True}, 2)
     assert r["preset"] == "tiny" and r["nproc_per_node"] == 1

@@ -54,6 +54,12 @@ def test_convert_swaps_block_projections_only_and_keeps_state_dict():
     ref = m(idx, idx)
     assert fp8.convert(m) == 6 * CFG.n_layer
     assert type(m.lm_head) is Linear and isinstance(m.blocks[0].mlp.c_fc, fp8.Float8Linear)
+    mlp_only = build_model(CFG)
+    assert fp8.convert(mlp_only, "mlp") == 2 * CFG.n_layer
+    assert type(mlp_only.blocks[0].attn.c_q) is Linear and isinstance(mlp_only.blocks[0].mlp.c_proj,
+                                                                          fp8.Float8Linear)
+    with pytest.raises(ValueError, match="scope"):
+        fp8.convert(mlp_only, "attention")
     assert list(m.state_dict()) == keys  # checkpoints look the same with or without fp8
     loss = m(idx, idx)
     loss.backward()
@@ -74,13 +80,14 @@ def test_fp8_refused_without_fp8_tensor_cores():
 
 
 def test_fp8_default_is_on_only_where_it_was_measured_to_pay():
-    """`fp8.resolve`: explicit flags win; the default needs a compiled model on an fp8 GPU and d20+ on
-    Hopper/Blackwell (d12 measured slower, d20 faster)."""
+    """`fp8.resolve`: explicit flags win; the default needs a compiled model on an fp8 GPU and d12+ on
+    Hopper/Blackwell; `fp8.scope`: the MLP only below d20 (all six was slower at d12), all six from d20."""
     cpu = torch.device("cpu")
     assert fp8.resolve(None, 20, cpu, compiled=True) is False
     assert fp8.resolve(True, 12, cpu, compiled=False) is True and fp8.resolve(False, 32, cpu, True) is False
-    assert fp8.pays_off((9, 0), 20) and fp8.pays_off((12, 0), 26) and fp8.pays_off((10, 0), 20)
-    assert not fp8.pays_off((9, 0), 12) and not fp8.pays_off((8, 9), 20) and not fp8.pays_off((8, 0), 32)
+    assert fp8.pays_off((9, 0), 20) and fp8.pays_off((12, 0), 26) and fp8.pays_off((10, 0), 12)
+    assert not fp8.pays_off((9, 0), 10) and not fp8.pays_off((8, 9), 20) and not fp8.pays_off((8, 0), 32)
+    assert [fp8.scope(d) for d in (4, 12, 19, 20, 32)] == ["mlp", "mlp", "mlp", "all", "all"]
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         want = fp8.supported(dev)[0] and fp8.pays_off(torch.cuda.get_device_capability(dev), 20)
