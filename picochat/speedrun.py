@@ -400,7 +400,7 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
     tokens = steps * batch
     fpt = flops_per_token(mc)
     flops = fpt * tokens
-    mfu = 0.43  # measured: d12 pretraining ran at 42.8% MFU on one H100 (README "Performance")
+    mfu = expected_mfu(cfg.depth)
     ref_seconds = flops / (989e12 * mfu * 8)
     if hw["gpus"] > 0:
         from picochat.runtime import PEAK_FLOPS
@@ -424,6 +424,16 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
         "est_cost": (gpu_hours * price) if price is not None else None,
         "disk_bytes": data_bytes + ckpt_bytes * n_ckpts,
     }
+
+
+def expected_mfu(depth: int) -> float:
+    """Pretraining MFU to plan with, from the default configs measured on one H200 (README "Performance"): 50% at
+    d12 (fp8 MLP), 59% at d20 (fp8); linear in between and held flat outside the measured range; times 0.955, the
+    H100/H200 ratio measured on the same d12 code (472K against 494K tok/s), since plans are for H100s. Multi-GPU
+    communication is not in it (the sharded optimizer overlaps most of it)."""
+    lo, hi = (12, 0.50), (20, 0.59)
+    t = min(1.0, max(0.0, (depth - lo[0]) / (hi[0] - lo[0])))
+    return 0.955 * (lo[1] + t * (hi[1] - lo[1]))
 
 
 def mc_params(mc) -> int:
@@ -450,7 +460,8 @@ def print_plan(preset: Preset, plan: list[StagePlan], est: dict[str, Any], nproc
     print(f"  pretrain: {est['steps']:,} steps x {est['total_batch_size']:,} tokens = {est['tokens']:,} tokens, "
           f"{est['flops_per_token']:.3g} FLOPs/token, {est['flops']:.3g} FLOPs")
     print(f"  estimated pretrain time here: {_fmt_time(est['est_seconds'])} (assumes {est['basis']})")
-    print(f"  estimated pretrain time on 8xH100: {_fmt_time(est['ref_8xh100_seconds'])} (assumes 43% MFU)")
+    print(f"  estimated pretrain time on 8xH100: {_fmt_time(est['ref_8xh100_seconds'])} "
+          f"(assumes {expected_mfu(est['depth']):.0%} MFU)")
     if est["est_cost"] is not None:
         where = "here" if hw["gpus"] else "on 8xH100"
         print(f"  estimated pretrain cost {where}: ${est['est_cost']:.2f} at ${price}/GPU-hour "

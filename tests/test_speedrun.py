@@ -64,6 +64,14 @@ def test_dry_run_numbers_match_the_stage_config(capsys):
     assert est["flops"] == pytest.approx(est["flops_per_token"] * est["tokens"])
     out = capsys.readouterr().out
     assert "123 steps" in out and "estimated pretrain time" in out and "disk needed" in out
+    # the 8xH100 reference uses the MFU measured for this depth (flat below d12)
+    assert est["ref_8xh100_seconds"] == pytest.approx(est["flops"] / (989e12 * speedrun.expected_mfu(est["depth"]) * 8))
+
+
+def test_expected_mfu_follows_the_measured_points():
+    m = speedrun.expected_mfu
+    assert m(12) == pytest.approx(0.955 * 0.50) and m(20) == pytest.approx(0.955 * 0.59)
+    assert m(4) == m(12) and m(32) == m(20) and m(12) < m(16) < m(20)
 
 
 def test_stream_child_heartbeats_and_partial_lines(tmp_path, capsys):
