@@ -330,6 +330,13 @@ def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: boo
     return n
 
 
+def fp8_scope(model: Any, on: bool) -> str | None:
+    """For the run trail: which block matmuls run in fp8 ("mlp" / "all", `fp8.scope`), None without fp8."""
+    from picochat import fp8
+
+    return fp8.scope(model.config.n_layer) if on else None
+
+
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan, compile_step: bool):
     from picochat.optim import build_optimizer
 
@@ -519,7 +526,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
 
     write_run_header(sdir, cfg, rt.device, extra={"derived": plan.derived, "resumed_from": resumed_from,
                                                   "plan": {"device_batch_size": plan.device_batch_size,
-                                                           "grad_accum": plan.grad_accum, "fp8": fp8_on}})
+                                                           "grad_accum": plan.grad_accum, "fp8": fp8_on,
+                                                           "fp8_scope": fp8_scope(model, fp8_on)}})
     metrics = MetricsLogger(sdir / "metrics.jsonl", resume_step=start_step if ck is not None else None)
     attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
     cmodel = maybe_compile(model, cfg.compile, rt.device, cfg.activation_budget)
@@ -668,6 +676,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
         "tok_per_s": round(tokens_per_step / timer.mean()) if timer.mean() else None,
         "peak_mem_gb": peak_memory_gb(rt.device), "checkpoint": str(last_ckpt) if last_ckpt else None,
         "stopped_early": stopped_early, "params": plan.derived["params_total"], "fp8": fp8_on,
+        "fp8_scope": fp8_scope(model, fp8_on),
     }
     if summary["tok_per_s"] and peak:
         summary["mfu"] = fpt * summary["tok_per_s"] / (peak * rt.world_size)
@@ -815,5 +824,5 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         "peak_mem_gb": round(peak_memory_gb(rt.device), 2) if rt.device.type == "cuda" else None,
         "warmup_s": round(warm_s, 1), "final_loss": round(float(loss.item()) / plan.grad_accum, 4),
         "fused_loss": model.fused_loss, "activation_budget": args.activation_budget, "fp8": fp8_on,
-        "data": args.data, **({"profile": prof} if prof is not None else {}),
+        "fp8_scope": fp8_scope(model, fp8_on), "data": args.data, **({"profile": prof} if prof is not None else {}),
     }

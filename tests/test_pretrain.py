@@ -265,6 +265,7 @@ def test_bench_pretrain_prints_metrics(capsys):
     assert res["bench"] == "pretrain" and res["tok_per_s"] > 0 and res["steps"] == 2 and res["params"] > 0
     assert res["grad_accum"] == 1 and res["total_batch_size"] == 64
     assert res["smear"] is False and res["backout"] is False
+    assert res["fp8"] is False and res["fp8_scope"] is None  # CPU: bf16/fp32 matmuls, and the trail says so
     assert main(["bench", "pretrain", "--depth", "2", "--head-dim", "16", "--seq-len", "32", "--device-batch-size",
                  "2", "--steps", "1", "--warmup", "1", "--vocab-size", "128", "--no-compile"]) == 0
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the defaults: both on
