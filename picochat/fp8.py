@@ -25,8 +25,9 @@ Quality per token, measured on the issue's d12 benchmark (150 x 262,144 tokens, 
 bpb at step 150 1.4567 with the MLP in fp8, 1.4572 with all six, 1.4565 in bf16 (seed-to-seed spread in bf16:
 1.444-1.457).
 
-What stays in bf16/fp32: the lm_head (its logits feed the softcapped loss), embeddings, the small gates, and any
-Linear whose dimensions are not multiples of 16 (the fp8 GEMM's constraint). Parameters stay fp32 master weights,
+What stays in bf16/fp32: the lm_head (its logits feed the softcapped loss), embeddings, the small gates, the
+attention projections below d20 (`scope`), and any Linear whose dimensions are not multiples of 16 (the fp8 GEMM's
+constraint). Parameters stay fp32 master weights,
 so checkpoints are the same as without fp8 and later stages load them as usual. Needs an fp8 tensor-core GPU
 (sm_89+: RTX 4090, H100, B200) for speed; `torch._scaled_mm` also runs on CPU, which the tests use.
 """
