@@ -82,9 +82,15 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, reduction: str, chunk: int):
+    def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, reduction: str, chunk: int, fp8: bool):
         w = weight[:vocab_size].to(x.dtype)
         n = x.shape[0]
+        fp8 = fp8 and x.shape[1] % 16 == 0 and vocab_size % 16 == 0  # the fp8 GEMM's shape constraint
+        if fp8:  # logits only; both gradient products below stay in the compute dtype
+            from picochat.fp8 import E4M3, E4M3_MAX, quantize
+
+            xq, xs = quantize(x, E4M3, E4M3_MAX)
+            wq, ws = quantize(weight[:vocab_size], E4M3, E4M3_MAX)
         count = (targets != -1).sum()
         dx = torch.empty_like(x)
         dw = None
@@ -92,7 +98,11 @@ class _FusedLinearCE(torch.autograd.Function):
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             xc = x[lo:hi]
-            loss_rows, g = softcap_ce(xc @ w.t(), targets[lo:hi], softcap)
+            if fp8 and (hi - lo) % 16 == 0:
+                z = torch._scaled_mm(xq[lo:hi], wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)
+            else:
+                z = xc @ w.t()
+            loss_rows, g = softcap_ce(z, targets[lo:hi], softcap)
             total = total + loss_rows.sum()
             dx[lo:hi] = g @ w
             part = _mm_f32(g.t(), xc)
@@ -107,7 +117,7 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         dx, dw, scale = ctx.saved_tensors
         s = grad_out * scale
-        return (dx * s.to(dx.dtype)), (dw * s).to(dw.dtype), None, None, None, None, None
+        return (dx * s.to(dx.dtype)), (dw * s).to(dw.dtype), None, None, None, None, None, None
 
 
 def default_chunk_logits(device: torch.device) -> int:
@@ -119,8 +129,10 @@ def default_chunk_logits(device: torch.device) -> int:
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                               softcap: float, reduction: str = "mean", chunk: int = 0) -> torch.Tensor:
-    """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore."""
+                               softcap: float, reduction: str = "mean", chunk: int = 0,
+                               fp8: bool = False) -> torch.Tensor:
+    """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore. fp8: the logits
+    come from an e4m3 GEMM (one tensorwise scale each for x and W, `fp8.quantize`); the gradients do not."""
     if chunk <= 0:  # at least 1024 rows
         chunk = max(1024, default_chunk_logits(x.device) // max(1, vocab_size))
-    return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk)
+    return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk, fp8)

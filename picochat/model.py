@@ -92,6 +92,10 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """Bias-free Linear whose fp32 master weight is cast to the activation dtype in forward (no autocast)."""
 
+    # Read by GPT.forward for the lm_head: whether the fused training loss computes its logits in fp8
+    # (`fp8.convert` sets it; plain calls of the module, as in eval and sampling, stay in the compute dtype).
+    fp8_logits = False
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
@@ -332,7 +336,8 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if targets is not None and loss_reduction in ("mean", "sum") and self.fused_loss and torch.is_grad_enabled():
             return fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                              self.config.vocab_size, self.config.softcap, loss_reduction)
+                                              self.config.vocab_size, self.config.softcap, loss_reduction,
+                                              fp8=self.lm_head.fp8_logits)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:

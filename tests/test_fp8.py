@@ -52,10 +52,11 @@ def test_convert_swaps_block_projections_only_and_keeps_state_dict():
         m.lm_head.weight.normal_(0, 0.05)
     idx = torch.randint(0, 256, (2, 64))
     ref = m(idx, idx)
-    assert fp8.convert(m) == 6 * CFG.n_layer
-    assert type(m.lm_head) is Linear and isinstance(m.blocks[0].mlp.c_fc, fp8.Float8Linear)
+    assert fp8.convert(m) == 6 * CFG.n_layer + 1  # + the lm_head's logits in the fused loss
+    assert type(m.lm_head) is Linear and m.lm_head.fp8_logits and isinstance(m.blocks[0].mlp.c_fc, fp8.Float8Linear)
+    assert not Linear.fp8_logits
     mlp_only = build_model(CFG)
-    assert fp8.convert(mlp_only, "mlp") == 2 * CFG.n_layer
+    assert fp8.convert(mlp_only, "mlp") == 2 * CFG.n_layer + 1
     assert type(mlp_only.blocks[0].attn.c_q) is Linear and isinstance(mlp_only.blocks[0].mlp.c_proj,
                                                                           fp8.Float8Linear)
     with pytest.raises(ValueError, match="scope"):
@@ -67,6 +68,37 @@ def test_convert_swaps_block_projections_only_and_keeps_state_dict():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.blocks.parameters())
     with torch.no_grad():  # one-token decoding (rows not a multiple of 16) takes the plain path
         assert m(idx[:1, :5]).shape == (1, 5, CFG.vocab_size)
+
+
+def test_fp8_logits_in_the_fused_loss_track_bf16_and_leave_eval_logits_alone():
+    """`loss.fused_linear_cross_entropy(fp8=True)`: the logits come from an e4m3 GEMM, the gradients do not; a
+    chunk whose rows are not a multiple of 16 takes the plain matmul."""
+    from picochat.loss import fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    V, d = 256, 64
+    w = (torch.randn(V + 64, d) * 0.2).requires_grad_()  # padded vocab rows, as the model has
+    for n in (96, 100):  # 100 rows in chunks of 32: the last chunk of 4 rows is not fp8-eligible
+        x = torch.randn(n, d, requires_grad=True)
+        t = torch.randint(0, V, (n,))
+        out = {}
+        for on in (False, True):
+            x.grad = w.grad = None
+            loss = fused_linear_cross_entropy(x, w, t, V, softcap=15.0, chunk=32, fp8=on)
+            loss.backward()
+            out[on] = (loss.item(), x.grad.clone(), w.grad.clone())
+        assert out[True][0] != out[False][0]  # fp8 logits really were used
+        assert abs(out[True][0] - out[False][0]) < 0.01 * out[False][0]
+        assert _rel(out[True][1], out[False][1]) < 0.1 and _rel(out[True][2], out[False][2]) < 0.1
+        assert (w.grad[V:] == 0).all()
+    m = build_model(CFG)
+    idx = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0, 0.05)
+        ref, ref1 = m(idx), m(idx[:, :1])
+        fp8.convert(m)
+        assert torch.equal(m(idx[:, :1]), ref1)  # decoding a token: the plain bf16/fp32 path
+        assert _rel(m(idx), ref) < 0.1  # eval logits: the blocks are fp8, the lm_head call itself is not
 
 
 def test_fp8_refused_without_fp8_tensor_cores():
