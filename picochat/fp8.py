@@ -31,8 +31,8 @@ in bf16 (seed-to-seed spread in bf16: 1.444-1.457).
 
 What stays in bf16/fp32: the lm_head's gradients, embeddings, the small gates, the attention projections below d20
 (`scope`), and any Linear whose dimensions are not multiples of 16 (the fp8 GEMM's constraint). Parameters stay
-fp32 master weights, so checkpoints are the same as without fp8 and later stages load them as usual. Needs an fp8 tensor-core GPU
-(sm_89+: RTX 4090, H100, B200) for speed; `torch._scaled_mm` also runs on CPU, which the tests use.
+fp32 master weights, so checkpoints are the same as without fp8 and later stages load them as usual. Needs an fp8
+tensor-core GPU (sm_89+: RTX 4090, H100, B200) for speed; `torch._scaled_mm` also runs on CPU, which the tests use.
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: boo
     what = ("MLP matmuls (attention projections stay bf16 below "
             f"d{fp8.FP8_ALL_DEPTH})" if which == "mlp" else "block matmuls")
     print0(f"[fp8] {n - 1} {what} in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}), and the lm_head's "
-           f"logits in the training loss")
+           "logits in the training loss")
     return n
 
 

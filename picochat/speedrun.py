@@ -428,9 +428,9 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
 
 def expected_mfu(depth: int) -> float:
     """Pretraining MFU to plan with, from the default configs measured on one H200 (README "Performance"): 51% at
-    d12 (fp8 MLP and logits), 60% at d20 (fp8); linear in between and held flat outside the measured range; times 0.955, the
-    H100/H200 ratio measured on the same d12 code (472K against 494K tok/s), since plans are for H100s. Multi-GPU
-    communication is not in it (the sharded optimizer overlaps most of it)."""
+    d12 (fp8 MLP and logits), 60% at d20 (fp8); linear in between and held flat outside the measured range; times
+    0.955, the H100/H200 ratio measured on the same d12 code (472K against 494K tok/s), since plans are for H100s.
+    Multi-GPU communication is not in it (the sharded optimizer overlaps most of it)."""
     lo, hi = (12, 0.51), (20, 0.60)
     t = min(1.0, max(0.0, (depth - lo[0]) / (hi[0] - lo[0])))
     return 0.955 * (lo[1] + t * (hi[1] - lo[1]))
