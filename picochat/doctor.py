@@ -33,6 +33,10 @@ _ARCH_NAMES = {7: "Volta/Turing", 8: "Ampere/Ada", 9: "Hopper", 10: "Blackwell (
 # batch 32 peaked at 30.9 GB, d20 at 16 at 46.0 GB, and d20 at 32 ran out of memory. An estimate: on OOM, halve it.
 _ACT_BYTES_PER_TOKEN_LAYER_DIM = 42
 _LOGIT_BYTES_PER_TOKEN_VOCAB = 6
+# With fp8 matmuls (and the fused chunked loss, so no full logits): measured on one H200, session 9: d12 x 32 / x 64
+# rows 24.8 / 44.4 GB, d20 x 16 / x 32 35.8 / 58.5 GB, i.e. 26-33 bytes per token, layer and model dim over the
+# static weights, grads and optimizer state; 36 keeps a margin (the d12 quality run at x 16 peaked at 15.0 GB).
+_ACT_BYTES_FP8 = 36
 _USABLE_MEMORY_FRACTION = 0.92
 _DEPTHS = (12, 20, 24, 32)
 
@@ -89,20 +93,24 @@ def model_params(depth: int, vocab_size: int = 32768) -> int:
 
 
 def estimate_memory(depth: int, batch: int, world_size: int = 1, seq_len: int = 2048,
-                    vocab_size: int = 32768) -> float:
-    """Estimated peak training memory in bytes per GPU for a device batch of `batch` sequences."""
+                    vocab_size: int = 32768, fp8: bool = False) -> float:
+    """Estimated peak training memory in bytes per GPU for a device batch of `batch` sequences (`fp8`: with fp8
+    block matmuls, `picochat/fp8.py`)."""
     dim = max(128, (64 * depth + 127) // 128 * 128)
     params = model_params(depth, vocab_size)
     static = params * (8 + 8 / max(1, world_size))  # fp32 weights + grads; optimizer state sharded over ranks
     tokens = batch * seq_len
+    if fp8:
+        return static + tokens * depth * dim * _ACT_BYTES_FP8
     return static + tokens * (depth * dim * _ACT_BYTES_PER_TOKEN_LAYER_DIM + vocab_size * _LOGIT_BYTES_PER_TOKEN_VOCAB)
 
 
-def recommend_batch(memory_bytes: float, depth: int, world_size: int = 1, seq_len: int = 2048) -> int:
+def recommend_batch(memory_bytes: float, depth: int, world_size: int = 1, seq_len: int = 2048,
+                    fp8: bool = False) -> int:
     """Largest power-of-two device batch (1..64) that fits; 0 when even 1 sequence does not."""
     best = 0
     for b in (1, 2, 4, 8, 16, 32, 64):
-        if estimate_memory(depth, b, world_size, seq_len) <= memory_bytes * _USABLE_MEMORY_FRACTION:
+        if estimate_memory(depth, b, world_size, seq_len, fp8=fp8) <= memory_bytes * _USABLE_MEMORY_FRACTION:
             best = b
     return best
 
@@ -276,7 +284,7 @@ def _recommend(gpus: list[dict[str, Any]], attention: str, disk: dict[str, Any],
     else:
         mem = min(g["memory_gb"] for g in gpus) * 2**30
         cap = min(tuple(int(c) for c in g["capability"].split(".")) for g in gpus)
-        batches = {f"d{d}": recommend_batch(mem, d, world_size=n) for d in _DEPTHS}
+        batches = {f"d{d}": recommend_batch(mem, d, world_size=n, fp8=fp8_recommended(cap, d)) for d in _DEPTHS}
         if n >= 8 and mem >= 70 * 2**30:
             preset = "d20"
             notes.append("8 big GPUs: d20 is the $100-class run; d24 reaches GPT-2 grade; d32 takes about a day")

@@ -257,17 +257,18 @@ class Plan:
     muon_weight_decay: float
 
 
-def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes: float | None) -> int:
+def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes: float | None,
+                         fp8: bool = False) -> int:
     """The micro-batch when --device-batch-size is not given: the depth rule (`scaling.device_batch_size`, sized
-    for 80 GB GPUs), lowered to what the doctor's memory estimate fits on a smaller GPU (a 24 GB card would
-    otherwise run out of memory at d12's 32 rows). Never raised above the rule: bigger micro-batches were not
-    faster everywhere (d20 x 32 on an H200: 150.8K tok/s against 157.6K at 16)."""
+    for 80 GB GPUs; twice the rows with fp8 up to d24), lowered to what the doctor's memory estimate fits on a
+    smaller GPU (a 24 GB card would otherwise run out of memory at d12's 32 rows). Never raised above the rule:
+    bigger micro-batches were not faster everywhere (bf16 d20 x 32 on an H200: 150.8K tok/s against 157.6K at 16)."""
     from picochat import doctor
 
-    rule = scaling.device_batch_size(depth, seq_len)
+    rule = scaling.device_batch_size(depth, seq_len, fp8=fp8)
     if memory_bytes is None:
         return rule
-    fit = doctor.recommend_batch(memory_bytes, depth, world_size, seq_len)
+    fit = doctor.recommend_batch(memory_bytes, depth, world_size, seq_len, fp8=fp8)
     if fit == 0:
         raise UserError(f"--depth {depth}: by picochat's memory estimate not even one sequence of {seq_len} tokens "
                         f"fits in {memory_bytes / 1e9:.0f} GB per GPU; use a smaller --depth or --seq-len, more "
@@ -279,6 +280,14 @@ def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes
                f"{memory_bytes / 1e9:.0f} GB (estimate); the total batch is unchanged (more accumulation steps), "
                f"--device-batch-size overrides")
     return min(rule, fit)
+
+
+def fp8_planned(flag: bool | None, compile_flag: bool | None, depth: int, device: torch.device) -> bool:
+    """Whether `apply_fp8` will switch matmuls to fp8 (the micro-batch default depends on it)."""
+    from picochat import fp8
+    from picochat.training import should_compile
+
+    return fp8.resolve(flag, depth, device, should_compile(compile_flag, device))
 
 
 def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: torch.device) -> Plan:
@@ -295,11 +304,14 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
                        smear=cfg.smear, backout=cfg.backout)
     from picochat.runtime import gpu_memory
 
-    B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device))
+    B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device),
+                                                      fp8_planned(cfg.fp8, cfg.compile, cfg.depth, device))
     per_micro = B * cfg.seq_len * world_size
     total = d["total_batch_size"]
-    if total < per_micro and not cfg.device_batch_size:  # small batches (tiny runs): shrink the micro-batch
-        B = max(1, total // (cfg.seq_len * world_size))
+    if not cfg.device_batch_size:  # the default micro-batch shrinks to divide the total (tiny runs, many GPUs)
+        B = max(1, min(B, total // (cfg.seq_len * world_size)))
+        while B > 1 and total % (B * cfg.seq_len * world_size):
+            B -= 1
         per_micro = B * cfg.seq_len * world_size
     if total % per_micro:
         raise UserError(f"--total-batch-size {total}: must be a multiple of device batch x seq len x processes = "
@@ -767,7 +779,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
                          activation_budget=args.activation_budget)
     tok, _ = _load_tokenizer(cfg)
     B = args.device_batch_size or default_device_batch(args.depth, args.seq_len, rt.world_size,
-                                                       gpu_memory(rt.device))
+                                                       gpu_memory(rt.device),
+                                                       fp8_planned(args.fp8, args.compile, args.depth, rt.device))
     cfg.device_batch_size = B
     if args.total_batch_size != 0:
         cfg.total_batch_size = args.total_batch_size if args.total_batch_size > 0 else B * args.seq_len * rt.world_size

@@ -36,6 +36,12 @@ def test_batch_recommendation_matches_known_fits_and_is_monotonic():
         assert bs == sorted(bs)
     assert doctor.recommend_batch(4 * 2**30, 32) == 0
     assert doctor.estimate_memory(20, 16) < doctor.estimate_memory(20, 32) < doctor.estimate_memory(24, 32)
+    # fp8 (measured on an H200: d12 x 64 44.4 GB, d20 x 32 58.5 GB) fits twice the rows of bf16 on an 80 GB GPU,
+    # and the estimate stays above what was measured
+    assert doctor.recommend_batch(h100, 12, fp8=True) == 64 and doctor.recommend_batch(h100, 20, fp8=True) == 32
+    assert doctor.recommend_batch(h100, 24, fp8=True) == 16
+    for depth, rows, measured_gb in ((12, 32, 24.8), (12, 64, 44.4), (20, 16, 35.8), (20, 32, 58.5)):
+        assert measured_gb * 1e9 < doctor.estimate_memory(depth, rows, fp8=True) < 1.3 * measured_gb * 1e9
 
 
 def test_torch_path_warning():
@@ -87,7 +93,9 @@ def test_recommendations_for_gpu_nodes():
     disk = {"free_gb": 500}
     r = doctor._recommend(gpu((9, 0), 79.2, 8), "sdpa-cudnn", disk, {"available": True}, 128)
     assert r["preset"] == "d20" and r["nproc_per_node"] == 8 and r["fp8"] is True
-    assert r["window_pattern"] == "L" and r["device_batch_size"]["d20"] == 16
+    # with fp8 (the default here) d20 x 32 fits: 58.5 GB measured on an H200; bf16 x 32 ran out of memory
+    assert r["window_pattern"] == "L" and r["device_batch_size"]["d20"] == 32
+    assert r["device_batch_size"]["d24"] == 16 and r["device_batch_size"]["d32"] == 8
     assert any("--nproc-per-node 8" in n for n in r["notes"])
     r = doctor._recommend(gpu((12, 0), 31.4, 1), "sdpa-cudnn", {"free_gb": 10}, {"available": False}, 16)
     assert r["preset"] == "d12" and r["fp8"] is True  # d12 on Blackwell: fp8 for the MLP (fp8.scope)

@@ -111,6 +111,10 @@ def test_default_micro_batch_fits_the_gpu():
     assert default_device_batch(12, 2048, 1, h100) == 32 and default_device_batch(20, 2048, 1, h100) == 16
     assert default_device_batch(12, 2048, 1, 150e9) == 32  # never above the rule on a bigger GPU
     assert default_device_batch(12, 2048, 1, rtx4090) == 8 and default_device_batch(20, 2048, 1, rtx4090) == 2
+    # with fp8: twice the rows where they fit (80 GB); on a 24 GB card what the fp8 memory estimate fits
+    assert default_device_batch(12, 2048, 1, h100, fp8=True) == 64
+    assert default_device_batch(20, 2048, 1, h100, fp8=True) == 32
+    assert default_device_batch(12, 2048, 1, rtx4090, fp8=True) == 16
     with pytest.raises(UserError, match="--depth 32.*--device-batch-size 1"):
         default_device_batch(32, 2048, 1, 8e9)
 
