@@ -144,6 +144,9 @@ def inherit(cfg: ChatTrainConfig, meta: dict, world_size: int) -> dict[str, Any]
     seq = min(seq, int(mc.get("sequence_len", seq)) * 4)  # the rotary table covers 4x the trained context
     tbs = cfg.total_batch_size or int(_src_value(meta, ("total_batch_size",), 0) or 0)
     dbs = cfg.device_batch_size or int(_src_value(meta, ("device_batch_size",), 0) or max(1, 65536 // seq))
+    if not cfg.device_batch_size and mc.get("n_layer"):
+        # chat stages train in bf16: fp8 pretraining's doubled micro-batch (d20 x 32: 58.5 GB) would need 72 GB here
+        dbs = min(dbs, scaling.device_batch_size(int(mc["n_layer"]), seq))
     if not tbs:
         tbs = dbs * seq * world_size
     if not cfg.device_batch_size:

@@ -150,6 +150,19 @@ def test_rank_striding_partitions_the_task():
     assert not (seen[0] & seen[1])
 
 
+def test_inherited_micro_batch_is_capped_at_the_bf16_rule():
+    """fp8 pretraining doubles the micro-batch (d20: 32 rows); the chat stages train in bf16 and take the depth rule's
+    16 unless --device-batch-size says otherwise."""
+    from picochat.sft import inherit
+
+    meta = {"model_config": {"n_layer": 20, "sequence_len": 2048, "n_embd": 1280},
+            "config": {"device_batch_size": 32, "total_batch_size": 1048576, "seq_len": 2048}}
+    assert inherit(SFTConfig(), meta, 1)["device_batch_size"] == 16
+    assert inherit(SFTConfig(device_batch_size=32), meta, 1)["device_batch_size"] == 32
+    meta["config"]["device_batch_size"] = 8  # a smaller inherited micro-batch (a smaller GPU) stays
+    assert inherit(SFTConfig(), meta, 1)["device_batch_size"] == 8
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stages on the tiny base
 
