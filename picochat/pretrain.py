@@ -290,7 +290,12 @@ def fp8_planned(flag: bool | None, compile_flag: bool | None, depth: int, device
     return fp8.resolve(flag, depth, device, should_compile(compile_flag, device))
 
 
-def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: torch.device) -> Plan:
+def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: torch.device,
+              resume_micro: int | None = None) -> Plan:
+    """Model config, derived hyperparameters and the batch split. `resume_micro`: the micro-batch of the checkpoint
+    being resumed; without --device-batch-size it is kept where it is not above the default, so a resumed run reads
+    the same batches as an uninterrupted one (e.g. a run from before a default changed, or one that continued with
+    a smaller --device-batch-size after running out of memory)."""
     require(cfg.depth >= 1, f"--depth {cfg.depth}: must be >= 1")
     require(cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: must be >= 8")
     require(0.0 < cfg.activation_budget <= 1.0,
@@ -306,6 +311,8 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
 
     B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device),
                                                       fp8_planned(cfg.fp8, cfg.compile, cfg.depth, device))
+    if not cfg.device_batch_size and resume_micro:
+        B = min(B, resume_micro)
     per_micro = B * cfg.seq_len * world_size
     total = d["total_batch_size"]
     if not cfg.device_batch_size:  # the default micro-batch shrinks to divide the total (tiny runs, many GPUs)
@@ -500,10 +507,16 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
             f"--resume {cfg.resume!r}: expected auto, never or an existing checkpoint directory")
     rt = init_runtime(cfg.device, cfg.dtype, cfg.seed)
     tok, tok_dir = _load_tokenizer(cfg)
-    plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
+    ckpt_root = checkpoints_dir(cfg.run, "base")
+    ck = find_resume_checkpoint(ckpt_root, cfg.resume)
+    resume_micro = None
+    if ck is not None:
+        from picochat.checkpoint import read_meta
+
+        resume_micro = int((read_meta(ck).get("config") or {}).get("device_batch_size") or 0) or None
+    plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device, resume_micro)
     mc = plan.model_config
     sdir = stage_dir(cfg.run, "base")
-    ckpt_root = checkpoints_dir(cfg.run, "base")
     print0(f"[pretrain] run {cfg.run}: {rt.describe()}")
     print0(f"[pretrain] model: depth {mc.n_layer}, d_model {mc.n_embd}, heads {mc.n_head}/{mc.n_kv_head}, "
            f"vocab {mc.vocab_size}, windows {mc.window_pattern}, value embeds {mc.value_embeds}, "
@@ -524,7 +537,6 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     step, start_step, resumed_from = 0, 0, None
     loop_state: dict[str, Any] = {}
     held = None
-    ck = find_resume_checkpoint(ckpt_root, cfg.resume)
     if ck is not None:
         rank_state = _load_resume(ck, model, opt, loader, rt, plan)
         loop_state = rank_state.get("loop", {})

@@ -57,6 +57,23 @@ def test_interrupted_run_resumes_bit_exact():
                        load_model_state(latest_checkpoint(checkpoints_dir("part", "base")))["lm_head.weight"])
 
 
+def test_resume_without_the_flag_keeps_the_checkpoints_smaller_micro_batch():
+    """A run continued with a smaller --device-batch-size (after running out of memory, or from before a default
+    changed) and later resumed without the flag keeps that micro-batch: still bit-exact against an uninterrupted run
+    at that micro-batch. The default here would be 4 rows (the whole 128-token batch of 32-token rows)."""
+    full = run(_cfg("full1"))  # micro-batch 2, 2 accumulation steps
+    run(_cfg("sticky", stop_at_step=3, save_every=0))
+    rest = run(_cfg("sticky", device_batch_size=0, save_every=0))
+    assert rest["step"] == 8 and rest["steps_this_run"] == 5
+    assert _losses("full1") == _losses("sticky") and full["step"] == 8
+    header = json.loads((Path(os.environ["PICOCHAT_HOME"]) / "runs" / "sticky" / "base" / "run.json").read_text())
+    assert header["plan"]["device_batch_size"] == 2
+    fresh = run(_cfg("fresh", device_batch_size=0, num_iterations=1, save_every=0))
+    assert fresh["step"] == 1
+    header = json.loads((Path(os.environ["PICOCHAT_HOME"]) / "runs" / "fresh" / "base" / "run.json").read_text())
+    assert header["plan"]["device_batch_size"] == 4
+
+
 def test_crash_during_save_keeps_previous_checkpoint(monkeypatch):
     import picochat.checkpoint as ck
 
