@@ -104,11 +104,11 @@ def num_steps(tokens: float, batch_tokens: int) -> int:
 def device_batch_size(depth: int, sequence_len: int = 2048, gpu_memory_gb: float = 80.0, fp8: bool = False) -> int:
     """Default micro-batch rows per GPU: 64K tokens per micro-step up to d16, 32K up to d24, 16K beyond, halved per
     halving of memory. Measured on one 80 GB H100 in bf16: d12 x 32 rows = 30.9 GB, d20 x 16 = 46.0 GB, d20 x 32 =
-    OOM. With fp8 (which saves fp8 copies of the matmul inputs) twice the rows up to d24, measured on one H200
+    OOM. With fp8 (which saves fp8 copies of the matmul inputs) twice the rows up to d20, measured on one H200
     (session 9, default configs, same machine for d12): d12 x 64 44.4 GB and +1.4% tok/s against x 32 (571.7K vs
-    564.0K); d20 x 32 58.5 GB, 186.5K tok/s (x 16: 182.8-185.3K on two other machines). Beyond d24 not measured."""
+    564.0K); d20 x 32 58.5 GB, 186.5K tok/s (x 16: 182.8-185.3K on two other machines). Deeper: not measured."""
     tokens = 65536 if depth <= 16 else (32768 if depth <= 24 else 16384)
-    if fp8 and depth <= 24:
+    if fp8 and depth <= 20:
         tokens *= 2
     tokens = int(tokens * min(1.0, gpu_memory_gb / 80.0))
     return max(1, tokens // sequence_len)
