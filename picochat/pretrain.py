@@ -309,17 +309,15 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
                        smear=cfg.smear, backout=cfg.backout)
     from picochat.runtime import gpu_memory
 
-    B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device),
-                                                      fp8_planned(cfg.fp8, cfg.compile, cfg.depth, device))
-    if not cfg.device_batch_size and resume_micro:
-        B = min(B, resume_micro)
-    per_micro = B * cfg.seq_len * world_size
     total = d["total_batch_size"]
-    if not cfg.device_batch_size:  # the default micro-batch shrinks to divide the total (tiny runs, many GPUs)
-        B = max(1, min(B, total // (cfg.seq_len * world_size)))
+    B = cfg.device_batch_size
+    if not B:  # the default: no larger than a resumed checkpoint's, shrunk to divide the total (tiny runs, many GPUs)
+        B = default_device_batch(cfg.depth, cfg.seq_len, world_size, gpu_memory(device),
+                                 fp8_planned(cfg.fp8, cfg.compile, cfg.depth, device))
+        B = max(1, min(B, resume_micro or B, total // (cfg.seq_len * world_size)))
         while B > 1 and total % (B * cfg.seq_len * world_size):
             B -= 1
-        per_micro = B * cfg.seq_len * world_size
+    per_micro = B * cfg.seq_len * world_size
     if total % per_micro:
         raise UserError(f"--total-batch-size {total}: must be a multiple of device batch x seq len x processes = "
                         f"{B} x {cfg.seq_len} x {world_size} = {per_micro}; change --total-batch-size or "
