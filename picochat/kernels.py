@@ -1,12 +1,16 @@
 """Hand-written Triton kernels. `picochat.attention` (decode attention), `picochat.engine` (the batch-1 step and
-the sampler) and `picochat.loss` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
-custom op) call them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs
-never import triton.
+the sampler), `picochat.loss` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
+custom op) and `picochat.rope` (RoPE + QK-norm in training, custom ops `picochat::rope_norm[_backward]`) call
+them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs never import
+triton.
 
 Training loss epilogue (`softcap_ce`): for each chunk of lm_head logits, the loss per row and its gradient
 (softmax - onehot) * (1 - tanh^2) in one kernel that reads the bf16 logits twice and writes the gradient once.
 Compiled from torch ops the same math was ~10 passes over fp32 logits: 35 ms of a 265 ms d12 step on an H200,
 9.5 ms now; d12 went from 494K to 542K tok/s (README "Performance").
+
+RoPE + QK-norm (`rope_norm_fwd` / `rope_norm_bwd`): blocks of (token, head) rows; forward rotates and normalises
+a row in registers and keeps its rstd, backward inverts both from the saved output (why and timings: `rope.py`).
 
 Decode attention over a shared prefix (split-KV, "flash decoding"):
 one new query token per row attends to (a) the prompt's keys, stored once and shared by every row, and (b) the
@@ -366,6 +370,56 @@ if triton is not None:
             tl.store(grow + cols, g.to(G.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _rope_norm_fwd_kernel(X, COS, SIN, Y, RSTD, n_rows, T, H, sxb, sxt, sxh, eps, HALF: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+        """BLOCK_R rows (b, t, h) of x (B, T, H, 2 * HALF), any strides with the last dim contiguous: r = rope(x),
+        y = r * rstd with rstd = rsqrt(mean(r^2) + eps), y contiguous; rstd (fp32, one per row) kept for backward."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = rows < n_rows
+        h = rows % H
+        t = (rows // H) % T
+        b = rows // (H * T)
+        j = tl.arange(0, HALF)
+        src = X + (b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h.to(tl.int64) * sxh)[:, None] + j[None, :]
+        x1 = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+        c = tl.load(COS + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(SIN + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        r1 = x1 * c + x2 * s
+        r2 = x2 * c - x1 * s
+        rstd = tl.rsqrt((tl.sum(r1 * r1, 1) + tl.sum(r2 * r2, 1)) / (2 * HALF) + eps)
+        dst = Y + rows.to(tl.int64)[:, None] * (2 * HALF) + j[None, :]
+        tl.store(dst, (r1 * rstd[:, None]).to(Y.dtype.element_ty), mask=ok[:, None])
+        tl.store(dst + HALF, (r2 * rstd[:, None]).to(Y.dtype.element_ty), mask=ok[:, None])
+        tl.store(RSTD + rows, rstd, mask=ok)
+
+    @triton.jit
+    def _rope_norm_bwd_kernel(DY, Y, RSTD, COS, SIN, DX, n_rows, T, H, sdb, sdt, sdh, HALF: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+        """dx for y = rms_norm(rope(x)) from the saved y and rstd: dr = rstd * (dy - y * mean(dy * y)) (RMSNorm's
+        backward), dx = rope^-1(dr) (the transposed rotation). dy any strides (cuDNN's dq layout), dx contiguous."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = rows < n_rows
+        h = rows % H
+        t = (rows // H) % T
+        b = rows // (H * T)
+        j = tl.arange(0, HALF)
+        src = DY + (b.to(tl.int64) * sdb + t.to(tl.int64) * sdt + h.to(tl.int64) * sdh)[:, None] + j[None, :]
+        dy1 = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
+        dy2 = tl.load(src + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+        own = rows.to(tl.int64)[:, None] * (2 * HALF) + j[None, :]
+        y1 = tl.load(Y + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        y2 = tl.load(Y + own + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=ok, other=0.0)
+        dot = (tl.sum(dy1 * y1, 1) + tl.sum(dy2 * y2, 1)) / (2 * HALF)
+        dr1 = (dy1 - y1 * dot[:, None]) * rstd[:, None]
+        dr2 = (dy2 - y2 * dot[:, None]) * rstd[:, None]
+        c = tl.load(COS + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(SIN + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DX + own, (dr1 * c - dr2 * s).to(DX.dtype.element_ty), mask=ok[:, None])
+        tl.store(DX + own + HALF, (dr1 * s + dr2 * c).to(DX.dtype.element_ty), mask=ok[:, None])
+
 def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of logits z (N, V) (bf16/fp16/fp32, last dim contiguous), targets (N,) int (-1 = ignored) ->
     (per-row loss (N,) fp32, d loss_row / d z (N, V) in z's dtype) of softcap * tanh(z / softcap) cross-entropy.
@@ -379,6 +433,38 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[
         _softcap_ce_kernel[(N,)](z, targets.contiguous(), loss, g, z.stride(0), g.stride(0), V, float(softcap),
                                  BLOCK=2048, num_warps=8)
     return loss, g
+
+
+ROPE_ROWS = 32  # rows (token, head) per program of the RoPE + QK-norm kernels
+
+
+def rope_norm_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, T, H, D) (last dim contiguous), cos/sin (T, D/2) -> (rms_norm(rope(x)) contiguous in x's dtype,
+    rstd (B, T, H) fp32)."""
+    B, T, H, D = x.shape
+    assert x.stride(3) == 1 and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (T, D // 2)
+    y = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
+    rstd = torch.empty(B, T, H, device=x.device, dtype=torch.float32)
+    n = B * T * H
+    if n:
+        _rope_norm_fwd_kernel[(triton.cdiv(n, ROPE_ROWS),)](x, cos, sin, y, rstd, n, T, H, x.stride(0), x.stride(1),
+                                                           x.stride(2), eps, HALF=D // 2, BLOCK_R=ROPE_ROWS)
+    return y, rstd
+
+
+def rope_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> torch.Tensor:
+    """The gradient of `rope_norm_fwd` w.r.t. x, from dy (any strides, last dim contiguous) and the saved y, rstd."""
+    B, T, H, D = y.shape
+    assert dy.stride(3) == 1 and y.is_contiguous() and rstd.is_contiguous()
+    dx = torch.empty_like(y)
+    n = B * T * H
+    if n:
+        _rope_norm_bwd_kernel[(triton.cdiv(n, ROPE_ROWS),)](dy, y, rstd, cos, sin, dx, n, T, H, dy.stride(0),
+                                                           dy.stride(1), dy.stride(2), HALF=D // 2,
+                                                           BLOCK_R=ROPE_ROWS)
+    return dx
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None, n: int | None = None,

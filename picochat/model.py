@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from picochat import attention
 from picochat.loss import fused_linear_cross_entropy
+from picochat.rope import apply_rotary, rope_norm  # noqa: F401 (apply_rotary: engine imports it from here)
 
 
 @dataclass
@@ -114,13 +115,6 @@ class Embedding(nn.Embedding):
         pass
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, D); cos/sin: (1, T, 1, D/2). Rotates (first half, second half) pairs."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
 class KVCache:
     """Static preallocated cache: k/v of shape (n_layer, B, max_len, n_kv_head, head_dim); rows share a position.
 
@@ -185,8 +179,7 @@ class CausalSelfAttention(nn.Module):
             assert self.ve_gate is not None
             gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B,T,Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = rms_norm(q), rms_norm(k)
+        q, k = rope_norm(q, cos, sin), rope_norm(k, cos, sin)  # RoPE, then QK-norm
         if kv_cache is None:
             y = attention.causal_attention(q, k, v, window=window)
         else:

@@ -118,6 +118,46 @@ def test_softcap_ce_kernel_matches_torch_definition(dtype, V):
     assert torch.allclose(g_k.float().sum(1), g_t.float().sum(1), atol=1e-3)  # softmax - onehot rows sum near 0
 
 
+def _triton_device() -> str | None:
+    """CUDA, or the CPU under the Triton interpreter (TRITON_INTERPRET=1), or None (no Triton to test)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_norm_kernel_matches_torch_definition(dtype):
+    """The fused RoPE + QK-norm op (forward and backward) against autograd through the torch definition, with the
+    incoming gradient in the (B, H, T, D)-contiguous layout attention's backward hands it."""
+    from picochat.rope import _rope_norm_op, rope_norm_torch
+
+    dev = _triton_device()
+    torch.manual_seed(0)
+    B, T, H, D = 2, 40, 3, 32
+    x = (torch.randn(B, T, H, D, device=dev) * 3).to(dtype).requires_grad_()
+    ang = torch.rand(T, D // 2, device=dev) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    dy = torch.randn(B, H, T, D, device=dev).to(dtype).transpose(1, 2)  # strides of a (B, H, T, D) tensor
+    ref = rope_norm_torch(x.float(), cos.float()[None, :, None], sin.float()[None, :, None])
+    (gref,) = torch.autograd.grad(ref, x, dy.float())
+    y, rstd = _rope_norm_op(x, cos, sin, torch.finfo(dtype).eps)
+    (g,) = torch.autograd.grad(y, x, dy)
+    assert y.dtype == dtype and g.dtype == dtype and rstd.shape == (B, T, H)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert torch.allclose(y.float(), ref, **tol)
+    # bf16: the backward uses the saved bf16 y, so compare the whole gradient's relative error
+    err = ((g.float() - gref).norm() / gref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+    # the output rows have unit RMS (up to eps), i.e. the norm really ran after the rotation
+    assert torch.allclose(y.float().pow(2).mean(-1), torch.ones(B, T, H, device=dev), atol=2e-2)
+
+
 @pytest.mark.parametrize("pattern", ["L", "SL"])
 def test_kv_cache_decode_equals_full_forward(pattern):
     # seq 512 -> S window 128 < the 200 tokens decoded, so windows really cut
