@@ -371,21 +371,29 @@ if triton is not None:
 
 
     @triton.jit
-    def _rope_norm_fwd_kernel(X, COS, SIN, Y, RSTD, n_rows, T, H, sxb, sxt, sxh, eps, HALF: tl.constexpr,
-                              BLOCK_R: tl.constexpr):
-        """BLOCK_R rows (b, t, h) of x (B, T, H, 2 * HALF), any strides with the last dim contiguous: r = rope(x),
-        y = r * rstd with rstd = rsqrt(mean(r^2) + eps), y contiguous; rstd (fp32, one per row) kept for backward."""
+    def _rope_rows(P, COS, SIN, n_rows, T, H, sb, st, sh, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Program's BLOCK_R rows r = (b, t, h) of a (B, T, H, 2 * HALF) tensor P with strides (sb, st, sh, 1):
+        (rows, row mask, the two halves of each row and the rows' cos/sin, all fp32)."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < n_rows
         h = rows % H
         t = (rows // H) % T
         b = rows // (H * T)
         j = tl.arange(0, HALF)
-        src = X + (b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h.to(tl.int64) * sxh)[:, None] + j[None, :]
-        x1 = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+        src = P + (b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh)[:, None] + j[None, :]
+        p1 = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
+        p2 = tl.load(src + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
         c = tl.load(COS + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         s = tl.load(SIN + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        return rows, ok, p1, p2, c, s
+
+    @triton.jit
+    def _rope_norm_fwd_kernel(X, COS, SIN, Y, RSTD, n_rows, T, H, sxb, sxt, sxh, eps, HALF: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+        """BLOCK_R rows (b, t, h) of x (B, T, H, 2 * HALF), any strides with the last dim contiguous: r = rope(x),
+        y = r * rstd with rstd = rsqrt(mean(r^2) + eps), y contiguous; rstd (fp32, one per row) kept for backward."""
+        rows, ok, x1, x2, c, s = _rope_rows(X, COS, SIN, n_rows, T, H, sxb, sxt, sxh, HALF, BLOCK_R)
+        j = tl.arange(0, HALF)
         r1 = x1 * c + x2 * s
         r2 = x2 * c - x1 * s
         rstd = tl.rsqrt((tl.sum(r1 * r1, 1) + tl.sum(r2 * r2, 1)) / (2 * HALF) + eps)
@@ -399,15 +407,8 @@ if triton is not None:
                               BLOCK_R: tl.constexpr):
         """dx for y = rms_norm(rope(x)) from the saved y and rstd: dr = rstd * (dy - y * mean(dy * y)) (RMSNorm's
         backward), dx = rope^-1(dr) (the transposed rotation). dy any strides (cuDNN's dq layout), dx contiguous."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        ok = rows < n_rows
-        h = rows % H
-        t = (rows // H) % T
-        b = rows // (H * T)
+        rows, ok, dy1, dy2, c, s = _rope_rows(DY, COS, SIN, n_rows, T, H, sdb, sdt, sdh, HALF, BLOCK_R)
         j = tl.arange(0, HALF)
-        src = DY + (b.to(tl.int64) * sdb + t.to(tl.int64) * sdt + h.to(tl.int64) * sdh)[:, None] + j[None, :]
-        dy1 = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
-        dy2 = tl.load(src + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
         own = rows.to(tl.int64)[:, None] * (2 * HALF) + j[None, :]
         y1 = tl.load(Y + own, mask=ok[:, None], other=0.0).to(tl.float32)
         y2 = tl.load(Y + own + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -415,10 +416,9 @@ if triton is not None:
         dot = (tl.sum(dy1 * y1, 1) + tl.sum(dy2 * y2, 1)) / (2 * HALF)
         dr1 = (dy1 - y1 * dot[:, None]) * rstd[:, None]
         dr2 = (dy2 - y2 * dot[:, None]) * rstd[:, None]
-        c = tl.load(COS + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.load(SIN + t[:, None] * HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         tl.store(DX + own, (dr1 * c - dr2 * s).to(DX.dtype.element_ty), mask=ok[:, None])
         tl.store(DX + own + HALF, (dr1 * s + dr2 * c).to(DX.dtype.element_ty), mask=ok[:, None])
+
 
 def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of logits z (N, V) (bf16/fp16/fp32, last dim contiguous), targets (N,) int (-1 = ignored) ->
