@@ -14,21 +14,21 @@ from picochat import __version__
 
 # command -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "doctor": ("picochat.doctor", "probe hardware and software, and recommend settings"),
-    "data": ("picochat.data", "synth | download | prepare pretraining shards"),
+    "doctor": ("picochat.tools.doctor", "probe hardware and software, and recommend settings"),
+    "data": ("picochat.data.shards", "synth | download | prepare pretraining shards"),
     "tokenizer": ("picochat.tokenizer", "train | eval the BPE tokenizer"),
-    "pretrain": ("picochat.pretrain", "pretrain the base model"),
-    "midtrain": ("picochat.midtrain", "midtrain the base model on the conversation mixture"),
-    "sft": ("picochat.sft", "supervised fine-tuning on conversations (masked loss)"),
-    "rl": ("picochat.rl", "reinforcement learning on GSM8K-style problems with tool use"),
-    "eval": ("picochat.evaluate", "base (bpb, CORE, samples) | chat (ARC, MMLU, GSM8K, HumanEval, SpellingBee)"),
-    "chat": ("picochat.chat_cli", "talk to a model in the terminal"),
-    "serve": ("picochat.serve", "web chat UI and OpenAI-compatible /v1 API"),
-    "export": ("picochat.export", "write a trained model as one shareable folder (safetensors + tokenizer)"),
-    "report": ("picochat.report", "write report.md (with plots) for a run"),
-    "speedrun": ("picochat.speedrun", "run the whole pipeline for a preset, resumably"),
-    "launch": ("picochat.launch", "run a stage under torchrun (multi-GPU, multi-node, no libuv needed)"),
-    "bench": ("picochat.bench", "pretrain | infer | tokenizer | loader benchmarks (one JSON line last)"),
+    "pretrain": ("picochat.stages.pretrain", "pretrain the base model"),
+    "midtrain": ("picochat.stages.midtrain", "midtrain the base model on the conversation mixture"),
+    "sft": ("picochat.stages.sft", "supervised fine-tuning on conversations (masked loss)"),
+    "rl": ("picochat.stages.rl", "reinforcement learning on GSM8K-style problems with tool use"),
+    "eval": ("picochat.evals.evaluate", "base (bpb, CORE, samples) | chat (ARC, MMLU, GSM8K, HumanEval, SpellingBee)"),
+    "chat": ("picochat.serving.chat_cli", "talk to a model in the terminal"),
+    "serve": ("picochat.serving.serve", "web chat UI and OpenAI-compatible /v1 API"),
+    "export": ("picochat.serving.export", "write a trained model as one shareable folder (safetensors + tokenizer)"),
+    "report": ("picochat.tools.report", "write report.md (with plots) for a run"),
+    "speedrun": ("picochat.tools.speedrun", "run the whole pipeline for a preset, resumably"),
+    "launch": ("picochat.tools.launch", "run a stage under torchrun (multi-GPU, multi-node, no libuv needed)"),
+    "bench": ("picochat.tools.bench", "pretrain | infer | tokenizer | loader benchmarks (one JSON line last)"),
 }
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from picochat import attention
+from picochat.ops import attention
 from picochat.model import GPT, KVCache, apply_rotary, rms_norm
 
 CACHE_BUCKET = 256  # decode caches are allocated in multiples of this many positions
@@ -532,8 +532,8 @@ class _Row:
 
 
 def _kernels():
-    """picochat.kernels, imported on first use (it imports triton)."""
-    from picochat import kernels
+    """picochat.ops.kernels, imported on first use (it imports triton)."""
+    from picochat.ops import kernels
 
     return kernels
 

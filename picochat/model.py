@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat import attention
-from picochat.loss import fused_linear_cross_entropy
-from picochat.rope import apply_rotary, rope_norm  # noqa: F401 (apply_rotary: engine imports it from here)
+from picochat.ops import attention
+from picochat.ops.loss import fused_linear_cross_entropy
+from picochat.ops.rope import apply_rotary, rope_norm  # noqa: F401 (apply_rotary: engine imports it from here)
 
 
 @dataclass

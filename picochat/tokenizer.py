@@ -289,7 +289,7 @@ def add_cli(parser) -> None:
 def cli_main(args) -> int:
     import time
 
-    from picochat.data import iter_texts, list_shards
+    from picochat.data.shards import iter_texts, list_shards
 
     if args.tokenizer_command == "train":
         train, val = list_shards(args.data)
@@ -357,7 +357,7 @@ def add_bench_args(parser) -> None:
 def bench_main(args) -> dict:
     import time
 
-    from picochat.data import SHARD_RE, iter_texts
+    from picochat.data.shards import SHARD_RE, iter_texts
 
     files = sorted(p for p in Path(args.data).iterdir() if SHARD_RE.match(p.name)) if Path(args.data).is_dir() else []
     try:

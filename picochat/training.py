@@ -448,7 +448,7 @@ KERNEL_CATEGORIES = (  # first match wins: cuDNN attention kernels also carry "s
 
 def kernel_category(name: str) -> str:
     low = name.lower()
-    if low.startswith("_") and low.endswith("_kernel"):  # picochat's own Triton kernels (picochat/kernels.py)
+    if low.startswith("_") and low.endswith("_kernel"):  # picochat's own Triton kernels (picochat/ops/kernels.py)
         return "triton"
     # compiler-generated kernels are elementwise work even when named after the op they feed
     # ("triton_poi_fused__scaled_mm_..." is an fp8 cast, not a GEMM)

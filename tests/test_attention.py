@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from picochat import attention
+from picochat.ops import attention
 
 
 def _qkv(B=2, T=48, H=4, Hkv=2, D=16, seed=0):
@@ -112,7 +112,7 @@ def test_decode_reference_is_attention_over_prompt_then_own_tokens(window):
     (1, 10, 1, 512, 256, 512, 600, None), (64, 10, 1, 512, 256, 500, 627, None), (8, 2, 4, 256, 256, 37, 37, None),
     (3, 4, 2, 768, 512, 700, 900, 128), (20, 3, 1, 256, 256, 256, 300, 64)])
 def test_triton_decode_matches_reference(B, Hkv, G, P, S, n, pos, window):
-    from picochat import kernels
+    from picochat.ops import kernels
 
     if not kernels.available():
         pytest.skip("triton missing")

@@ -67,7 +67,7 @@ def test_missing_checkpoint_is_a_user_error(tmp_path, capsys, monkeypatch):
 
 def test_interactive_history_and_commands(tmp_path):
     """Drive the loop directly: history grows, 'clear' resets it, 'exit' ends; prompts use the chat format."""
-    from picochat.chat_cli import ChatConfig, chat
+    from picochat.serving.chat_cli import ChatConfig, chat
     from picochat.engine import load_engine
 
     home = tmp_path / "home"

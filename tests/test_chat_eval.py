@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from picochat import chat_eval as C
+from picochat.evals import chat_eval as C
 from picochat.conversation import render_for_completion
 from picochat.model import GPTConfig, build_model
-from picochat.tasks import mc_conversation
+from picochat.data.tasks import mc_conversation
 from picochat.tokenizer import Tokenizer
 
 
@@ -90,7 +90,7 @@ class ScriptedEngine:
 
 
 def _gsm8k_task():
-    from picochat.tasks import extract_final_number
+    from picochat.data.tasks import extract_final_number
 
     convs = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
                            {"role": "assistant", "content": f"#### {2 * i}"}], "answer": str(2 * i)} for i in range(4)]
@@ -110,7 +110,7 @@ def test_generative_pass_at_1_and_pass_at_k(tok):
 
 
 def test_humaneval_replies_run_in_the_sandbox(shared_data, tok):
-    from picochat.tasks import HumanEval
+    from picochat.data.tasks import HumanEval
 
     he = HumanEval(task_dir=shared_data / "tasks")
     task = C.ChatTask("humaneval", "generative", 0.0, [he[0], he[2]], he.evaluate)

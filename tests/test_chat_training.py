@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from picochat import checkpoint
-from picochat.sft import ChatPacker, SFTConfig
-from picochat.tasks import ListTask
+from picochat.stages.sft import ChatPacker, SFTConfig
+from picochat.data.tasks import ListTask
 
 SEQ = 128
 
 
 def _pretrain_tiny_base(run: str, steps: int, seed: int = 0):
-    """A minimal pretraining loop (the real one is picochat.pretrain): synth docs, 2-layer model, Muon+AdamW."""
+    """A minimal pretraining loop (the real one is picochat.stages.pretrain): synth docs, 2-layer model, Muon+AdamW."""
     import pyarrow.parquet as pq
 
-    from picochat import optim, scaling, synth
+    from picochat import optim, scaling
+    from picochat.data import synth
     from picochat.config import to_dict
     from picochat.model import GPTConfig, build_model
     from picochat.runtime import default_tokenizer_dir
@@ -153,7 +154,7 @@ def test_rank_striding_partitions_the_task():
 def test_inherited_micro_batch_is_capped_at_the_bf16_rule():
     """fp8 pretraining doubles the micro-batch (d20: 32 rows); the chat stages train in bf16 and take the depth rule's
     16 unless --device-batch-size says otherwise."""
-    from picochat.sft import inherit
+    from picochat.stages.sft import inherit
 
     meta = {"model_config": {"n_layer": 20, "sequence_len": 2048, "n_embd": 1280},
             "config": {"device_batch_size": 32, "total_batch_size": 1048576, "seq_len": 2048}}
@@ -168,7 +169,7 @@ def test_inherited_micro_batch_is_capped_at_the_bf16_rule():
 
 
 def test_sft_resume_is_exact(chat_home, monkeypatch):
-    from picochat import sft
+    from picochat.stages import sft
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
     src = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base")))
@@ -205,7 +206,7 @@ def _oom_on_call(real, n: int):
 
 
 def test_sft_out_of_memory_names_the_flag_and_keeps_the_checkpoint(chat_home, monkeypatch):
-    from picochat import sft
+    from picochat.stages import sft
     from picochat.config import UserError
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
@@ -221,7 +222,7 @@ def test_sft_out_of_memory_names_the_flag_and_keeps_the_checkpoint(chat_home, mo
 
 
 def test_midtrain_then_sft_chain(chat_home, monkeypatch):
-    from picochat import midtrain, sft
+    from picochat.stages import midtrain, sft
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
     out = midtrain.run(midtrain.MidtrainConfig(run="t", device="cpu", num_iterations=2, eval_every=0, eval_batches=1,
@@ -267,8 +268,8 @@ def _answers_with_a_letter(model, tok, task, n: int = 100) -> float:
 def test_sft_beats_base_on_heldout_synth_questions(chat_home, monkeypatch):
     """The embedded eval's held-out questions: arithmetic whose operand triples never occur in the chat data
     (generative, tool active) and multiple choice (format measured; accuracy reported)."""
-    from picochat import sft
-    from picochat.tasks import SynthChatMC, SynthMC, synth_arithmetic
+    from picochat.stages import sft
+    from picochat.data.tasks import SynthChatMC, SynthMC, synth_arithmetic
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
     src = checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base"))
@@ -298,7 +299,7 @@ def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
     mean reward of its own samples."""
     import random
 
-    from picochat import rl, sft
+    from picochat.stages import rl, sft
     from picochat.training import read_metrics
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))

@@ -9,7 +9,7 @@ from picochat.checkpoint import (checkpoints_dir, latest_checkpoint, load_model,
                                  save_checkpoint, update_meta)
 from picochat.config import from_dict
 from picochat.model import GPTConfig, build_model
-from picochat.pretrain import PretrainConfig, run
+from picochat.stages.pretrain import PretrainConfig, run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from picochat import core_eval as ce
+from picochat.evals import core_eval as ce
 from picochat.model import GPTConfig, build_model
 from picochat.tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ import pytest
 
 from picochat import cli
 from picochat.config import UserError
-from picochat.data import check_parquet, download, iter_texts, list_shards, prepare, write_shards
+from picochat.data.shards import check_parquet, download, iter_texts, list_shards, prepare, write_shards
 
 
 def _texts(path):
@@ -156,7 +156,7 @@ def test_check_parquet(tmp_path):
 
 
 def test_synth_cli_delegates_or_says_not_implemented(capsys):
-    from picochat.data import _synth_module
+    from picochat.data.shards import _synth_module
 
     if _synth_module() is None:
         assert cli.main(["data", "synth"]) == 2

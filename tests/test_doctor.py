@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from picochat import doctor
+from picochat.tools import doctor
 
 REPO = Path(__file__).resolve().parent.parent
 

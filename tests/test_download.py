@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.config import UserError
-from picochat.download import download_file, download_many
+from picochat.data.download import download_file, download_many
 
 
 class FaultServer:

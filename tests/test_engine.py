@@ -279,7 +279,7 @@ def test_cuda_bf16_decode_close_to_full_forward(tok, batch):
             got.append(engine.decoder.step(torch.full((batch,), int(t), device="cuda"))[batch - 1].clone())
     assert engine.mode.startswith("cuda-graph")
     if batch == 1:
-        from picochat import kernels
+        from picochat.ops import kernels
 
         assert ("fused-b1" in engine.mode) == kernels.available(), engine.mode
     got = torch.stack(got)
@@ -297,7 +297,7 @@ def test_cuda_bf16_decode_close_to_full_forward(tok, batch):
 def test_cuda_gumbel_sampler_matches_softmax():
     """kernels.sample (the engine's one-launch sampler on CUDA): greedy = argmax, draws follow softmax(logits / T),
     the same seed gives the same tokens."""
-    from picochat import kernels
+    from picochat.ops import kernels
 
     if not kernels.available():
         pytest.skip("needs triton")
@@ -327,7 +327,7 @@ def test_cuda_gumbel_sampler_matches_softmax():
 def test_cuda_gemv_matches_torch(N, K):
     """kernels.gemv with a residual: the pinned one-row-per-program path (K >= 4N, K >= 4096: down projections)
     and the autotuned path give x @ W^T + r within bf16 rounding."""
-    from picochat import kernels
+    from picochat.ops import kernels
 
     if not kernels.available():
         pytest.skip("needs triton")

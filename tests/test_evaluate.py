@@ -11,7 +11,7 @@ import torch
 from picochat import cli
 from picochat.checkpoint import checkpoints_dir, save_checkpoint
 from picochat.config import to_dict
-from picochat.data import write_shards
+from picochat.data.shards import write_shards
 from picochat.model import GPTConfig, build_model
 from picochat.runtime import picochat_home
 from picochat.tokenizer import Tokenizer
@@ -118,7 +118,7 @@ def test_errors_are_user_errors(setup, capsys):
 
 
 def test_run_dispatch_and_random_init(setup, tmp_path):
-    from picochat.evaluate import BaseEvalConfig, run
+    from picochat.evals.evaluate import BaseEvalConfig, run
 
     tok_dir = tmp_path / "tok"
     out = run(BaseEvalConfig(random_init=True, depth=1, tokenizer=str(tok_dir), core=True,

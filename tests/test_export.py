@@ -10,7 +10,7 @@ import torch
 
 from picochat import checkpoint
 from picochat.config import UserError
-from picochat.export import ExportConfig, run
+from picochat.serving.export import ExportConfig, run
 from picochat.model import GPTConfig, build_model
 from tests.test_model import _live
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from picochat import fp8
+from picochat.ops import fp8
 from picochat.config import UserError
 from picochat.model import GPTConfig, Linear, build_model
 
@@ -73,7 +73,7 @@ def test_convert_swaps_block_projections_only_and_keeps_state_dict():
 def test_fp8_logits_in_the_fused_loss_track_bf16_and_leave_eval_logits_alone():
     """`loss.fused_linear_cross_entropy(fp8=True)`: the logits come from an e4m3 GEMM, the gradients do not; a
     chunk whose rows are not a multiple of 16 takes the plain matmul."""
-    from picochat.loss import fused_linear_cross_entropy
+    from picochat.ops.loss import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     V, d = 256, 64
@@ -102,7 +102,7 @@ def test_fp8_logits_in_the_fused_loss_track_bf16_and_leave_eval_logits_alone():
 
 
 def test_fp8_refused_without_fp8_tensor_cores():
-    from picochat.pretrain import apply_fp8
+    from picochat.stages.pretrain import apply_fp8
 
     ok, why = fp8.supported(torch.device("cpu"))
     assert not ok and "fp8" in why

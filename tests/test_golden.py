@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from picochat import synth, training
-from picochat.pretrain import PretrainConfig, run as pretrain_run
-from picochat.sft import SFTConfig, run as sft_run
+from picochat.data import synth
+from picochat import training
+from picochat.stages.pretrain import PretrainConfig, run as pretrain_run
+from picochat.stages.sft import SFTConfig, run as sft_run
 from picochat.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

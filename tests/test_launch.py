@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from picochat.config import UserError
-from picochat.launch import no_libuv_stores, parse_launch_args, plan_launch, worker_env
+from picochat.tools.launch import no_libuv_stores, parse_launch_args, plan_launch, worker_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def test_no_libuv_plan_covers_every_store_path():
     p = _plan(["-n", "2", "--libuv", "off", "pretrain"])
     assert p.libuv is False and p.env["USE_LIBUV"] == "0"  # env:// store and the static rendezvous store
     assert "--rdzv-conf=is_host=1,use_libuv=0" in p.torchrun_args  # c10d rendezvous (older torch reads it)
-    assert p.argv[-5:] == ["-m", "picochat.launch", "_worker", "picochat", "pretrain"]  # worker stores
+    assert p.argv[-5:] == ["-m", "picochat.tools.launch", "_worker", "picochat", "pretrain"]  # worker stores
     # an explicit USE_LIBUV=0 from the user is trusted without probing
     assert _plan(["-n", "1", "doctor"], env={"USE_LIBUV": "0"}).libuv is False
 
@@ -225,7 +225,7 @@ def test_two_nodes_on_one_machine_c10d(tmp_path):
 def test_sigterm_mid_run_then_rerun_continues_from_the_last_checkpoint(tmp_path):
     """SIGTERM `picochat launch ... pretrain` mid-run (what SLURM/Modal/spot preemption send), re-run the same
     command, and check it continued from the last checkpoint instead of starting over."""
-    if importlib.util.find_spec("picochat.pretrain") is None:
+    if importlib.util.find_spec("picochat.stages.pretrain") is None:
         pytest.skip("picochat pretrain is not there yet")
     import signal
     import time

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from picochat.launch import parse_launch_args, plan_launch
+from picochat.tools.launch import parse_launch_args, plan_launch
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "launch" / "slurm.sbatch"

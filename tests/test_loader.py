@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from picochat.data import list_shards, write_shards
-from picochat.loader import DataLoader
+from picochat.data.shards import list_shards, write_shards
+from picochat.data.loader import DataLoader
 from picochat.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -160,7 +160,7 @@ def test_eval_mode_is_deterministic_and_finite(corpus):
 
 def test_real_text(shared_data):
     train, _ = list_shards(shared_data / "pretrain_tiny")
-    from picochat.data import iter_texts
+    from picochat.data.shards import iter_texts
 
     tok = Tokenizer.train(iter_texts(train, max_chars=300_000), vocab_size=512)
     loader = DataLoader(train, tok, 4, 256, threads=2)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from picochat.loss import fused_linear_cross_entropy
+from picochat.ops.loss import fused_linear_cross_entropy
 from picochat.model import GPT, GPTConfig, build_model, flops_per_token, num_scaling_params
 
 
@@ -100,8 +100,8 @@ def test_fused_loss_matches_plain_path(reduction):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton)")
 @pytest.mark.parametrize("dtype,V", [(torch.float32, 1000), (torch.bfloat16, 32768)])
 def test_softcap_ce_kernel_matches_torch_definition(dtype, V):
-    from picochat import kernels
-    from picochat.loss import _softcap_ce_torch
+    from picochat.ops import kernels
+    from picochat.ops.loss import _softcap_ce_torch
 
     torch.manual_seed(0)
     z = (torch.randn(300, V, device="cuda") * 8).to(dtype)  # spans the softcap's curved range
@@ -135,7 +135,7 @@ def _triton_device() -> str | None:
 def test_rope_norm_kernel_matches_torch_definition(dtype):
     """The fused RoPE + QK-norm op (forward and backward) against autograd through the torch definition, with the
     incoming gradient in the (B, H, T, D)-contiguous layout attention's backward hands it."""
-    from picochat.rope import _rope_norm_op, rope_norm_torch
+    from picochat.ops.rope import _rope_norm_op, rope_norm_torch
 
     dev = _triton_device()
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_config_validation():
 @pytest.mark.parametrize("pattern,extras", [("L", False), ("SSSL", True)])
 def test_cuda_compiled_model_has_no_graph_breaks_and_matches_eager(pattern, extras):
     """fullgraph=True fails on any graph break (SDPA/flex attention, fused loss, value embeds, smear, backout)."""
-    from picochat import attention
+    from picochat.ops import attention
 
     cfg = GPTConfig(sequence_len=512, vocab_size=1000, n_layer=4, n_head=4, n_kv_head=4, n_embd=256,
                     window_pattern=pattern, smear=extras, backout=extras)

@@ -16,7 +16,7 @@ import torch
 
 from picochat import training
 from picochat.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints, load_model_state
-from picochat.pretrain import PretrainConfig, RandomTokens, run
+from picochat.stages.pretrain import PretrainConfig, RandomTokens, run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,7 +101,7 @@ def test_crash_during_save_keeps_previous_checkpoint(monkeypatch):
 
 
 def test_nan_loss_stops_with_clear_message(monkeypatch):
-    import picochat.pretrain as pt
+    import picochat.stages.pretrain as pt
 
     real = pt.train_step
     count = {"n": 0}
@@ -121,7 +121,7 @@ def test_default_micro_batch_fits_the_gpu():
     """Without --device-batch-size: the depth rule on 80 GB-class GPUs and on CPU, lowered to the memory estimate on
     a smaller card, and one clear error when not even one sequence fits."""
     from picochat.config import UserError
-    from picochat.pretrain import default_device_batch
+    from picochat.stages.pretrain import default_device_batch
 
     h100, rtx4090 = 85.5e9, 25.4e9  # torch's total_memory of an 80 GB H100 and a 24 GB card, in bytes
     assert default_device_batch(12, 2048, 1, None) == 32 and default_device_batch(20, 2048, 1, None) == 16
@@ -137,7 +137,7 @@ def test_default_micro_batch_fits_the_gpu():
 
 
 def test_out_of_memory_names_the_flag_and_resumes_with_a_smaller_micro_batch(monkeypatch, capsys):
-    import picochat.pretrain as pt
+    import picochat.stages.pretrain as pt
     from picochat.config import UserError
 
     real = pt.train_step
@@ -314,7 +314,7 @@ def test_bench_pretrain_profile_breaks_a_step_down(capsys):
 def test_smear_backout_flags_reach_the_model_and_resume():
     import argparse
 
-    from picochat.pretrain import add_cli, config_from_cli, make_plan
+    from picochat.stages.pretrain import add_cli, config_from_cli, make_plan
 
     p = argparse.ArgumentParser()
     add_cli(p)
@@ -340,7 +340,7 @@ def test_smear_backout_flags_reach_the_model_and_resume():
 
 def test_activation_budget_and_fp8_flags_fail_clearly():
     from picochat.config import UserError
-    from picochat.pretrain import make_plan
+    from picochat.stages.pretrain import make_plan
 
     for bad in (0.0, 1.5):
         with pytest.raises(UserError, match="--activation-budget"):
@@ -400,7 +400,7 @@ def test_real_loader_and_tokenizer_resume_exact_with_samples(tmp_path):
     batch held across the checkpoint; samples decode."""
     import random
 
-    from picochat.data import write_shards
+    from picochat.data.shards import write_shards
     from picochat.tokenizer import Tokenizer
 
     rng = random.Random(0)

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from picochat.engine import load_engine  # noqa: E402
-from picochat.serve import ServeConfig, create_app  # noqa: E402
+from picochat.serving.serve import ServeConfig, create_app  # noqa: E402
 from test_chat_cli import make_tiny_checkpoint  # noqa: E402
 
 
@@ -215,7 +215,7 @@ def test_disconnect_stops_generation(locked_server):
 def test_missing_server_dependency_is_a_user_error(monkeypatch):
     import builtins
 
-    from picochat import serve
+    from picochat.serving import serve
     from picochat.config import UserError
 
     real_import = builtins.__import__

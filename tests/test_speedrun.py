@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from picochat import speedrun
+from picochat.tools import speedrun
 from picochat.config import UserError
 from picochat.runtime import run_dir
 
@@ -56,7 +56,7 @@ def test_dry_run_numbers_match_the_stage_config(capsys):
     est = result["estimate"]
     pre = next(s for s in result["stages"] if s["name"] == "pretrain")["argv"]
     assert est["steps"] == 123 == int(pre[pre.index("--num-iterations") + 1])
-    from picochat.pretrain import PRESETS
+    from picochat.stages.pretrain import PRESETS
 
     assert est["total_batch_size"] == PRESETS["tiny"]["total_batch_size"]  # the preset pretrain itself applies
     assert est["seq_len"] == PRESETS["tiny"]["seq_len"] and est["depth"] == PRESETS["tiny"]["depth"]

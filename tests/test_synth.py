@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from picochat import synth
+from picochat.data import synth
 from picochat.config import UserError
-from picochat.synth import SynthConfig, generate, load_chat, load_eval
+from picochat.data.synth import SynthConfig, generate, load_chat, load_eval
 
 SMALL = dict(n_entities=24, n_docs=600, docs_per_shard=200, n_chat_train=400, n_chat_val=40, n_eval=60)
 

@@ -7,7 +7,7 @@ import pytest
 
 from picochat.config import UserError
 from picochat.conversation import validate
-from picochat.tasks import (ARC, GSM8K, MMLU, HumanEval, Identity, JSONLConversations, ListTask, SimpleSpelling,
+from picochat.data.tasks import (ARC, GSM8K, MMLU, HumanEval, Identity, JSONLConversations, ListTask, SimpleSpelling,
                             SpellingBee, TaskMixture, TaskSequence, extract_final_number, gsm8k_parts, parse_mixture,
                             render_mc)
 
@@ -63,7 +63,7 @@ def test_mc_loaders_on_real_data(shared_data):
 
 
 def test_missing_task_file_is_a_clear_error(tmp_path, monkeypatch):
-    import picochat.tasks as tasks
+    import picochat.data.tasks as tasks
 
     monkeypatch.setattr(tasks, "DOWNLOADS", {})  # hermetic: never reach the network
     with pytest.raises(UserError, match="--task-dir"):
@@ -149,8 +149,8 @@ def test_humaneval_scoring_runs_in_the_sandbox(shared_data):
 
 
 def test_synth_tasks_read_the_synth_formats(tmp_path):
-    from picochat import synth
-    from picochat.tasks import SynthChatMC, SynthMC, synth_arithmetic
+    from picochat.data import synth
+    from picochat.data.tasks import SynthChatMC, SynthMC, synth_arithmetic
 
     cfg = synth.SynthConfig(out=tmp_path, n_entities=12, n_lands=4, n_docs=40, docs_per_shard=20, n_chat_train=300,
                             n_chat_val=100, n_eval=30)

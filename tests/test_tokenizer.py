@@ -114,7 +114,7 @@ def test_cli_train_and_eval(shared_data, tmp_path, capsys):
 
 
 def test_bench_tokenizer_small(tmp_path):
-    from picochat.data import write_shards
+    from picochat.data.shards import write_shards
     from picochat.tokenizer import bench_main
 
     write_shards(TRAIN_TEXT * 3, tmp_path, docs_per_shard=100)

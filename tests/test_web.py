@@ -11,7 +11,7 @@ pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 from picochat.engine import load_engine  # noqa: E402
-from picochat.serve import WEB_DIR, ServeConfig, create_app  # noqa: E402
+from picochat.serving.serve import WEB_DIR, ServeConfig, create_app  # noqa: E402
 from test_chat_cli import make_tiny_checkpoint  # noqa: E402
 from test_serve import ServerThread, SlowEngine  # noqa: E402
 

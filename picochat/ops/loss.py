@@ -39,7 +39,7 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[
     torch.compile calls it as one opaque node instead of tracing into it."""
     if z.is_cuda and 0.0 < softcap <= 60.0 and os.environ.get("PICOCHAT_CE_KERNEL", "1") != "0":
         if _HAS_TRITON:
-            from picochat import kernels
+            from picochat.ops import kernels
 
             return kernels.softcap_ce(z, targets, softcap)
         _warn_no_triton()
@@ -87,7 +87,7 @@ class _FusedLinearCE(torch.autograd.Function):
         n = x.shape[0]
         fp8 = fp8 and x.shape[1] % 16 == 0 and vocab_size % 16 == 0  # the fp8 GEMM's shape constraint
         if fp8:  # logits only; both gradient products below stay in the compute dtype
-            from picochat.fp8 import E4M3, E4M3_MAX, quantize
+            from picochat.ops.fp8 import E4M3, E4M3_MAX, quantize
 
             xq, xs = quantize(x, E4M3, E4M3_MAX)
             wq, ws = quantize(weight[:vocab_size], E4M3, E4M3_MAX)

@@ -133,7 +133,7 @@ def _random_model(cfg: BaseEvalConfig, rt: Any) -> tuple[Any, Any, dict[str, Any
 def _bundle_tokenizer(cfg: BaseEvalConfig) -> Any:
     """No tokenizer anywhere: train a 32K BPE on the CORE bundle's own text (seconds), cached in PICOCHAT_HOME.
     Only for --random-init timing runs; a real model always brings the tokenizer it was trained with."""
-    from picochat.core_eval import bundle_yaml, load_task_specs, resolve_bundle
+    from picochat.evals.core_eval import bundle_yaml, load_task_specs, resolve_bundle
     from picochat.runtime import picochat_home, print0
     from picochat.tokenizer import Tokenizer
 
@@ -198,11 +198,11 @@ def _append_metrics(run: str, source: str, record: dict[str, Any]) -> None:
 
 def _bpb(cfg: BaseEvalConfig, model: Any, tok: Any, meta: dict[str, Any], rt: Any) -> dict[str, Any]:
     try:
-        from picochat.loss_eval import evaluate_bpb
+        from picochat.evals.loss_eval import evaluate_bpb
     except ImportError:
-        raise UserError("--bpb: picochat.loss_eval is not available in this build; run without --bpb") from None
-    from picochat.data import list_shards
-    from picochat.loader import DataLoader
+        raise UserError("--bpb: picochat.evals.loss_eval is not available in this build; run without --bpb") from None
+    from picochat.data.shards import list_shards
+    from picochat.data.loader import DataLoader
     from picochat.runtime import default_data_dir
 
     data = cfg.data or (meta.get("config") or {}).get("data") or str(default_data_dir("synth"))
@@ -280,7 +280,7 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
             _write_json(edir / f"{cfg.source}_bpb.json", {**{k: v for k, v in result.items() if k != "samples"},
                                                            **bpb})
     if cfg.core or do_all:
-        from picochat.core_eval import evaluate_core, format_table, resolve_bundle, throughput_line
+        from picochat.evals.core_eval import evaluate_core, format_table, resolve_bundle, throughput_line
 
         bundle = resolve_bundle(cfg.bundle)
         tasks = [t.strip() for t in cfg.core_tasks.split(",") if t.strip()] if cfg.core_tasks else None
@@ -293,7 +293,7 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
         result["core"] = core
         record.update(core=core["core"], core_label=core["core_label"])
         if cfg.core_check and is_rank0():
-            from picochat.core_eval import compare_with_reference
+            from picochat.evals.core_eval import compare_with_reference
 
             n = cfg.max_per_task if cfg.max_per_task > 0 else 20
             check = compare_with_reference(model, tok, bundle, max_per_task=n, device=rt.device,
@@ -323,7 +323,7 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
 
 
 def run_chat(cfg: ChatEvalConfig) -> dict[str, Any]:
-    from picochat.chat_eval import evaluate_chat, format_table
+    from picochat.evals.chat_eval import evaluate_chat, format_table
     from picochat.engine import Engine, prepare_model
     from picochat.runtime import init_runtime, is_rank0, print0
 

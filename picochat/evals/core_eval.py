@@ -203,7 +203,7 @@ def resolve_bundle(bundle: str | Path | None = None, url: str | None = None, ret
     if (cache / "core.yaml").exists():
         return cache
     url = url or os.environ.get("PICOCHAT_EVAL_BUNDLE_URL", BUNDLE_URL)
-    from picochat.download import download_file
+    from picochat.data.download import download_file
 
     if not is_rank0():  # rank 0 downloads; the others wait at the barrier below, then read the cache
         barrier()

@@ -198,10 +198,10 @@ def decode_attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ks: to
     q (B, Hkv, G, D) (G query heads per KV head); kp/vp (P, Hkv, D): the prompt, valid below `npre`; ks/vs
     (B, S, Hkv, D): generated tokens, index j at absolute position npre + j, valid up to `pos` (the query's
     position, whose k/v is already written). npre/pos are 1-element device tensors so a CUDA graph can replay
-    this for any prompt length. On CUDA: the split-KV Triton kernel (picochat.kernels); otherwise (or with
+    this for any prompt length. On CUDA: the split-KV Triton kernel (picochat.ops.kernels); otherwise (or with
     PICOCHAT_ATTN=math) the SDPA reference below, which says so once on CUDA.
     """
-    from picochat import kernels
+    from picochat.ops import kernels
 
     forced = _forced()
     if forced != "math" and kernels.supports(q):

@@ -12,7 +12,7 @@ What it adds over a bare `torchrun`:
   `--libuv off` / USE_LIBUV=0), every TCPStore that torchrun or the workers create is forced to the classic
   backend: USE_LIBUV=0 for the env:// store and the static-rendezvous store, `use_libuv=0` in the rendezvous
   config, and `TCPStore(use_libuv=False)` for the c10d rendezvous and agent stores (those ignore the env var in
-  recent torch), in the launcher and, through a tiny bootstrap (`python -m picochat.launch _worker ...`), in
+  recent torch), in the launcher and, through a tiny bootstrap (`python -m picochat.tools.launch _worker ...`), in
   every worker.
 """
 
@@ -77,7 +77,7 @@ class LaunchPlan:
 
 def libuv_available() -> tuple[bool, str]:
     """(available, why) from a real TCPStore probe (see doctor.probe_libuv)."""
-    from picochat.doctor import probe_libuv
+    from picochat.tools.doctor import probe_libuv
 
     p = probe_libuv()
     return bool(p.get("available")), p.get("error") or "libuv TCPStore works"
@@ -151,7 +151,7 @@ def resolve_nproc(value: str) -> int:
 
 
 def _package_root() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+    return str(Path(__file__).resolve().parents[2])  # the folder that holds the picochat package
 
 
 def worker_env(base: dict[str, str], nproc: int, use_cuda: bool, libuv: bool) -> dict[str, str]:
@@ -260,7 +260,7 @@ def plan_launch(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         ta += ["-m", module]
         script_args = module_args
     else:
-        ta += ["-m", "picochat.launch"]
+        ta += ["-m", "picochat.tools.launch"]
         script_args = ["_worker", module] + module_args
     import torch
 
@@ -351,7 +351,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Worker bootstrap: `python -m picochat.launch _worker MODULE args...` = `python -m MODULE args...` with the
+# Worker bootstrap: `python -m picochat.tools.launch _worker MODULE args...` = `python -m MODULE args...` with the
 # classic TCPStore pinned (the env:// store and the agent-store clients are created inside the worker).
 
 
@@ -359,7 +359,7 @@ def _worker_main(argv: list[str]) -> None:
     import runpy
 
     if not argv:
-        raise SystemExit("usage: python -m picochat.launch _worker MODULE [ARGS...]")
+        raise SystemExit("usage: python -m picochat.tools.launch _worker MODULE [ARGS...]")
     module, *rest = argv
     sys.argv = [module] + rest
     with no_libuv_stores():

@@ -11,10 +11,10 @@ import importlib
 import json
 
 BENCHES = {
-    "pretrain": ("picochat.pretrain", "training tok/s, MFU and peak memory for a depth (compile once, time steady state)"),
+    "pretrain": ("picochat.stages.pretrain", "training tok/s, MFU and peak memory for a depth (compile once, time steady state)"),
     "infer": ("picochat.engine", "time to first token, per-token latency and tok/s at batch 1, 8, 64"),
     "tokenizer": ("picochat.tokenizer", "tokenizer training time and encode throughput on parquet shards"),
-    "loader": ("picochat.loader", "tokenizing loader throughput (tokens/s per process)"),
+    "loader": ("picochat.data.loader", "tokenizing loader throughput (tokens/s per process)"),
 }
 
 

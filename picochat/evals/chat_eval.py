@@ -62,7 +62,7 @@ _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 def last_number(text: str) -> str | None:
     """The last number in a reply, commas dropped and normalised ("1,200.0" -> "1200")."""
-    from picochat.tasks import normalise_number
+    from picochat.data.tasks import normalise_number
 
     found = _NUM.findall(text)
     return normalise_number(found[-1]) if found else None
@@ -71,8 +71,8 @@ def last_number(text: str) -> str | None:
 def synth_tasks(path: str | Path | None = None) -> list[ChatTask]:
     """The embedded world's eval items as two tasks, prompted exactly like its chat training data: the question
     text (which already lists the lettered options for MC) as the user turn."""
-    from picochat.synth import LETTERS, load_eval
-    from picochat.tasks import normalise_number
+    from picochat.data.synth import LETTERS, load_eval
+    from picochat.data.tasks import normalise_number
 
     if path is None:
         from picochat.runtime import default_data_dir
@@ -103,7 +103,7 @@ def synth_tasks(path: str | Path | None = None) -> list[ChatTask]:
 def load_tasks(names: Sequence[str], task_dir: str | Path | None = None, synth_path: str | Path | None = None
                ) -> list[ChatTask]:
     """ChatTasks for task names (see ALL_TASKS); 'synth' expands to synth_mc + synth_gen."""
-    from picochat import tasks as T
+    from picochat.data import tasks as T
 
     out: list[ChatTask] = []
     for name in names:
@@ -161,7 +161,7 @@ def categorical_predictions(model: Any, tokenizer: Any, convs: Sequence[dict], d
                             batch_tokens: int = 16384, max_len: int | None = None) -> list[str]:
     """The letter each conversation's assistant turn would start with (argmax over the allowed letters' logits)."""
     from picochat.conversation import render_for_completion
-    from picochat.core_eval import scored_logits  # projects only the answer positions through lm_head
+    from picochat.evals.core_eval import scored_logits  # projects only the answer positions through lm_head
 
     device = torch.device(device)
     prompts, letter_ids = [], []

@@ -267,7 +267,7 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
     downloaded shards serves as val (so N must be >= 2).
     Already-present files that match the manifest (size) and have a valid parquet footer are skipped."""
     from picochat.checkpoint import atomic_write_text
-    from picochat.download import download_many, sha256_file
+    from picochat.data.download import download_many, sha256_file
 
     if shards < 1:
         raise UserError(f"--shards {shards}: must be >= 1")
@@ -334,9 +334,9 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
 
 def _synth_module():
     try:
-        import picochat.synth as synth
+        import picochat.data.synth as synth
     except ModuleNotFoundError as e:
-        if e.name == "picochat.synth":
+        if e.name == "picochat.data.synth":
             return None
         raise
     return synth if hasattr(synth, "add_synth_args") and hasattr(synth, "synth_main") else None

@@ -399,7 +399,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> dict:
-    from picochat.data import list_shards
+    from picochat.data.shards import list_shards
     from picochat.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)

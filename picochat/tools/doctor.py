@@ -95,7 +95,7 @@ def model_params(depth: int, vocab_size: int = 32768) -> int:
 def estimate_memory(depth: int, batch: int, world_size: int = 1, seq_len: int = 2048,
                     vocab_size: int = 32768, fp8: bool = False) -> float:
     """Estimated peak training memory in bytes per GPU for a device batch of `batch` sequences (`fp8`: with fp8
-    block matmuls, `picochat/fp8.py`)."""
+    block matmuls, `picochat/ops/fp8.py`)."""
     dim = max(128, (64 * depth + 127) // 128 * 128)
     params = model_params(depth, vocab_size)
     static = params * (8 + 8 / max(1, world_size))  # fp32 weights + grads; optimizer state sharded over ranks
@@ -123,7 +123,7 @@ def fp8_supported(capability: tuple[int, int]) -> bool:
 def fp8_recommended(capability: tuple[int, int], depth: int) -> bool:
     """fp8 pays off on Hopper/Blackwell from d12 up (the rule lives in fp8.py, where it also makes fp8 pretrain's
     default)."""
-    from picochat.fp8 import pays_off
+    from picochat.ops.fp8 import pays_off
 
     return pays_off(capability, depth)
 
@@ -347,7 +347,7 @@ def run() -> dict[str, Any]:
     report["gpus"] = gpus
     device = torch.device("cuda", 0) if gpus else torch.device("cpu")
     try:
-        from picochat.attention import backend_name
+        from picochat.ops.attention import backend_name
 
         report["attention_backend"] = backend_name(device)
     except Exception as e:

@@ -1,6 +1,6 @@
-"""Hand-written Triton kernels. `picochat.attention` (decode attention), `picochat.engine` (the batch-1 step and
-the sampler), `picochat.loss` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
-custom op) and `picochat.rope` (RoPE + QK-norm in training, custom ops `picochat::rope_norm[_backward]`) call
+"""Hand-written Triton kernels. `picochat.ops.attention` (decode attention), `picochat.engine` (the batch-1 step and
+the sampler), `picochat.ops.loss` (the training loss's softcapped cross-entropy, through the `picochat::softcap_ce`
+custom op) and `picochat.ops.rope` (RoPE + QK-norm in training, custom ops `picochat::rope_norm[_backward]`) call
 them, each deciding and falling back loudly; nothing here runs at import, and CPU-only installs never import
 triton.
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from picochat.config import UserError, add_config_args, config_from_args, fingerprint, require, to_dict
 
-GENERATOR = "picochat.synth"
+GENERATOR = "picochat.data.synth"
 GENERATOR_VERSION = 1
 ROW_GROUP_SIZE = 1024
 LETTERS = "ABCD"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from picochat.config import add_config_args, config_from_args
-from picochat.sft import FULL_MID_MIXTURE, FULL_VAL_MIXTURE, ChatTrainConfig, train_chat_stage, warmdown_multiplier
+from picochat.stages.sft import FULL_MID_MIXTURE, FULL_VAL_MIXTURE, ChatTrainConfig, train_chat_stage, warmdown_multiplier
 
 STAGE = "mid"
 

@@ -34,8 +34,8 @@ from picochat import checkpoint as ckpt_mod
 from picochat.config import UserError, add_config_args, config_from_args, require, to_dict
 from picochat.conversation import render_for_completion
 from picochat.runtime import init_runtime, print0, stage_dir, teardown
-from picochat.sft import build_optimizer, inherit, is_synth_run, load_optimizer_shards, resolve_source, set_lr
-from picochat.tasks import GSM8K, NumberAnswerTask, Task, synth_arithmetic
+from picochat.stages.sft import build_optimizer, inherit, is_synth_run, load_optimizer_shards, resolve_source, set_lr
+from picochat.data.tasks import GSM8K, NumberAnswerTask, Task, synth_arithmetic
 
 STAGE = "rl"
 

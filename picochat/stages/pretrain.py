@@ -110,7 +110,7 @@ class PretrainConfig:
                                                               "transformer blocks, sm_89+ GPUs: the MLP below "
                                                               "d20, all block matmuls from d20 (default: on for "
                                                               "d12+ on Hopper/Blackwell when compiled; "
-                                                              "picochat/fp8.py)"})
+                                                              "picochat/ops/fp8.py)"})
     activation_budget: float = field(default=1.0, metadata={"help": "fraction of the activations the compiled "
                                                                   "model keeps for backward; below 1 the rest is "
                                                                   "recomputed (d20 micro-batch 32: 0.7 -> 47 GB "
@@ -232,8 +232,8 @@ def make_loader(cfg: PretrainConfig, tok: Any, split: str, batch_size: int, rt: 
     if cfg.data == "random":
         return RandomTokens(tok.vocab_size, batch_size, cfg.seq_len, rank=rt.rank, world_size=rt.world_size,
                             device=rt.device, seed=cfg.seed, stream=0 if split == "train" else 1)
-    from picochat.data import list_shards
-    from picochat.loader import DataLoader
+    from picochat.data.shards import list_shards
+    from picochat.data.loader import DataLoader
 
     train, val = list_shards(_data_dir(cfg))
     return DataLoader(train if split == "train" else val, tok, batch_size, cfg.seq_len, rank=rt.rank,
@@ -263,7 +263,7 @@ def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes
     for 80 GB GPUs; twice the rows with fp8 up to d20), lowered to what the doctor's memory estimate fits on a
     smaller GPU (a 24 GB card would otherwise run out of memory at d12's 32 rows). Never raised above the rule:
     bigger micro-batches were not faster everywhere (bf16 d20 x 32 on an H200: 150.8K tok/s against 157.6K at 16)."""
-    from picochat import doctor
+    from picochat.tools import doctor
 
     rule = scaling.device_batch_size(depth, seq_len, fp8=fp8)
     if memory_bytes is None:
@@ -284,7 +284,7 @@ def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes
 
 def fp8_planned(flag: bool | None, compile_flag: bool | None, depth: int, device: torch.device) -> bool:
     """Whether `apply_fp8` will switch matmuls to fp8 (the micro-batch default depends on it)."""
-    from picochat import fp8
+    from picochat.ops import fp8
     from picochat.training import should_compile
 
     return fp8.resolve(flag, depth, device, should_compile(compile_flag, device))
@@ -328,9 +328,9 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
 
 
 def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: bool = True) -> int:
-    """--fp8 / --no-fp8 / the default (`fp8.resolve`): switch the block matmuls to fp8 (picochat/fp8.py), or fail
+    """--fp8 / --no-fp8 / the default (`fp8.resolve`): switch the block matmuls to fp8 (picochat/ops/fp8.py), or fail
     clearly where fp8 was asked for and the GPU has no fp8 cores. Returns how many matmuls were switched."""
-    from picochat import fp8
+    from picochat.ops import fp8
     from picochat.runtime import print0
 
     if not fp8.resolve(flag, model.config.n_layer, device, compiled):
@@ -350,7 +350,7 @@ def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: boo
 
 def fp8_scope(model: Any, on: bool) -> str | None:
     """For the run trail: which block matmuls run in fp8 ("mlp" / "all", `fp8.scope`), None without fp8."""
-    from picochat import fp8
+    from picochat.ops import fp8
 
     return fp8.scope(model.config.n_layer) if on else None
 
@@ -489,7 +489,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     """Train (or continue training) the base model; returns a JSON-able summary.
 
     `preset_applied`: the CLI already merged the preset under the explicit flags (so it is not applied twice)."""
-    from picochat import attention
+    from picochat.ops import attention
     from picochat.checkpoint import checkpoints_dir, save_checkpoint, update_meta
     from picochat.model import build_model
     from picochat.runtime import init_runtime, peak_flops, print0, stage_dir
@@ -570,7 +570,7 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     stopped_early = False
 
     def evaluate(at_step: int) -> float:
-        from picochat.loss_eval import evaluate_bpb
+        from picochat.evals.loss_eval import evaluate_bpb
 
         B = plan.device_batch_size
         steps = max(1, cfg.eval_tokens // (B * cfg.seq_len * rt.world_size))
@@ -588,8 +588,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
             vl.close()
         extra = ""
         if cfg.data != "random":  # also on document beginnings, the layout crop-packing loaders (nanochat) score
-            from picochat.data import list_shards
-            from picochat.loss_eval import doc_start_batches
+            from picochat.data.shards import list_shards
+            from picochat.evals.loss_eval import doc_start_batches
 
             _, val_shards = list_shards(_data_dir(cfg))
             bpb_crop = evaluate_bpb(cmodel, doc_start_batches(val_shards, tok, B, cfg.seq_len, cfg.eval_tokens,
@@ -625,9 +625,9 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
         if cfg.core_every <= 0 or not (final or at_step % cfg.core_every == 0):
             return
         try:
-            from picochat import core_eval
+            from picochat.evals import core_eval
         except ImportError:
-            print0("[core] picochat.core_eval is not available; skipping")
+            print0("[core] picochat.evals.core_eval is not available; skipping")
             return
         bundle = core_eval.resolve_bundle(cfg.core_bundle)
         res = core_eval.evaluate_core(model, tok, bundle, max_per_task=500, device=rt.device)
@@ -775,7 +775,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
-    from picochat import attention
+    from picochat.ops import attention
     from picochat.model import build_model
     from picochat.runtime import gpu_memory, init_runtime, peak_flops, print0, synchronize
     from picochat.training import Heartbeat, maybe_compile, peak_memory_gb, should_compile

@@ -32,7 +32,7 @@ from picochat import checkpoint as ckpt_mod
 from picochat.config import UserError, add_config_args, config_from_args, require, to_dict
 from picochat.conversation import RenderStats, render
 from picochat.runtime import init_runtime, print0, stage_dir, teardown
-from picochat.tasks import SynthMC, Task, TaskMixture, parse_mixture
+from picochat.data.tasks import SynthMC, Task, TaskMixture, parse_mixture
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -203,7 +203,7 @@ def build_mixtures(cfg: ChatTrainConfig, meta: dict, full_train: str, full_val: 
 def synth_words() -> list[str] | None:
     """Words of the synthetic world for the spelling generators (so they spell words the base model has seen)."""
     try:
-        from picochat import synth
+        from picochat.data import synth
 
         return list(getattr(synth, "WORDS", [])) or None
     except ImportError:
@@ -213,7 +213,7 @@ def synth_words() -> list[str] | None:
 def chat_eval_tasks(cfg: ChatTrainConfig, meta: dict, stage: str) -> list[Task]:
     """Small categorical tasks for the periodic chat eval. Synth runs: the held-out facts of eval.jsonl (known
     only from pretraining) and the multiple-choice turns of chat_val.jsonl; other runs: ARC-Easy test."""
-    from picochat.tasks import ARC, SynthChatMC
+    from picochat.data.tasks import ARC, SynthChatMC
 
     makers = [SynthMC, lambda: SynthChatMC("val")] if is_synth_run(meta) else \
         [lambda: ARC("easy", "test", task_dir=cfg.task_dir or None)]

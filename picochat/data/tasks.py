@@ -191,7 +191,7 @@ def find_task_file(task_dir: Path, candidates: Sequence[str], download: bool = T
             url = DOWNLOADS.get(rel)
             if url is None:
                 continue
-            from picochat.download import download_file  # lazy: only needed when something is missing
+            from picochat.data.download import download_file  # lazy: only needed when something is missing
 
             try:
                 download_file(url, task_dir / rel)
@@ -339,7 +339,7 @@ def synth_row_to_mc(row: dict) -> dict | None:
     """One eval row of the synthetic world -> an MC conversation (None for rows that are not multiple choice)."""
     if "messages" in row and "letters" in row and "answer" in row:
         return row
-    if row.get("kind") == "mc" and isinstance(row.get("answer"), int):  # picochat.synth: question holds the options
+    if row.get("kind") == "mc" and isinstance(row.get("answer"), int):  # picochat.data.synth: question holds the options
         letters = [str(c) for c in row["choices"]]
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": letters[row["answer"]]}],

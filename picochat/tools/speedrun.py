@@ -378,7 +378,7 @@ def resolve_pretrain(plan: list[StagePlan], preset: Preset, world: int):
     """The pretrain stage's config and plan exactly as `picochat pretrain` will resolve them from its argv."""
     import torch
 
-    from picochat import pretrain
+    from picochat.stages import pretrain
 
     sp = next((p for p in plan if p.name == "pretrain"), None)
     argv = sp.argv[1:] if sp else ["--depth", str(preset.depth)]

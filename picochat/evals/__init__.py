@@ -1,0 +1,1 @@
+"""Evaluations: bits per byte, CORE, the chat evals, and the `picochat eval` command."""

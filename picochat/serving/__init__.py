@@ -1,0 +1,1 @@
+"""Serving: the terminal chat, the web UI + OpenAI-compatible API, and `picochat export`."""

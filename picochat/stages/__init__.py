@@ -1,0 +1,1 @@
+"""Training stages: pretrain, midtrain, SFT, RL (and what the chat stages share)."""

@@ -1,0 +1,1 @@
+"""Tools around the pipeline: speedrun, launch, doctor, report, bench."""
