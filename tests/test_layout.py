@@ -1,5 +1,5 @@
-"""The shape of the codebase, checked from source text alone (AST and regexes; nothing is imported, so this runs in
-well under a second and cannot be fooled by an import that happens to be cached).
+"""The shape of the codebase, checked from source text alone (AST and regexes): nothing is imported, so it needs
+neither torch nor a GPU and runs in about a second.
 
 1. No import cycles among `picochat` modules, counting imports inside functions: an import moved into a function
    hides a cycle from the interpreter, not from the design.
@@ -55,10 +55,10 @@ SHARED_STAGE_MODULE = "picochat.stages.chat"  # the one stage module other stage
 # patterns are spelled so that this file does not match itself.
 TEXT_PATTERNS = {
     "numbered session": r"\bsessions?[ -]\d+",
-    "session by session": r"\bsession[ -]by[ -]session\b",
-    "this/last/next session or round": r"\b(?:this|last|previous|next|earlier|later) (?:session|round)\b",
+    "per-session history": r"\bsession[ -]by[ -]session\b",
+    "session or round named relative to now": r"\b(?:this|last|previous|next|earlier|later) (?:session|round)\b",
     "numbered round": r"\brounds? \d+\b",
-    "work period": r"\bwork[ -]periods?\b",
+    "work-log period": r"\bwork[ -]periods?\b",
     "path to a sibling folder": r"\.\./shared\b",
     "outside data folder": r"(?<![\w/.-])shared/dat[a]\b",
     "absolute path of the work machine": r"/w[o]rk/",
@@ -153,7 +153,7 @@ def imports(importer: str) -> list[tuple[str, int]]:
                 target = sub if sub in modules() else _resolve(mod)
                 if target:
                     found.append((target, node.lineno))
-    return sorted(set(found), key=lambda x: (x[1], x[0]))  # one entry per (module, line): `import a, b` names a line once
+    return sorted(set(found), key=lambda x: (x[1], x[0]))  # `from m import a, b` is one edge, one line
 
 
 def _ancestors(name: str) -> set[str]:
@@ -321,7 +321,8 @@ def test_readme_table_rows_name_existing_files():
 def _is_dataclass(cls: ast.ClassDef) -> bool:
     for d in cls.decorator_list:
         d = d.func if isinstance(d, ast.Call) else d
-        if (isinstance(d, ast.Name) and d.id == "dataclass") or (isinstance(d, ast.Attribute) and d.attr == "dataclass"):
+        name = d.id if isinstance(d, ast.Name) else d.attr if isinstance(d, ast.Attribute) else None
+        if name == "dataclass":
             return True
     return False
 
