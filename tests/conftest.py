@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture
 def shared_data():
-    """../shared/data when present (tests that need it skip otherwise)."""
+    """Real, licensed data kept beside the checkout (SHARED_DATA), when present; tests that need it skip otherwise."""
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
+        pytest.skip(f"no data folder at {SHARED_DATA}")
     return SHARED_DATA
