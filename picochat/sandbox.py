@@ -15,6 +15,8 @@ Python and a world that holds nothing worth reaching:
   since its init's `/proc/1/environ` is readable from inside.
 - lifetime: `--die-with-parent` plus the pid namespace: killing bwrap kills its init, and the kernel then kills
   every process of the namespace, daemonised or not.
+- system calls: a seccomp filter denies ptrace, cross-process memory access, keyrings, eBPF, perf, userfaultfd,
+  io_uring, mount/namespace calls, modules, kexec, reboot (x86-64 and arm64).
 - resources: rlimits set before the program's first line (address space, CPU seconds, file size, open files, no
   core dumps); processes and threads by a pids cgroup when one is writable (root) and RLIMIT_NPROC otherwise;
   output truncated; a wall-clock timeout.
@@ -307,7 +309,46 @@ def _python_mounts() -> list[tuple[str, str]]:
     return chosen
 
 
-def _bwrap_argv(info: dict, in_dir: str, cmd: list[str]) -> list[str]:
+# A deny-list seccomp filter (classic BPF, as the kernel takes it) for the kernel interfaces a Python program never
+# needs and that serve as escape or snooping routes: ptrace and cross-process memory access (bwrap's init is
+# visible inside), keyrings, eBPF, perf, userfaultfd, io_uring, mounts and namespaces, modules, kexec, reboot, swap.
+# Denied calls return EPERM. Syscall numbers per architecture; elsewhere no filter is loaded (the namespaces and
+# dropped capabilities still hold).
+_DENY_SYSCALLS = {
+    # AUDIT_ARCH_X86_64
+    0xC000003E: (101, 310, 311, 250, 248, 249, 321, 298, 323, 425, 426, 427, 165, 166, 155, 308, 246, 320, 175,
+                 313, 176, 169, 167, 168, 163, 172, 173, 304),
+    # AUDIT_ARCH_AARCH64 (the generic table)
+    0xC00000B7: (117, 270, 271, 219, 217, 218, 280, 241, 282, 425, 426, 427, 40, 39, 41, 268, 104, 294, 105, 273,
+                 106, 142, 224, 225, 89, 265),
+}
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _seccomp_filter() -> bytes | None:
+    import platform
+    import struct
+
+    arch = {"x86_64": 0xC000003E, "amd64": 0xC000003E, "aarch64": 0xC00000B7, "arm64": 0xC00000B7}.get(
+        platform.machine().lower())
+    if arch is None:
+        return None
+    ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    nrs = _DENY_SYSCALLS[arch]
+    prog = [(ld_abs, 0, 0, 4),                               # A = seccomp_data.arch
+            (jeq, 1, 0, arch),                               # native ABI: go on; else (i386, x32 tricks) deny all
+            (ret, 0, 0, deny),
+            (ld_abs, 0, 0, 0)]                               # A = seccomp_data.nr
+    if arch == 0xC000003E:
+        prog.append((jge, len(nrs) + 1, 0, _X32_SYSCALL_BIT))  # the x32 ABI: deny
+    for i, nr in enumerate(nrs):
+        prog.append((jeq, len(nrs) - i, 0, nr))              # a listed syscall: jump to deny
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
+
+def _bwrap_argv(info: dict, in_dir: str, cmd: list[str], seccomp_fd: int | None = None) -> list[str]:
     a = [info["bwrap"], "--unshare-all", "--unshare-user"]  # --unshare-all only *tries* the user namespace
     if info.get("disable_userns"):
         a += ["--disable-userns"]
@@ -336,6 +377,8 @@ def _bwrap_argv(info: dict, in_dir: str, cmd: list[str]) -> list[str]:
           # the root and /dev are tmpfs too: read-only, so nothing but the capped mounts above takes writes
           "--remount-ro", "/dev", "--remount-ro", "/",
           "--chdir", _TMP, "--clearenv"]
+    if seccomp_fd is not None:
+        a += ["--seccomp", str(seccomp_fd)]
     for k, v in _child_env(_TMP).items():
         a += ["--setenv", k, v]
     return a + ["--", *cmd]
@@ -366,12 +409,12 @@ def _refused(msg: str) -> SandboxResult:
 
 
 def _execute(argv: list[str], root: Path, cwd: str, env: dict, timeout_s: float, max_output_bytes: int,
-             under_bwrap: bool, cgroup: _PidsCgroup | None) -> SandboxResult:
+             under_bwrap: bool, cgroup: _PidsCgroup | None, pass_fds: tuple[int, ...] = ()) -> SandboxResult:
     timed_out = False
     with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, open(root / "stderr", "wb") as ferr:
         try:
             proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, pass_fds=pass_fds)
         except OSError as e:
             return _refused(f"could not start the sandbox: {e}")
         try:
@@ -439,12 +482,17 @@ def _run_bwrap(info: dict, code: str, *, timeout_s: float, memory_mb: int, stdin
                max_output_bytes: int) -> SandboxResult:
     root = Path(tempfile.mkdtemp(prefix="picochat-sandbox-"))
     cgroup = None
+    seccomp_fd = None
     try:
         _prepare(root, code, stdin)
+        bpf = _seccomp_filter()
+        if bpf is not None:
+            (root / "seccomp.bpf").write_bytes(bpf)
+            seccomp_fd = os.open(root / "seccomp.bpf", os.O_RDONLY)
         cpu_s = max(1, int(timeout_s) + 1)
         cmd = [sys.executable, "-I", "-B", f"{_IN}/prelude.py", str(int(memory_mb)), str(cpu_s),
                str(FILE_SIZE_LIMIT), str(OPEN_FILES_LIMIT), str(_nproc_limit()), f"{_IN}/main.py"]
-        argv = _bwrap_argv(info, str(root / "in"), cmd)
+        argv = _bwrap_argv(info, str(root / "in"), cmd, seccomp_fd)
         if info.get("pids_cgroup"):
             try:
                 cgroup = _PidsCgroup(info["pids_cgroup"], PIDS_LIMIT)
@@ -453,8 +501,11 @@ def _run_bwrap(info: dict, code: str, *, timeout_s: float, memory_mb: int, stdin
                 cgroup = None
         # bwrap's own environment is visible inside through /proc/1/environ: give it nothing worth reading
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        return _execute(argv, root, str(root), env, timeout_s, max_output_bytes, True, cgroup)
+        return _execute(argv, root, str(root), env, timeout_s, max_output_bytes, True, cgroup,
+                        () if seccomp_fd is None else (seccomp_fd,))
     finally:
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
         if cgroup is not None:
             cgroup.remove()
         shutil.rmtree(root, ignore_errors=True)
