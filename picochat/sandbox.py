@@ -52,9 +52,10 @@ SANDBOX_UID = 65534                   # "nobody": no capabilities inside its use
 
 SANDBOX_ENV = "PICOCHAT_SANDBOX"
 TRUSTED_OPT_IN = "none-trusted"
-HOW_TO_ENABLE = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) "
-                 "where user namespaces are allowed, or on a trusted machine only set "
-                 f"{SANDBOX_ENV}={TRUSTED_OPT_IN} to run model-written code unsandboxed")
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) "
+                "where user namespaces are allowed")
+HOW_TO_ENABLE = (f"{INSTALL_HINT}, or on a trusted machine only set {SANDBOX_ENV}={TRUSTED_OPT_IN} to run "
+                 "model-written code unsandboxed")
 
 _IN = "/sandbox"  # read-only mount of the per-run input dir (prelude + program) inside the sandbox
 _TMP = "/tmp"
@@ -150,8 +151,12 @@ def _probe() -> dict:
     info = {"available": True, "reason": "", "bwrap": bwrap, "version": ".".join(map(str, version)),
             "size_cap": version >= (0, 7, 0), "disable_userns": version >= (0, 8, 0)}
     info["pids_cgroup"] = _pids_cgroup_base()
-    r = _run_bwrap(info, "import sys; sys.stdout.write('ok')", timeout_s=15.0, memory_mb=0, stdin=None,
-                   max_output_bytes=1024)
+    for _ in range(2):
+        r = _run_bwrap(info, "import sys; sys.stdout.write('ok')", timeout_s=15.0, memory_mb=0, stdin=None,
+                       max_output_bytes=1024)
+        if (r.ok and r.stdout == "ok") or not info["pids_cgroup"]:
+            break
+        info["pids_cgroup"] = None  # the cgroup launcher failed, not necessarily bwrap: try without it
     if not (r.ok and r.stdout == "ok"):
         lines = [ln.strip() for ln in (r.stderr or "").splitlines() if ln.strip()]
         why = lines[0] if lines else (r.error or "unknown error")
@@ -186,7 +191,7 @@ def sandbox_status(refresh: bool = False) -> dict:
         return {"kind": "trusted", "available": True,
                 "reason": f"UNSANDBOXED ({SANDBOX_ENV}={TRUSTED_OPT_IN}): {p['reason']}; model-written code runs "
                           "with this user's rights, limited only by rlimits and a timeout",
-                "how_to_enable": HOW_TO_ENABLE.split(", or on a trusted")[0]}
+                "how_to_enable": INSTALL_HINT}
     return {"kind": "none", "available": False, "reason": p["reason"], "how_to_enable": HOW_TO_ENABLE}
 
 
@@ -423,9 +428,7 @@ def _execute(argv: list[str], root: Path, cwd: str, env: dict, timeout_s: float,
             except subprocess.TimeoutExpired:
                 timed_out = True
         finally:
-            # always, also after a normal exit: a program may leave background processes behind. Killing bwrap
-            # kills its init (--die-with-parent), and with it the whole pid namespace.
-            _kill(proc, cgroup)
+            _kill(proc, cgroup, under_bwrap)
     out, out_cut = _read_capped(root / "stdout", max_output_bytes)
     err, err_cut = _read_capped(root / "stderr", max_output_bytes)
     rc = proc.returncode
@@ -449,10 +452,21 @@ def _execute(argv: list[str], root: Path, cwd: str, env: dict, timeout_s: float,
                          timed_out=timed_out, error=error)
 
 
-def _kill(proc: subprocess.Popen, cgroup: _PidsCgroup | None) -> None:
-    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
+def _kill(proc: subprocess.Popen, cgroup: _PidsCgroup | None, under_bwrap: bool) -> None:
+    """End everything the run started, also after a normal exit (a program may leave background processes).
+
+    Under bwrap, killing bwrap kills its init (--die-with-parent) and with it the whole pid namespace; the pids
+    cgroup, when there is one, is swept as well. Without bwrap, the child's process group is killed (processes
+    that called setsid escape that: one reason the unsandboxed mode is for trusted machines only)."""
+    running = proc.poll() is None
+    if running or not under_bwrap:  # bwrap's pid, once reaped, may be reused: leave it alone then
         try:
-            kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if running:
+        try:
+            proc.kill()
         except (ProcessLookupError, PermissionError):
             pass
     if cgroup is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 
 import pytest
@@ -39,6 +40,23 @@ def test_refuses_without_an_os_sandbox(no_os_sandbox, tmp_path):
     s = sandbox.sandbox_status()
     assert s["kind"] == "none" and s["available"] is False and "bwrap" in s["reason"] and s["how_to_enable"]
     assert sandbox.unavailable_message() == r.error
+
+
+def test_probe_reports_forbidden_user_namespaces(tmp_path, monkeypatch):
+    """Always runs: a bwrap that cannot create namespaces (a Docker-default container) is detected by actually
+    running it, and the python tool is off with the reason."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'bubblewrap 0.8.0'; exit 0; }\n"
+                    "echo 'bwrap: Creating new namespace failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv(sandbox.SANDBOX_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "_probe_cache", None)
+    s = sandbox.sandbox_status()
+    assert s["kind"] == "none" and not s["available"]
+    assert "Creating new namespace failed" in s["reason"] and "user namespaces are forbidden" in s["reason"]
+    r = run_python("print(1)")
+    assert not r.ok and "Creating new namespace failed" in r.error and "\n" not in r.error
 
 
 def test_trusted_opt_in_runs_unsandboxed_with_a_warning(no_os_sandbox, monkeypatch, capsys):
@@ -216,3 +234,9 @@ def test_run_expression_tool():
     assert run_expression('open("/etc/hostname").read()') is None
     assert run_expression("import os; sorted(os.listdir('/etc'))") in ("['group', 'hosts', 'ld.so.cache', 'passwd']",
                                                                          "['group', 'hosts', 'passwd']")
+
+
+def test_installers_provide_bubblewrap():
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    assert "bubblewrap" in (repo / "run.sh").read_text()
+    assert '"bubblewrap"' in (repo / "launch" / "modal_app.py").read_text()

@@ -73,19 +73,28 @@ def test_parent_environment_is_invisible(secrets, name):
     _run(_try(ENV_READS[name]))
 
 
-@pytest.mark.parametrize("how", ["open", "io.FileIO", "os.open", "pathlib", "symlink then open", "sqlite3 attach"])
+READS = {
+    "open": "d = open(path).read()",
+    "io.FileIO": "import io\nd = io.FileIO(path).read().decode()",
+    "os.open": "d = os.read(os.open(path, os.O_RDONLY), 1 << 20).decode()",
+    "pathlib": "import pathlib\nd = pathlib.Path(path).read_text()",
+    "symlink then open": "os.symlink(path, 'link')\nd = open('link').read()",
+    "sqlite3 attach": "import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute('attach database ? as x', (path,))\n"
+                      "d = str(c.execute('select * from x.sqlite_master').fetchall())",
+}
+
+
+@pytest.mark.parametrize("how", list(READS))
 def test_secret_files_outside_are_invisible(secrets, how):
-    for path in secrets + ["/etc/shadow", os.path.expanduser("~/.bashrc"), "/root/.ssh/id_rsa"]:
-        body = {
-            "open": f"d = open({path!r}).read()",
-            "io.FileIO": f"import io\nd = io.FileIO({path!r}).read().decode()",
-            "os.open": f"d = os.read(os.open({path!r}, os.O_RDONLY), 1 << 20).decode()",
-            "pathlib": f"import pathlib\nd = pathlib.Path({path!r}).read_text()",
-            "symlink then open": f"os.symlink({path!r}, 'link')\nd = open('link').read()",
-            "sqlite3 attach": f"import sqlite3\nc = sqlite3.connect(':memory:')\n"
-                              f"c.execute(\"attach database '{path}' as x\")\nd = str(c.execute('select * from x.sqlite_master').fetchall())",
-        }[how]
-        _run(_try(body + "\nprint('ESCAPED', d[:40])"))
+    """Files in PICOCHAT_HOME, the host /tmp, the repository, /etc/shadow, the home directory: one program tries
+    them all with one method and reports each path it could read."""
+    paths = secrets + ["/etc/shadow", os.path.expanduser("~/.bashrc"), "/root/.ssh/id_rsa"]
+    attempt = "".join("    " + ln + "\n" for ln in READS[how].splitlines())
+    code = (f"import os\nfor path in {paths!r}:\n  try:\n" + attempt.replace("\n    ", "\n    ")
+            + "    print('ESCAPED', path, d[:40])\n  except Exception as e:\n    print('blocked:', path, type(e).__name__)\n"
+            + "  if os.path.lexists('link'):\n    os.remove('link')\n")
+    r = _run(code)
+    assert r.stdout.count("blocked:") == len(paths), r
 
 
 def test_host_tree_is_not_mounted():
