@@ -100,7 +100,7 @@ def test_secret_files_outside_are_invisible(secrets, how):
 def test_host_tree_is_not_mounted():
     """Only /usr, the Python installation, its own /tmp and a minimal /etc, /dev, /proc are there."""
     repo = str(Path(__file__).resolve().parent.parent)
-    probes = [repo, os.environ["PICOCHAT_HOME"], "/home", "/var", "/work", "/opt", "/etc/ssh", "/etc/shadow",
+    probes = [repo, os.environ["PICOCHAT_HOME"], "/home", "/var", "/srv", "/opt", "/etc/ssh", "/etc/shadow",
               "/root/.ssh", os.path.expanduser("~/.cache"), "/sys", "/run", "/mnt"]
     r = _run(_try(f"seen = [p for p in {probes!r} if os.path.exists(p)]\nassert seen, 'nothing'\nprint('ESCAPED', seen)"))
     assert "blocked" in r.stdout
