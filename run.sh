@@ -17,12 +17,15 @@ setup() {
 case "${1:-speedrun}" in
     test)
         setup test
-        # the web UI test drives a real headless Chromium
+        # the web UI test drives a real headless Chromium; the python-tool sandbox runs code under bubblewrap
+        pkgs=()
         if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-            if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-                (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
-                    || echo "warning: could not install chromium; the browser test will be skipped"
-            fi
+            pkgs+=(chromium chromium-driver)
+        fi
+        command -v bwrap >/dev/null || pkgs+=(bubblewrap)
+        if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+            (apt-get update -qq && apt-get install -y -qq "${pkgs[@]}" >/dev/null) \
+                || echo "warning: could not install ${pkgs[*]}; the browser and sandbox tests will be skipped"
         fi
         shift || true
         exec "$PY" -m pytest "$@"

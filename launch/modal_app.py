@@ -384,7 +384,9 @@ IGNORE = [".git", ".venv", "**/__pycache__", "**/*.pyc", ".pytest_cache", "*.egg
 if modal is not None:
     image = (
         modal.Image.debian_slim(python_version="3.11")
-        .apt_install("build-essential", "git")  # Triton compiles its kernels with the system C compiler at runtime
+        # Triton compiles its kernels with the system C compiler at runtime; bubblewrap is the OS sandbox for the
+        # python tool and HumanEval (without it both are off)
+        .apt_install("build-essential", "git", "bubblewrap")
         .uv_pip_install("uv", *project_requirements())
         .env({"PICOCHAT_HOME": VOL, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
         .add_local_dir(str(REPO_DIR), REMOTE_REPO, copy=True, ignore=IGNORE)
