@@ -327,27 +327,6 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     return Plan(mc, d, B, total, total // per_micro, d["num_iterations"], lr_scale, wd)
 
 
-def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: bool = True) -> int:
-    """--fp8 / --no-fp8 / the default (`fp8.resolve`): switch the block matmuls to fp8 (picochat/ops/fp8.py), or fail
-    clearly where fp8 was asked for and the GPU has no fp8 cores. Returns how many matmuls were switched."""
-    from picochat.ops import fp8
-    from picochat.runtime import print0
-
-    if not fp8.resolve(flag, model.config.n_layer, device, compiled):
-        return 0
-    ok, why = fp8.supported(device)
-    if not ok:
-        raise UserError(f"--fp8: {why}; drop --fp8 to train in bf16")
-    which = fp8.scope(model.config.n_layer)
-    n = fp8.convert(model, which)
-    how = "--fp8" if flag else f"default for d{fp8.FP8_MIN_DEPTH}+ on this GPU; --no-fp8 turns it off"
-    what = ("MLP matmuls (attention projections stay bf16 below "
-            f"d{fp8.FP8_ALL_DEPTH})" if which == "mlp" else "block matmuls")
-    print0(f"[fp8] {n - 1} {what} in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}), and the lm_head's "
-           "logits in the training loss")
-    return n
-
-
 def fp8_scope(model: Any, on: bool) -> str | None:
     """For the run trail: which block matmuls run in fp8 ("mlp" / "all", `fp8.scope`), None without fp8."""
     from picochat.ops import fp8
@@ -494,7 +473,8 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     from picochat.model import build_model
     from picochat.runtime import init_runtime, peak_flops, print0, stage_dir
     from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
-                                   check_finite, find_resume_checkpoint, format_step_line, freeze_gc, maybe_compile,
+                                   apply_fp8, check_finite, find_resume_checkpoint, format_step_line, freeze_gc,
+                                   maybe_compile,
                                    out_of_memory, peak_memory_gb, should_compile, unfreeze_gc, write_run_header)
 
     if not preset_applied:
@@ -778,7 +758,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     from picochat.ops import attention
     from picochat.model import build_model
     from picochat.runtime import gpu_memory, init_runtime, peak_flops, print0, synchronize
-    from picochat.training import Heartbeat, maybe_compile, peak_memory_gb, should_compile
+    from picochat.training import Heartbeat, apply_fp8, maybe_compile, peak_memory_gb, should_compile
 
     rt = init_runtime(args.device, None, 0)
     cfg = PretrainConfig(depth=args.depth, seq_len=args.seq_len, window_pattern=args.window_pattern,
