@@ -260,15 +260,14 @@ class Plan:
 def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes: float | None,
                          fp8: bool = False) -> int:
     """The micro-batch when --device-batch-size is not given: the depth rule (`scaling.device_batch_size`, sized
-    for 80 GB GPUs; twice the rows with fp8 up to d20), lowered to what the doctor's memory estimate fits on a
-    smaller GPU (a 24 GB card would otherwise run out of memory at d12's 32 rows). Never raised above the rule:
-    bigger micro-batches were not faster everywhere (bf16 d20 x 32 on an H200: 150.8K tok/s against 157.6K at 16)."""
-    from picochat.tools import doctor
-
+    for 80 GB GPUs; twice the rows with fp8 up to d20), lowered to what the memory estimate
+    (`scaling.recommend_batch`) fits on a smaller GPU (a 24 GB card would otherwise run out of memory at d12's 32
+    rows). Never raised above the rule: bigger micro-batches were not faster everywhere (bf16 d20 x 32 on an H200:
+    150.8K tok/s against 157.6K at 16)."""
     rule = scaling.device_batch_size(depth, seq_len, fp8=fp8)
     if memory_bytes is None:
         return rule
-    fit = doctor.recommend_batch(memory_bytes, depth, world_size, seq_len, fp8=fp8)
+    fit = scaling.recommend_batch(memory_bytes, depth, world_size, seq_len, fp8=fp8)
     if fit == 0:
         raise UserError(f"--depth {depth}: by picochat's memory estimate not even one sequence of {seq_len} tokens "
                         f"fits in {memory_bytes / 1e9:.0f} GB per GPU; use a smaller --depth or --seq-len, more "
