@@ -115,6 +115,51 @@ def device_batch_size(depth: int, sequence_len: int = 2048, gpu_memory_gb: float
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Memory model: estimated peak training memory per GPU (the default micro-batch's fit check, `picochat doctor`)
+
+# Activation bytes per token, layer and model dim, and logit bytes per token and vocab entry, over the static weights,
+# grads and optimizer state. Calibrated on one 80 GB H100 in bf16 (commit 41dd2a7): d12 x 32 rows peaked at 30.9 GB,
+# d20 x 16 at 46.0 GB, d20 x 32 ran out of memory. An estimate: on out-of-memory, halve the micro-batch.
+ACT_BYTES_PER_TOKEN_LAYER_DIM = 42
+LOGIT_BYTES_PER_TOKEN_VOCAB = 6
+# With fp8 block matmuls (and the fused chunked loss, so no full logits), on one H200 (commit ea778e5): d12 x 32 / x 64
+# rows 24.8 / 44.4 GB, d20 x 16 / x 32 35.8 / 58.5 GB, i.e. 26-33 bytes per token, layer and model dim; 36 keeps a
+# margin.
+ACT_BYTES_FP8 = 36
+USABLE_MEMORY_FRACTION = 0.92  # of the GPU's total memory: the CUDA context, allocator slack and fragmentation
+
+
+def approx_params(depth: int, vocab_size: int = 32768) -> int:
+    """Closed-form total parameters of the depth-d model for the memory model: width 64 * depth rounded up to 128,
+    12 d^2 per block, embedding + lm_head, value embeddings on every other layer (norms and gates left out)."""
+    dim = max(128, (64 * depth + 127) // 128 * 128)
+    return 12 * depth * dim * dim + 2 * vocab_size * dim + (depth // 2) * vocab_size * dim
+
+
+def estimate_memory(depth: int, batch: int, world_size: int = 1, seq_len: int = 2048,
+                    vocab_size: int = 32768, fp8: bool = False) -> float:
+    """Estimated peak training memory in bytes per GPU for a micro-batch of `batch` sequences: fp32 weights and
+    grads, Muon/AdamW state sharded over `world_size` ranks, and activations (`fp8`: with fp8 block matmuls,
+    `picochat/ops/fp8.py`)."""
+    dim = max(128, (64 * depth + 127) // 128 * 128)
+    static = approx_params(depth, vocab_size) * (8 + 8 / max(1, world_size))
+    tokens = batch * seq_len
+    if fp8:
+        return static + tokens * depth * dim * ACT_BYTES_FP8
+    return static + tokens * (depth * dim * ACT_BYTES_PER_TOKEN_LAYER_DIM + vocab_size * LOGIT_BYTES_PER_TOKEN_VOCAB)
+
+
+def recommend_batch(memory_bytes: float, depth: int, world_size: int = 1, seq_len: int = 2048,
+                    fp8: bool = False) -> int:
+    """Largest power-of-two micro-batch (1..64 rows) whose estimate fits in `memory_bytes`; 0 when even 1 does not."""
+    best = 0
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        if estimate_memory(depth, b, world_size, seq_len, fp8=fp8) <= memory_bytes * USABLE_MEMORY_FRACTION:
+            best = b
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the step
 
 

@@ -5,7 +5,7 @@ Nothing here knows about a particular stage. A stage uses it like this:
     write_run_header(stage_dir, cfg, rt.device)                  # run.json: config, versions, GPU, git SHA
     metrics = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start_step)
     stop = StopFlag.install()                                     # SIGTERM/SIGINT -> stop at the next step boundary
-    model = maybe_compile(model, cfg.compile, rt.device)
+    cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile)
     with Heartbeat("pretrain", "compiling the first step"):      # a line every 30 s while nothing else prints
         ...first step...
     for step in ...:
@@ -35,7 +35,9 @@ import torch
 import torch.distributed as dist
 
 from picochat.config import UserError, to_dict
-from picochat.runtime import environment_info, gpu_memory, is_rank0, print0
+from picochat.ops import attention
+from picochat.ops import fp8 as fp8_ops
+from picochat.runtime import environment_info, fused_loss_switch, gpu_memory, is_rank0, print0
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run header and metrics
@@ -434,6 +436,50 @@ def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.devic
     budget = f", activation budget {activation_budget:g}" if activation_budget < 1.0 else ""
     print0(f"[compile] torch.compile(model, dynamic=False{budget}): the first step takes a while")
     return torch.compile(model, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preparing a built model for training: dtype -> fp8 -> attention plan -> compile, in one place
+
+
+def apply_fp8(model: torch.nn.Module, flag: bool | None, device: torch.device, compiled: bool = True) -> int:
+    """--fp8 / --no-fp8 / the default (`fp8.resolve`): switch the block matmuls to fp8 (picochat/ops/fp8.py), or fail
+    clearly where fp8 was asked for and the GPU has no fp8 cores. Returns how many matmuls were switched."""
+    if not fp8_ops.resolve(flag, model.config.n_layer, device, compiled):
+        return 0
+    ok, why = fp8_ops.supported(device)
+    if not ok:
+        raise UserError(f"--fp8: {why}; drop --fp8 to train in bf16")
+    which = fp8_ops.scope(model.config.n_layer)
+    n = fp8_ops.convert(model, which)
+    how = "--fp8" if flag else f"default for d{fp8_ops.FP8_MIN_DEPTH}+ on this GPU; --no-fp8 turns it off"
+    what = ("MLP matmuls (attention projections stay bf16 below "
+            f"d{fp8_ops.FP8_ALL_DEPTH})" if which == "mlp" else "block matmuls")
+    print0(f"[fp8] {n - 1} {what} in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}), and the lm_head's "
+           "logits in the training loss")
+    return n
+
+
+def prepare_model(model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, seq_len: int,
+                  compile: bool | None = None, fp8: bool | None = False, activation_budget: float = 1.0
+                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Apply, in this order, dtype -> fp8 -> attention plan -> compile to a built GPT; return (the module to call for
+    training, info) with info = {"compiled": bool, "fp8": bool, "fp8_scope": "mlp" | "all" | None}. Also sets
+    `model.fused_loss` from PICOCHAT_FUSED_LOSS.
+
+    `fp8` is the --fp8 flag's tri-state (None = `fp8.resolve`'s default rule, which needs the compile decision, so
+    it is taken first). The attention plan is decided before compiling so the traced graph holds no prints or env
+    reads (`attention.prepare`). Parameters are never replaced (fp8 swaps module classes in place; compile wraps),
+    so an optimizer built on `model` afterwards sees the same tensors; save and load through `model`, not the
+    returned module."""
+    model.fused_loss = fused_loss_switch()
+    model.set_compute_dtype(dtype)
+    compiled = should_compile(compile, device)
+    fp8_on = apply_fp8(model, fp8, device, compiled) > 0
+    attention.prepare(model.window_sizes, seq_len, device)
+    cmodel = maybe_compile(model, compile, device, activation_budget)
+    return cmodel, {"compiled": compiled, "fp8": fp8_on,
+                    "fp8_scope": fp8_ops.scope(model.config.n_layer) if fp8_on else None}
 
 
 KERNEL_CATEGORIES = (  # first match wins: cuDNN attention kernels also carry "sm90_" like the GEMMs

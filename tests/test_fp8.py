@@ -102,7 +102,7 @@ def test_fp8_logits_in_the_fused_loss_track_bf16_and_leave_eval_logits_alone():
 
 
 def test_fp8_refused_without_fp8_tensor_cores():
-    from picochat.stages.pretrain import apply_fp8
+    from picochat.training import apply_fp8
 
     ok, why = fp8.supported(torch.device("cpu"))
     assert not ok and "fp8" in why

@@ -294,6 +294,46 @@ def test_bench_pretrain_prints_metrics(capsys):
     assert "profile" not in res2
 
 
+def test_bench_takes_its_flags_from_the_pretrain_config():
+    """Every PretrainConfig field but those only the full run reads is a bench flag; --data and --total-batch-size
+    keep the bench's defaults (random tokens, one micro-batch per process) under a preset and explicit flags."""
+    import argparse
+    import dataclasses
+
+    from picochat.config import flag_name
+    from picochat.stages.pretrain import BENCH_SKIP, add_bench_args, bench_config
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    helptext = p.format_help()
+    for f in dataclasses.fields(PretrainConfig):
+        assert (flag_name(f.name) in helptext) is (f.name not in BENCH_SKIP), f.name
+    cfg = bench_config(p.parse_args([]))
+    assert (cfg.data, cfg.total_batch_size, cfg.depth, cfg.seed) == ("random", -1, 12, PretrainConfig().seed)
+    cfg = bench_config(p.parse_args(["--preset", "tiny", "--total-batch-size", "0", "--matrix-lr", "0.01"]))
+    assert (cfg.depth, cfg.seq_len, cfg.total_batch_size, cfg.matrix_lr, cfg.data) == (4, 256, 0, 0.01, "random")
+    assert bench_config(p.parse_args(["--preset", "tiny"])).total_batch_size == 4096
+
+
+def test_prepare_model_applies_dtype_fp8_attention_and_compile_in_one_place(monkeypatch):
+    from picochat import scaling
+    from picochat.config import UserError
+    from picochat.model import build_model
+
+    cpu = torch.device("cpu")
+    mc = scaling.gpt_config(2, 128, 32, 16, aspect_ratio=32)
+    monkeypatch.delenv("PICOCHAT_COMPILE", raising=False)
+    monkeypatch.setenv("PICOCHAT_FUSED_LOSS", "0")
+    model = build_model(mc)
+    cmodel, info = training.prepare_model(model, device=cpu, dtype=torch.float32, seq_len=32, fp8=None)
+    assert cmodel is model and info == {"compiled": False, "fp8": False, "fp8_scope": None}
+    assert model.fused_loss is False and model.compute_dtype == torch.float32
+    monkeypatch.setenv("PICOCHAT_FUSED_LOSS", "1")
+    assert training.prepare_model(build_model(mc), device=cpu, dtype=torch.float32, seq_len=32)[0].fused_loss
+    with pytest.raises(UserError, match="--fp8"):  # asked for on a device without fp8 cores: refused, not ignored
+        training.prepare_model(build_model(mc), device=cpu, dtype=torch.float32, seq_len=32, fp8=True)
+
+
 def test_bench_pretrain_profile_breaks_a_step_down(capsys):
     from picochat.cli import main
     from picochat.training import kernel_category

@@ -74,3 +74,22 @@ def test_device_batch_defaults():
     # fp8 keeps fp8 copies of the matmul inputs: twice the rows up to d20, unchanged beyond (not measured)
     assert scaling.device_batch_size(12, fp8=True) == 64 and scaling.device_batch_size(20, fp8=True) == 32
     assert scaling.device_batch_size(24, fp8=True) == 16 and scaling.device_batch_size(32, fp8=True) == 8
+
+
+def test_batch_recommendation_matches_known_fits_and_is_monotonic():
+    h100 = 80 * 2**30
+    # published nanochat runs on 8x80GB: d20 batch 32, d24 16, d32 8
+    assert scaling.recommend_batch(h100, 20, world_size=8) == 16  # d20 x 32 ran out of memory on an H100
+    assert scaling.recommend_batch(h100, 24, world_size=8) == 16
+    assert scaling.recommend_batch(h100, 32, world_size=8) == 8
+    for depth in (12, 20, 24, 32):
+        bs = [scaling.recommend_batch(gb * 2**30, depth) for gb in (8, 16, 24, 48, 80, 141)]
+        assert bs == sorted(bs)
+    assert scaling.recommend_batch(4 * 2**30, 32) == 0
+    assert scaling.estimate_memory(20, 16) < scaling.estimate_memory(20, 32) < scaling.estimate_memory(24, 32)
+    # fp8 (measured on an H200: d12 x 64 44.4 GB, d20 x 32 58.5 GB) fits twice the rows of bf16 on an 80 GB GPU,
+    # and the estimate stays above what was measured
+    assert scaling.recommend_batch(h100, 12, fp8=True) == 64 and scaling.recommend_batch(h100, 20, fp8=True) == 32
+    assert scaling.recommend_batch(h100, 24, fp8=True) == 16
+    for depth, rows, measured_gb in ((12, 32, 24.8), (12, 64, 44.4), (20, 16, 35.8), (20, 32, 58.5)):
+        assert measured_gb * 1e9 < scaling.estimate_memory(depth, rows, fp8=True) < 1.3 * measured_gb * 1e9

@@ -17,6 +17,7 @@ loss stops the run and keeps the last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,23 @@ import numpy as np
 import torch
 
 from picochat import scaling
+from picochat.checkpoint import (checkpoints_dir, load_model_state, load_rank_files, read_meta, save_checkpoint,
+                                 update_meta)
 from picochat.config import UserError, add_config_args, config_from_args, require, to_dict
+from picochat.data.loader import DataLoader
+from picochat.data.shards import list_shards
+from picochat.evals import core_eval
+from picochat.evals.loss_eval import doc_start_batches, evaluate_bpb
+from picochat.model import GPTConfig, build_model
+from picochat.ops import attention, fp8
+from picochat.optim import build_optimizer, set_schedule
+from picochat.runtime import (default_data_dir, default_tokenizer_dir, environment_info, gpu_memory, init_runtime,
+                              peak_flops, print0, stage_dir, synchronize, teardown)
+from picochat.tokenizer import Tokenizer
+from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
+                               check_finite, find_resume_checkpoint, format_step_line, freeze_gc, out_of_memory,
+                               peak_memory_gb, prepare_model, profile_step, restore_rng_state, should_compile,
+                               unfreeze_gc, write_run_header)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few-million-parameter model on the embedded corpus; minutes on 2 CPU cores
@@ -212,9 +229,6 @@ class _CharTokenizer:
 def _load_tokenizer(cfg: PretrainConfig):
     if cfg.data == "random":
         return _CharTokenizer(cfg.vocab_size), None
-    from picochat.runtime import default_tokenizer_dir
-    from picochat.tokenizer import Tokenizer
-
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir()
     if not tok_dir.exists():
         raise UserError(f"--tokenizer {tok_dir}: no tokenizer there; train one with `picochat tokenizer train` "
@@ -223,8 +237,6 @@ def _load_tokenizer(cfg: PretrainConfig):
 
 
 def _data_dir(cfg: PretrainConfig) -> Path:
-    from picochat.runtime import default_data_dir
-
     return Path(cfg.data) if cfg.data else default_data_dir("synth")
 
 
@@ -232,9 +244,6 @@ def make_loader(cfg: PretrainConfig, tok: Any, split: str, batch_size: int, rt: 
     if cfg.data == "random":
         return RandomTokens(tok.vocab_size, batch_size, cfg.seq_len, rank=rt.rank, world_size=rt.world_size,
                             device=rt.device, seed=cfg.seed, stream=0 if split == "train" else 1)
-    from picochat.data.shards import list_shards
-    from picochat.data.loader import DataLoader
-
     train, val = list_shards(_data_dir(cfg))
     return DataLoader(train if split == "train" else val, tok, batch_size, cfg.seq_len, rank=rt.rank,
                       world_size=rt.world_size, device=rt.device, seed=cfg.seed, threads=cfg.loader_threads,
@@ -260,22 +269,19 @@ class Plan:
 def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes: float | None,
                          fp8: bool = False) -> int:
     """The micro-batch when --device-batch-size is not given: the depth rule (`scaling.device_batch_size`, sized
-    for 80 GB GPUs; twice the rows with fp8 up to d20), lowered to what the doctor's memory estimate fits on a
-    smaller GPU (a 24 GB card would otherwise run out of memory at d12's 32 rows). Never raised above the rule:
-    bigger micro-batches were not faster everywhere (bf16 d20 x 32 on an H200: 150.8K tok/s against 157.6K at 16)."""
-    from picochat.tools import doctor
-
+    for 80 GB GPUs; twice the rows with fp8 up to d20), lowered to what the memory estimate
+    (`scaling.recommend_batch`) fits on a smaller GPU (a 24 GB card would otherwise run out of memory at d12's 32
+    rows). Never raised above the rule: bigger micro-batches were not faster everywhere (bf16 d20 x 32 on an H200:
+    150.8K tok/s against 157.6K at 16)."""
     rule = scaling.device_batch_size(depth, seq_len, fp8=fp8)
     if memory_bytes is None:
         return rule
-    fit = doctor.recommend_batch(memory_bytes, depth, world_size, seq_len, fp8=fp8)
+    fit = scaling.recommend_batch(memory_bytes, depth, world_size, seq_len, fp8=fp8)
     if fit == 0:
         raise UserError(f"--depth {depth}: by picochat's memory estimate not even one sequence of {seq_len} tokens "
                         f"fits in {memory_bytes / 1e9:.0f} GB per GPU; use a smaller --depth or --seq-len, more "
                         f"GPUs (optimizer state is sharded across them), or try --device-batch-size 1")
     if fit < rule:
-        from picochat.runtime import print0
-
         print0(f"[pretrain] micro-batch {fit} rows: the depth rule's {rule} would not fit in "
                f"{memory_bytes / 1e9:.0f} GB (estimate); the total batch is unchanged (more accumulation steps), "
                f"--device-batch-size overrides")
@@ -283,10 +289,7 @@ def default_device_batch(depth: int, seq_len: int, world_size: int, memory_bytes
 
 
 def fp8_planned(flag: bool | None, compile_flag: bool | None, depth: int, device: torch.device) -> bool:
-    """Whether `apply_fp8` will switch matmuls to fp8 (the micro-batch default depends on it)."""
-    from picochat.ops import fp8
-    from picochat.training import should_compile
-
+    """Whether `prepare_model` will switch matmuls to fp8 (the micro-batch default depends on it)."""
     return fp8.resolve(flag, depth, device, should_compile(compile_flag, device))
 
 
@@ -307,8 +310,6 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     d = scaling.derive(cfg.depth, vocab_size, cfg.seq_len, cfg.ratio, cfg.head_dim, cfg.window_pattern.upper(),
                        cfg.value_embeds, cfg.total_batch_size, cfg.num_iterations, cfg.aspect_ratio,
                        smear=cfg.smear, backout=cfg.backout)
-    from picochat.runtime import gpu_memory
-
     total = d["total_batch_size"]
     B = cfg.device_batch_size
     if not B:  # the default: no larger than a resumed checkpoint's, shrunk to divide the total (tiny runs, many GPUs)
@@ -327,37 +328,8 @@ def make_plan(cfg: PretrainConfig, vocab_size: int, world_size: int, device: tor
     return Plan(mc, d, B, total, total // per_micro, d["num_iterations"], lr_scale, wd)
 
 
-def apply_fp8(model: Any, flag: bool | None, device: torch.device, compiled: bool = True) -> int:
-    """--fp8 / --no-fp8 / the default (`fp8.resolve`): switch the block matmuls to fp8 (picochat/ops/fp8.py), or fail
-    clearly where fp8 was asked for and the GPU has no fp8 cores. Returns how many matmuls were switched."""
-    from picochat.ops import fp8
-    from picochat.runtime import print0
-
-    if not fp8.resolve(flag, model.config.n_layer, device, compiled):
-        return 0
-    ok, why = fp8.supported(device)
-    if not ok:
-        raise UserError(f"--fp8: {why}; drop --fp8 to train in bf16")
-    which = fp8.scope(model.config.n_layer)
-    n = fp8.convert(model, which)
-    how = "--fp8" if flag else f"default for d{fp8.FP8_MIN_DEPTH}+ on this GPU; --no-fp8 turns it off"
-    what = ("MLP matmuls (attention projections stay bf16 below "
-            f"d{fp8.FP8_ALL_DEPTH})" if which == "mlp" else "block matmuls")
-    print0(f"[fp8] {n - 1} {what} in fp8 (tensorwise e4m3 forward, e5m2 gradients; {how}), and the lm_head's "
-           "logits in the training loss")
-    return n
-
-
-def fp8_scope(model: Any, on: bool) -> str | None:
-    """For the run trail: which block matmuls run in fp8 ("mlp" / "all", `fp8.scope`), None without fp8."""
-    from picochat.ops import fp8
-
-    return fp8.scope(model.config.n_layer) if on else None
-
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan, compile_step: bool):
-    from picochat.optim import build_optimizer
-
     return build_optimizer(model, compile_step=compile_step, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                            value_embed_lr=cfg.value_embed_lr, unembedding_lr=cfg.unembedding_lr,
                            resid_lr=cfg.resid_lr, x0_lr=cfg.x0_lr, lr_scale=plan.lr_scale,
@@ -367,8 +339,6 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan, comp
 
 
 def apply_schedules(opt: Any, cfg: PretrainConfig, step: int, total: int) -> float:
-    from picochat.optim import set_schedule
-
     lrm = scaling.lr_multiplier(step, total, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
     set_schedule(opt, lrm, momentum=scaling.muon_momentum(step, total, cfg.warmdown_frac),
                  wd_mult=scaling.weight_decay_multiplier(step, total))
@@ -424,11 +394,6 @@ def greedy_samples(model: Any, tok: Any, prompts: list[str], max_tokens: int = 1
 
 def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: Plan) -> dict[str, Any]:
     """Restore model, optimizer shard(s), loader and RNG from `ckpt`. Returns the rank state (loop info)."""
-    from picochat.checkpoint import load_model_state, load_rank_files, read_meta
-    from picochat.model import GPTConfig
-    from picochat.runtime import print0
-    from picochat.training import restore_rng_state
-
     meta = read_meta(ckpt)
     saved_mc = GPTConfig.from_saved(meta.get("model_config", {}))
     if saved_mc != plan.model_config:
@@ -472,8 +437,6 @@ def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: P
 
 
 def _meta(cfg: PretrainConfig, plan: Plan, tok_dir: Path | None, metrics: dict[str, Any]) -> dict[str, Any]:
-    from picochat.runtime import environment_info
-
     # the micro-batch that ran (the default depends on the GPU's memory), which the chat stages inherit
     return {"stage": "base", "run": cfg.run, "model_config": asdict(plan.model_config),
             "config": dict(to_dict(cfg), device_batch_size=plan.device_batch_size),
@@ -482,21 +445,55 @@ def _meta(cfg: PretrainConfig, plan: Plan, tok_dir: Path | None, metrics: dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The stage
+# The stage: setup -> fit
+
+
+@dataclass
+class Stage:
+    """What the loop works with, fixed once set up. `model` is the module to save and sample from, `cmodel` the one
+    to train (compiled or the same)."""
+    cfg: PretrainConfig
+    plan: Plan
+    rt: Any
+    tok: Any
+    tok_dir: Path | None
+    model: Any
+    cmodel: Any
+    opt: Any
+    loader: Any
+    metrics: MetricsLogger
+    ckpt_root: Path
+    info: dict[str, Any]
+    token_bytes: torch.Tensor
+    peak: float | None
+    fpt: float
+    wandb_run: Any = None
+
+
+@dataclass
+class LoopState:
+    """What changes step to step, and what a checkpoint's rank state carries to continue the run exactly."""
+    step: int = 0
+    start_step: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float = math.inf
+    train_time: float = 0.0
+    last_ckpt: Path | None = None
+    last_loss: float = float("nan")
+    stopped_early: bool = False
 
 
 def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     """Train (or continue training) the base model; returns a JSON-able summary.
 
     `preset_applied`: the CLI already merged the preset under the explicit flags (so it is not applied twice)."""
-    from picochat.ops import attention
-    from picochat.checkpoint import checkpoints_dir, save_checkpoint, update_meta
-    from picochat.model import build_model
-    from picochat.runtime import init_runtime, peak_flops, print0, stage_dir
-    from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
-                                   check_finite, find_resume_checkpoint, format_step_line, freeze_gc, maybe_compile,
-                                   out_of_memory, peak_memory_gb, should_compile, unfreeze_gc, write_run_header)
+    ctx, state, batch = setup(cfg, preset_applied)
+    return fit(ctx, state, batch)
 
+
+def setup(cfg: PretrainConfig, preset_applied: bool = False) -> tuple[Stage, LoopState, Any]:
+    """Runtime, tokenizer, plan, model (prepared for training), optimizer, loader, resume, run header and metrics.
+    Returns the stage, the loop state (restored when resuming) and the first batch to train on."""
     if not preset_applied:
         cfg = apply_preset(cfg)
     if not cfg.run:
@@ -509,12 +506,34 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
     ck = find_resume_checkpoint(ckpt_root, cfg.resume)
     resume_micro = None
     if ck is not None:
-        from picochat.checkpoint import read_meta
-
         resume_micro = int((read_meta(ck).get("config") or {}).get("device_batch_size") or 0) or None
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device, resume_micro)
-    mc = plan.model_config
+    _print_plan(cfg, plan, rt)
+
+    model = build_model(plan.model_config, device=rt.device)
+    cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
+                                 fp8=cfg.fp8, activation_budget=cfg.activation_budget)
+    opt = make_optimizer(model, cfg, plan, compile_step=info["compiled"])
+    loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
+    state, held = _resume(ck, model, opt, loader, rt, plan)
+    if state.step >= plan.num_iterations:
+        print0(f"[pretrain] {cfg.run} already trained for {state.step} steps (--num-iterations {plan.num_iterations})")
+
     sdir = stage_dir(cfg.run, "base")
+    write_run_header(sdir, cfg, rt.device, extra={"derived": plan.derived, "resumed_from": str(ck) if ck else None,
+                                                  "plan": {"device_batch_size": plan.device_batch_size,
+                                                           "grad_accum": plan.grad_accum, "fp8": info["fp8"],
+                                                           "fp8_scope": info["fp8_scope"]}})
+    metrics = MetricsLogger(sdir / "metrics.jsonl", resume_step=state.start_step if ck is not None else None)
+    ctx = Stage(cfg=cfg, plan=plan, rt=rt, tok=tok, tok_dir=tok_dir, model=model, cmodel=cmodel, opt=opt,
+                loader=loader, metrics=metrics, ckpt_root=ckpt_root, info=info,
+                token_bytes=tok.token_bytes().to(rt.device), peak=peak_flops(rt.device), fpt=model.flops_per_token(),
+                wandb_run=_wandb_init(cfg, plan) if cfg.wandb and rt.master else None)
+    return ctx, state, held if held is not None else loader.next_batch()
+
+
+def _print_plan(cfg: PretrainConfig, plan: Plan, rt: Any) -> None:
+    mc = plan.model_config
     print0(f"[pretrain] run {cfg.run}: {rt.describe()}")
     print0(f"[pretrain] model: depth {mc.n_layer}, d_model {mc.n_embd}, heads {mc.n_head}/{mc.n_kv_head}, "
            f"vocab {mc.vocab_size}, windows {mc.window_pattern}, value embeds {mc.value_embeds}, "
@@ -525,184 +544,187 @@ def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
            f"({plan.num_iterations * plan.total_batch_size:,} tokens); lr x{plan.lr_scale:.3f}, "
            f"muon wd {plan.muon_weight_decay:.4f}")
 
-    model = build_model(mc, device=rt.device)
-    model.set_compute_dtype(rt.dtype)
-    compiled = should_compile(cfg.compile, rt.device)
-    fp8_on = apply_fp8(model, cfg.fp8, rt.device, compiled) > 0
-    opt = make_optimizer(model, cfg, plan, compile_step=compiled)
-    loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
 
-    step, start_step, resumed_from = 0, 0, None
-    loop_state: dict[str, Any] = {}
-    held = None
-    if ck is not None:
-        rank_state = _load_resume(ck, model, opt, loader, rt, plan)
-        loop_state = rank_state.get("loop", {})
-        step = start_step = int(loop_state.get("step", 0))
-        hb = rank_state.get("held_batch")
-        if hb is not None:
-            held = (hb[0].to(rt.device), hb[1].to(rt.device))
-        resumed_from = str(ck)
-        print0(f"[resume] continuing from {ck} at step {step}")
-    if step >= plan.num_iterations:
-        print0(f"[pretrain] {cfg.run} already trained for {step} steps (--num-iterations {plan.num_iterations})")
+def _resume(ck: Path | None, model: Any, opt: Any, loader: Any, rt: Any, plan: Plan) -> tuple[LoopState, Any]:
+    """The loop state to start from (fresh, or restored with everything else from checkpoint `ck`) and the batch
+    the checkpointed run was about to train on, if it kept one."""
+    if ck is None:
+        return LoopState(), None
+    rank_state = _load_resume(ck, model, opt, loader, rt, plan)
+    loop = rank_state.get("loop", {})
+    step = int(loop.get("step", 0))
+    held = rank_state.get("held_batch")
+    if held is not None:
+        held = (held[0].to(rt.device), held[1].to(rt.device))
+    print0(f"[resume] continuing from {ck} at step {step}")
+    return LoopState(step=step, start_step=step, val_bpb=loop.get("val_bpb"),
+                     min_val_bpb=loop.get("min_val_bpb", math.inf), train_time=float(loop.get("train_time", 0.0)),
+                     last_ckpt=ck), held
 
-    write_run_header(sdir, cfg, rt.device, extra={"derived": plan.derived, "resumed_from": resumed_from,
-                                                  "plan": {"device_batch_size": plan.device_batch_size,
-                                                           "grad_accum": plan.grad_accum, "fp8": fp8_on,
-                                                           "fp8_scope": fp8_scope(model, fp8_on)}})
-    metrics = MetricsLogger(sdir / "metrics.jsonl", resume_step=start_step if ck is not None else None)
-    attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
-    cmodel = maybe_compile(model, cfg.compile, rt.device, cfg.activation_budget)
-    token_bytes = tok.token_bytes().to(rt.device)
-    peak = peak_flops(rt.device)
-    fpt = model.flops_per_token()
-    tokens_per_step = plan.total_batch_size
-    wandb_run = _wandb_init(cfg, plan) if cfg.wandb and rt.master else None
 
-    last_ckpt: Path | None = ck
-    val_bpb = loop_state.get("val_bpb")
-    min_val_bpb = loop_state.get("min_val_bpb", math.inf)
-    train_time = float(loop_state.get("train_time", 0.0))
-    last_loss = float("nan")
+def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
+    """The training loop: optimizer steps until --num-iterations, a SIGTERM/SIGINT or --stop-at-step, with
+    checkpoints, evals and samples on their schedules. However it ends, the signal handlers are restored and the
+    metrics, loader and wandb run closed. Returns the run's summary."""
+    cfg, plan, rt = ctx.cfg, ctx.plan, ctx.rt
     stop = StopFlag.install()
     timer = StepTimer(skip=1)
-    stopped_early = False
-
-    def evaluate(at_step: int) -> float:
-        from picochat.evals.loss_eval import evaluate_bpb
-
-        B = plan.device_batch_size
-        steps = max(1, cfg.eval_tokens // (B * cfg.seq_len * rt.world_size))
-        vl = make_loader(cfg, tok, "val", B, rt, loop=False)
-        try:
-            def batches():
-                for i in range(steps):
-                    try:
-                        yield vl.next_batch()
-                    except StopIteration:
-                        return
-            t0 = time.time()
-            bpb = evaluate_bpb(cmodel, batches(), token_bytes)
-        finally:
-            vl.close()
-        extra = ""
-        if cfg.data != "random":  # also on document beginnings, the layout crop-packing loaders (nanochat) score
-            from picochat.data.shards import list_shards
-            from picochat.evals.loss_eval import doc_start_batches
-
-            _, val_shards = list_shards(_data_dir(cfg))
-            bpb_crop = evaluate_bpb(cmodel, doc_start_batches(val_shards, tok, B, cfg.seq_len, cfg.eval_tokens,
-                                                              rt.device, rt.rank, rt.world_size), token_bytes)
-            metrics.log({"step": at_step, "val_bpb_docstart": bpb_crop})
-            extra = f", doc-start layout {bpb_crop:.4f}"
-        print0(f"[eval] step {at_step}: val bpb {bpb:.4f}{extra} ({steps * B * cfg.seq_len * rt.world_size:,} "
-               f"tokens, {time.time() - t0:.1f}s)")
-        return bpb
-
-    def save(at_step: int, next_batch: Any) -> Path:
-        rank_state = {"loader": loader.state_dict(), "rng": capture_rng_state(rt.device),
-                      "held_batch": (next_batch[0].cpu(), next_batch[1].cpu()),
-                      "loop": {"step": at_step, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
-                               "train_time": train_time, "device_batch_size": plan.device_batch_size}}
-        path = save_checkpoint(ckpt_root, at_step, model.state_dict() if rt.master else None, opt.state_dict(),
-                               _meta(cfg, plan, tok_dir, {"val_bpb": val_bpb, "train_loss": last_loss}),
-                               rank_state=rank_state, keep_last=cfg.keep_last)
-        print0(f"[checkpoint] saved {path}")
-        return path
-
-    def maybe_samples(at_step: int, final: bool) -> None:
-        if cfg.sample_every < 0 or cfg.data == "random":
-            return
-        if not (final or (cfg.sample_every > 0 and at_step % cfg.sample_every == 0)):
-            return
-        if rt.master:
-            for s in greedy_samples(model, tok, SAMPLE_PROMPTS):
-                print0(f"[sample] {s['prompt']!r} -> {s['completion']!r}")
-                metrics.log({"step": at_step, "sample": s})
-
-    def maybe_core(at_step: int, final: bool) -> None:
-        if cfg.core_every <= 0 or not (final or at_step % cfg.core_every == 0):
-            return
-        try:
-            from picochat.evals import core_eval
-        except ImportError:
-            print0("[core] picochat.evals.core_eval is not available; skipping")
-            return
-        bundle = core_eval.resolve_bundle(cfg.core_bundle)
-        res = core_eval.evaluate_core(model, tok, bundle, max_per_task=500, device=rt.device)
-        print0(f"[core] step {at_step}: {res.get('core')}")
-        metrics.log({"step": at_step, "core": res.get("core")})
-
-    batch = held if held is not None else loader.next_batch()
+    first = "running the first step (compiling)" if ctx.info["compiled"] else "running the first step"
     try:
-        with Heartbeat("pretrain", "running the first step (compiling)" if compiled else "running the first step") as hb:
-            while step < plan.num_iterations:
-                lrm = apply_schedules(opt, cfg, step, plan.num_iterations)
+        with Heartbeat("pretrain", first) as hb:
+            while st.step < plan.num_iterations:
+                lrm = apply_schedules(ctx.opt, cfg, st.step, plan.num_iterations)
                 timer.start()
-                loss_sum, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+                loss_sum, batch = train_step(ctx.cmodel, ctx.opt, batch, ctx.loader.next_batch, plan.grad_accum)
                 loss, stop_now = agree_on_step(loss_sum, stop.requested, rt.device, plan.grad_accum)
                 dt = timer.stop()
-                step += 1
+                st.step += 1
                 if timer.n > 1:
-                    train_time += dt
-                check_finite(loss, step, last_ckpt)
-                last_loss = loss
-                tok_s = tokens_per_step / dt
-                mfu = fpt * tok_s / (peak * rt.world_size) if peak else None
-                mem = peak_memory_gb(rt.device)
-                eta = timer.eta(plan.num_iterations - step, dt)
-                print0(format_step_line(step, plan.num_iterations, loss, lrm, dt, tok_s, mfu, eta, mem))
-                metrics.log({"step": step, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu,
-                             "tokens": step * tokens_per_step, "peak_mem_gb": mem})
-                if wandb_run is not None:
-                    wandb_run.log({"step": step, "loss": loss, "lrm": lrm, "tok_per_s": tok_s, "mfu": mfu})
-                if step == start_step + 1:
+                    st.train_time += dt
+                check_finite(loss, st.step, st.last_ckpt)
+                st.last_loss = loss
+                log_step(ctx, st, timer, lrm, dt)
+                if st.step == st.start_step + 1:
                     freeze_gc()
                 hb.beat("training")
-                final = step == plan.num_iterations
-                stop_here = stop_now or (cfg.stop_at_step > 0 and step >= cfg.stop_at_step and not final)
-                if final or stop_here or (cfg.save_every > 0 and step % cfg.save_every == 0):
-                    hb.beat("saving a checkpoint")
-                    last_ckpt = save(step, batch)  # before any final eval: an eval crash never loses the weights
-                if final or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-                    hb.beat("evaluating val bpb")
-                    val_bpb = evaluate(step)
-                    min_val_bpb = min(min_val_bpb, val_bpb)
-                    metrics.log({"step": step, "val_bpb": val_bpb})
-                    if wandb_run is not None:
-                        wandb_run.log({"step": step, "val_bpb": val_bpb})
-                    if last_ckpt is not None and last_ckpt.name == f"step_{step:06d}" and rt.master:
-                        update_meta(last_ckpt, metrics={"val_bpb": val_bpb, "train_loss": last_loss})
-                maybe_core(step, final)
-                maybe_samples(step, final)
-                if stop_here:
-                    stopped_early = True
-                    why = f"signal {stop.signame}" if stop_now else f"--stop-at-step {cfg.stop_at_step}"
-                    print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
+                if after_step(ctx, st, hb, batch, stop, stop_now):
                     break
     except torch.OutOfMemoryError as e:
-        raise out_of_memory("pretrain", step + 1, plan.device_batch_size, cfg.seq_len, plan.total_batch_size,
-                            rt.device, last_ckpt, cfg.activation_budget) from e
+        raise out_of_memory("pretrain", st.step + 1, plan.device_batch_size, cfg.seq_len, plan.total_batch_size,
+                            rt.device, st.last_ckpt, cfg.activation_budget) from e
     finally:
         unfreeze_gc()
         stop.restore()
-        metrics.close()
-        loader.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-    steps_done = step - start_step
+        ctx.metrics.close()
+        ctx.loader.close()
+        if ctx.wandb_run is not None:
+            ctx.wandb_run.finish()
+    return summarize(ctx, st, timer)
+
+
+def log_step(ctx: Stage, st: LoopState, timer: StepTimer, lrm: float, dt: float) -> None:
+    """The step line, its metrics record and its wandb point."""
+    plan, rt = ctx.plan, ctx.rt
+    tok_s = plan.total_batch_size / dt
+    mfu = ctx.fpt * tok_s / (ctx.peak * rt.world_size) if ctx.peak else None
+    mem = peak_memory_gb(rt.device)
+    eta = timer.eta(plan.num_iterations - st.step, dt)
+    print0(format_step_line(st.step, plan.num_iterations, st.last_loss, lrm, dt, tok_s, mfu, eta, mem))
+    ctx.metrics.log({"step": st.step, "loss": st.last_loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu,
+                     "tokens": st.step * plan.total_batch_size, "peak_mem_gb": mem})
+    if ctx.wandb_run is not None:
+        ctx.wandb_run.log({"step": st.step, "loss": st.last_loss, "lrm": lrm, "tok_per_s": tok_s, "mfu": mfu})
+
+
+def after_step(ctx: Stage, st: LoopState, hb: Heartbeat, batch: Any, stop: StopFlag, stop_now: bool) -> bool:
+    """Checkpoint, eval, CORE and samples where due after a step; True when the run stops here (a signal or
+    --stop-at-step). The checkpoint comes before any final eval: an eval crash never loses the weights."""
+    cfg, step = ctx.cfg, st.step
+    final = step == ctx.plan.num_iterations
+    stop_here = stop_now or (cfg.stop_at_step > 0 and step >= cfg.stop_at_step and not final)
+    if final or stop_here or (cfg.save_every > 0 and step % cfg.save_every == 0):
+        hb.beat("saving a checkpoint")
+        st.last_ckpt = save(ctx, st, batch)
+    if final or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        hb.beat("evaluating val bpb")
+        st.val_bpb = evaluate(ctx, step)
+        st.min_val_bpb = min(st.min_val_bpb, st.val_bpb)
+        ctx.metrics.log({"step": step, "val_bpb": st.val_bpb})
+        if ctx.wandb_run is not None:
+            ctx.wandb_run.log({"step": step, "val_bpb": st.val_bpb})
+        if st.last_ckpt is not None and st.last_ckpt.name == f"step_{step:06d}" and ctx.rt.master:
+            update_meta(st.last_ckpt, metrics={"val_bpb": st.val_bpb, "train_loss": st.last_loss})
+    maybe_core(ctx, step, final)
+    maybe_samples(ctx, step, final)
+    if stop_here:
+        st.stopped_early = True
+        why = f"signal {stop.signame}" if stop_now else f"--stop-at-step {cfg.stop_at_step}"
+        print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
+    return stop_here
+
+
+def evaluate(ctx: Stage, at_step: int) -> float:
+    """Val bpb over --eval-tokens of the val split (and, on real data, on document beginnings too)."""
+    cfg, rt, tok = ctx.cfg, ctx.rt, ctx.tok
+    B = ctx.plan.device_batch_size
+    steps = max(1, cfg.eval_tokens // (B * cfg.seq_len * rt.world_size))
+    vl = make_loader(cfg, tok, "val", B, rt, loop=False)
+    try:
+        def batches():
+            for i in range(steps):
+                try:
+                    yield vl.next_batch()
+                except StopIteration:
+                    return
+        t0 = time.time()
+        bpb = evaluate_bpb(ctx.cmodel, batches(), ctx.token_bytes)
+    finally:
+        vl.close()
+    extra = ""
+    if cfg.data != "random":  # also on document beginnings, the layout crop-packing loaders (nanochat) score
+        _, val_shards = list_shards(_data_dir(cfg))
+        bpb_crop = evaluate_bpb(ctx.cmodel, doc_start_batches(val_shards, tok, B, cfg.seq_len, cfg.eval_tokens,
+                                                              rt.device, rt.rank, rt.world_size), ctx.token_bytes)
+        ctx.metrics.log({"step": at_step, "val_bpb_docstart": bpb_crop})
+        extra = f", doc-start layout {bpb_crop:.4f}"
+    print0(f"[eval] step {at_step}: val bpb {bpb:.4f}{extra} ({steps * B * cfg.seq_len * rt.world_size:,} "
+           f"tokens, {time.time() - t0:.1f}s)")
+    return bpb
+
+
+def save(ctx: Stage, st: LoopState, next_batch: Any) -> Path:
+    """Checkpoint at `st.step`: weights, optimizer shards, and the rank state (loader, RNG, the batch the next step
+    starts with, the loop state) that makes the continuation exact."""
+    rt, plan = ctx.rt, ctx.plan
+    rank_state = {"loader": ctx.loader.state_dict(), "rng": capture_rng_state(rt.device),
+                  "held_batch": (next_batch[0].cpu(), next_batch[1].cpu()),
+                  "loop": {"step": st.step, "val_bpb": st.val_bpb, "min_val_bpb": st.min_val_bpb,
+                           "train_time": st.train_time, "device_batch_size": plan.device_batch_size}}
+    path = save_checkpoint(ctx.ckpt_root, st.step, ctx.model.state_dict() if rt.master else None,
+                           ctx.opt.state_dict(),
+                           _meta(ctx.cfg, plan, ctx.tok_dir, {"val_bpb": st.val_bpb, "train_loss": st.last_loss}),
+                           rank_state=rank_state, keep_last=ctx.cfg.keep_last)
+    print0(f"[checkpoint] saved {path}")
+    return path
+
+
+def maybe_samples(ctx: Stage, at_step: int, final: bool) -> None:
+    cfg = ctx.cfg
+    if cfg.sample_every < 0 or cfg.data == "random":
+        return
+    if not (final or (cfg.sample_every > 0 and at_step % cfg.sample_every == 0)):
+        return
+    if ctx.rt.master:
+        for s in greedy_samples(ctx.model, ctx.tok, SAMPLE_PROMPTS):
+            print0(f"[sample] {s['prompt']!r} -> {s['completion']!r}")
+            ctx.metrics.log({"step": at_step, "sample": s})
+
+
+def maybe_core(ctx: Stage, at_step: int, final: bool) -> None:
+    cfg = ctx.cfg
+    if cfg.core_every <= 0 or not (final or at_step % cfg.core_every == 0):
+        return
+    bundle = core_eval.resolve_bundle(cfg.core_bundle)
+    res = core_eval.evaluate_core(ctx.model, ctx.tok, bundle, max_per_task=500, device=ctx.rt.device)
+    print0(f"[core] step {at_step}: {res.get('core')}")
+    ctx.metrics.log({"step": at_step, "core": res.get("core")})
+
+
+def summarize(ctx: Stage, st: LoopState, timer: StepTimer) -> dict[str, Any]:
+    plan, rt = ctx.plan, ctx.rt
+    tokens_per_step = plan.total_batch_size
     summary = {
-        "run": cfg.run, "step": step, "num_iterations": plan.num_iterations, "steps_this_run": steps_done,
-        "tokens": step * tokens_per_step, "val_bpb": val_bpb, "min_val_bpb": None if math.isinf(min_val_bpb)
-        else min_val_bpb, "train_loss": last_loss, "train_time_s": round(train_time, 2),
+        "run": ctx.cfg.run, "step": st.step, "num_iterations": plan.num_iterations,
+        "steps_this_run": st.step - st.start_step, "tokens": st.step * tokens_per_step, "val_bpb": st.val_bpb,
+        "min_val_bpb": None if math.isinf(st.min_val_bpb) else st.min_val_bpb, "train_loss": st.last_loss,
+        "train_time_s": round(st.train_time, 2),
         "tok_per_s": round(tokens_per_step / timer.mean()) if timer.mean() else None,
-        "peak_mem_gb": peak_memory_gb(rt.device), "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "stopped_early": stopped_early, "params": plan.derived["params_total"], "fp8": fp8_on,
-        "fp8_scope": fp8_scope(model, fp8_on),
+        "peak_mem_gb": peak_memory_gb(rt.device), "checkpoint": str(st.last_ckpt) if st.last_ckpt else None,
+        "stopped_early": st.stopped_early, "params": plan.derived["params_total"], "fp8": ctx.info["fp8"],
+        "fp8_scope": ctx.info["fp8_scope"],
     }
-    if summary["tok_per_s"] and peak:
-        summary["mfu"] = fpt * summary["tok_per_s"] / (peak * rt.world_size)
+    if summary["tok_per_s"] and ctx.peak:
+        summary["mfu"] = ctx.fpt * summary["tok_per_s"] / (ctx.peak * rt.world_size)
     return summary
 
 
@@ -729,124 +751,117 @@ def config_from_cli(args: argparse.Namespace) -> PretrainConfig:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from picochat.runtime import print0, teardown
-
     cfg = config_from_cli(args)
     try:
         summary = run(cfg, preset_applied=True)
     finally:
         teardown()
-    import json
-
     print0(json.dumps({"pretrain": summary}, default=str))
     return 0
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
-# `picochat bench pretrain`
+# `picochat bench pretrain`: steady-state steps of the training loop; every model, batch and optimizer flag of
+# PretrainConfig applies
+
+
+# Fields only the full run reads (the bench times a fixed number of steps: no evals, samples or checkpoints). The
+# seed is left out too: the bench's weights come from seed 0 and its tokens from the config's seed, so its figures
+# stay comparable across commits.
+BENCH_SKIP = ("run", "num_iterations", "eval_every", "eval_tokens", "sample_every", "core_every", "core_bundle",
+              "save_every", "keep_last", "resume", "stop_at_step", "wandb", "seed")
+# Fields whose bench default differs from the run's (declared below with their own help)
+BENCH_DEFAULTS: dict[str, Any] = {"data": "random", "total_batch_size": -1}
+BENCH_TOTAL_STEPS = 1000  # the schedules' horizon: long enough that no timed step reaches the warmdown
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after warmup)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
-    parser.add_argument("--device-batch-size", type=int, default=0, help="rows per micro-batch (0 = by depth)")
-    parser.add_argument("--total-batch-size", type=int, default=-1,
-                        help="tokens per optimizer step (-1 = one micro-batch per process; 0 = the depth rule)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--window-pattern", default="L")
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--smear", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--backout", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
-                        help="fp8 matmuls in the blocks (the MLP below d20, all from d20), sm_89+ GPUs (default: "
-                             "on for d12+ on Hopper/Blackwell when compiled)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more step and print its N biggest kernels by time, and "
                              "the time per category (matmul, attention, triton, ...)")
-    parser.add_argument("--activation-budget", type=float, default=1.0,
-                        help="fraction of activations kept for backward (below 1: recompute the rest)")
-    parser.add_argument("--data", default="random", help="'random' tokens, or a shard directory (needs --tokenizer)")
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--device", default=None)
+    add_config_args(parser, PretrainConfig, skip=BENCH_SKIP + tuple(BENCH_DEFAULTS))
+    parser.add_argument("--data", default=argparse.SUPPRESS,
+                        help="'random' tokens, or a shard directory (needs --tokenizer) (default: random)")
+    parser.add_argument("--total-batch-size", type=int, default=argparse.SUPPRESS,
+                        help="tokens per optimizer step (-1 = one micro-batch per process; 0 = the depth rule) "
+                             "(default: -1)")
+
+
+def bench_config(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults, then the bench's own defaults, then the preset, then the flags given."""
+    preset = getattr(args, "preset", None)
+    base = {**BENCH_DEFAULTS, **(PRESETS.get(preset, {}) if isinstance(preset, str) else {})}
+    return config_from_args(PretrainConfig, args, **base)
 
 
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
-    from picochat.ops import attention
-    from picochat.model import build_model
-    from picochat.runtime import gpu_memory, init_runtime, peak_flops, print0, synchronize
-    from picochat.training import Heartbeat, maybe_compile, peak_memory_gb, should_compile
-
-    rt = init_runtime(args.device, None, 0)
-    cfg = PretrainConfig(depth=args.depth, seq_len=args.seq_len, window_pattern=args.window_pattern,
-                         head_dim=args.head_dim, value_embeds=args.value_embeds, compile=args.compile,
-                         data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                         device_batch_size=args.device_batch_size, smear=getattr(args, "smear", True),
-                         backout=getattr(args, "backout", True), fp8=args.fp8,
-                         activation_budget=args.activation_budget)
+    cfg = bench_config(args)
+    rt = init_runtime(cfg.device, cfg.dtype, 0)
     tok, _ = _load_tokenizer(cfg)
-    B = args.device_batch_size or default_device_batch(args.depth, args.seq_len, rt.world_size,
-                                                       gpu_memory(rt.device),
-                                                       fp8_planned(args.fp8, args.compile, args.depth, rt.device))
+    B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, rt.world_size, gpu_memory(rt.device),
+                                                      fp8_planned(cfg.fp8, cfg.compile, cfg.depth, rt.device))
     cfg.device_batch_size = B
-    if args.total_batch_size != 0:
-        cfg.total_batch_size = args.total_batch_size if args.total_batch_size > 0 else B * args.seq_len * rt.world_size
+    if cfg.total_batch_size < 0:
+        cfg.total_batch_size = B * cfg.seq_len * rt.world_size
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
     model = build_model(plan.model_config, device=rt.device)
-    model.set_compute_dtype(rt.dtype)
-    compiled = should_compile(args.compile, rt.device)
-    fp8_on = apply_fp8(model, args.fp8, rt.device, compiled) > 0
-    opt = make_optimizer(model, cfg, plan, compile_step=compiled)
+    cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
+                                 fp8=cfg.fp8, activation_budget=cfg.activation_budget)
+    opt = make_optimizer(model, cfg, plan, compile_step=info["compiled"])
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
-    attention.prepare(model.window_sizes, cfg.seq_len, rt.device)
-    cmodel = maybe_compile(model, args.compile, rt.device, args.activation_budget)
-    total = 1000
     batch = loader.next_batch()
+
+    def steps(first: int, n: int) -> torch.Tensor:
+        nonlocal batch
+        loss = None
+        for i in range(first, first + n):
+            apply_schedules(opt, cfg, i, BENCH_TOTAL_STEPS)
+            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+        return loss
+
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     t0 = time.time()
     with Heartbeat("bench", "compiling and warming up"):
-        for i in range(args.warmup):
-            apply_schedules(opt, cfg, i, total)
-            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+        loss = steps(0, args.warmup)
         synchronize(rt.device)
     warm_s = time.time() - t0
     print0(f"[bench] warmup {args.warmup} steps: {warm_s:.1f}s (loss {loss.item():.3f})")
     t0 = time.perf_counter()
-    for i in range(args.steps):
-        apply_schedules(opt, cfg, args.warmup + i, total)
-        loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+    loss = steps(args.warmup, args.steps)
     synchronize(rt.device)
     dt = time.perf_counter() - t0
     prof = None
     if args.profile > 0:  # after the timing, so the profiler's overhead never shows in tok/s
-        from picochat.training import profile_step
-
         def one_step() -> None:
-            nonlocal loss, batch
-            apply_schedules(opt, cfg, args.warmup + args.steps, total)
-            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+            nonlocal loss
+            loss = steps(args.warmup + args.steps, 1)
 
         prof = profile_step(one_step, rt.device, top=args.profile)
     loader.close()
+    return _bench_result(cfg, args, rt, plan, model, info, dt, warm_s, loss, prof)
+
+
+def _bench_result(cfg: PretrainConfig, args: argparse.Namespace, rt: Any, plan: Plan, model: Any,
+                  info: dict[str, Any], dt: float, warm_s: float, loss: torch.Tensor, prof: Any) -> dict[str, Any]:
     tok_s = args.steps * plan.total_batch_size / dt
     peak = peak_flops(rt.device)
     fpt = model.flops_per_token()
     mc = plan.model_config
     return {
-        "depth": args.depth, "device": str(rt.device), "gpu": torch.cuda.get_device_name(rt.device)
+        "depth": cfg.depth, "device": str(rt.device), "gpu": torch.cuda.get_device_name(rt.device)
         if rt.device.type == "cuda" else None, "world_size": rt.world_size, "dtype": str(rt.dtype),
-        "compile": compiled, "attention": attention.choose(rt.device, None, args.seq_len),
-        "window_pattern": mc.window_pattern, "smear": mc.smear, "backout": mc.backout, "seq_len": args.seq_len,
-        "device_batch_size": plan.device_batch_size,
-        "total_batch_size": plan.total_batch_size, "grad_accum": plan.grad_accum, "params": plan.derived["params_total"],
+        "compile": info["compiled"], "attention": attention.choose(rt.device, None, cfg.seq_len),
+        "window_pattern": mc.window_pattern, "smear": mc.smear, "backout": mc.backout, "seq_len": cfg.seq_len,
+        "device_batch_size": plan.device_batch_size, "total_batch_size": plan.total_batch_size,
+        "grad_accum": plan.grad_accum, "params": plan.derived["params_total"],
         "flops_per_token": fpt, "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 2),
         "tok_per_s": round(tok_s), "mfu": round(fpt * tok_s / (peak * rt.world_size), 4) if peak else None,
         "peak_mem_gb": round(peak_memory_gb(rt.device), 2) if rt.device.type == "cuda" else None,
         "warmup_s": round(warm_s, 1), "final_loss": round(float(loss.item()) / plan.grad_accum, 4),
-        "fused_loss": model.fused_loss, "activation_budget": args.activation_budget, "fp8": fp8_on,
-        "fp8_scope": fp8_scope(model, fp8_on), "data": args.data, **({"profile": prof} if prof is not None else {}),
+        "fused_loss": model.fused_loss, "activation_budget": cfg.activation_budget, "fp8": info["fp8"],
+        "fp8_scope": info["fp8_scope"], "data": cfg.data, **({"profile": prof} if prof is not None else {}),
     }

@@ -25,19 +25,12 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from picochat.scaling import recommend_batch
+
 # Known compute capabilities -> marketing generation (for the human-readable line only).
 _ARCH_NAMES = {7: "Volta/Turing", 8: "Ampere/Ada", 9: "Hopper", 10: "Blackwell (datacenter)",
                11: "Blackwell (Thor)", 12: "Blackwell (consumer/RTX Pro)"}
 
-# Memory model for the batch-size recommendation (bytes). Calibrated on our own runs on one 80 GB H100: d12 at device
-# batch 32 peaked at 30.9 GB, d20 at 16 at 46.0 GB, and d20 at 32 ran out of memory. An estimate: on OOM, halve it.
-_ACT_BYTES_PER_TOKEN_LAYER_DIM = 42
-_LOGIT_BYTES_PER_TOKEN_VOCAB = 6
-# With fp8 matmuls (and the fused chunked loss, so no full logits): measured on one H200, session 9: d12 x 32 / x 64
-# rows 24.8 / 44.4 GB, d20 x 16 / x 32 35.8 / 58.5 GB, i.e. 26-33 bytes per token, layer and model dim over the
-# static weights, grads and optimizer state; 36 keeps a margin (the d12 quality run at x 16 peaked at 15.0 GB).
-_ACT_BYTES_FP8 = 36
-_USABLE_MEMORY_FRACTION = 0.92
 _DEPTHS = (12, 20, 24, 32)
 
 
@@ -86,35 +79,6 @@ def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool | 
     return False
 
 
-def model_params(depth: int, vocab_size: int = 32768) -> int:
-    """Total parameters of the depth-d model (width 64*d, value embeddings on every other layer)."""
-    dim = max(128, (64 * depth + 127) // 128 * 128)
-    return 12 * depth * dim * dim + 2 * vocab_size * dim + (depth // 2) * vocab_size * dim
-
-
-def estimate_memory(depth: int, batch: int, world_size: int = 1, seq_len: int = 2048,
-                    vocab_size: int = 32768, fp8: bool = False) -> float:
-    """Estimated peak training memory in bytes per GPU for a device batch of `batch` sequences (`fp8`: with fp8
-    block matmuls, `picochat/ops/fp8.py`)."""
-    dim = max(128, (64 * depth + 127) // 128 * 128)
-    params = model_params(depth, vocab_size)
-    static = params * (8 + 8 / max(1, world_size))  # fp32 weights + grads; optimizer state sharded over ranks
-    tokens = batch * seq_len
-    if fp8:
-        return static + tokens * depth * dim * _ACT_BYTES_FP8
-    return static + tokens * (depth * dim * _ACT_BYTES_PER_TOKEN_LAYER_DIM + vocab_size * _LOGIT_BYTES_PER_TOKEN_VOCAB)
-
-
-def recommend_batch(memory_bytes: float, depth: int, world_size: int = 1, seq_len: int = 2048,
-                    fp8: bool = False) -> int:
-    """Largest power-of-two device batch (1..64) that fits; 0 when even 1 sequence does not."""
-    best = 0
-    for b in (1, 2, 4, 8, 16, 32, 64):
-        if estimate_memory(depth, b, world_size, seq_len, fp8=fp8) <= memory_bytes * _USABLE_MEMORY_FRACTION:
-            best = b
-    return best
-
-
 def fp8_supported(capability: tuple[int, int]) -> bool:
     """fp8 tensor cores exist from Ada (sm_89) and Hopper (sm_90) on."""
     return capability >= (8, 9)
@@ -123,6 +87,7 @@ def fp8_supported(capability: tuple[int, int]) -> bool:
 def fp8_recommended(capability: tuple[int, int], depth: int) -> bool:
     """fp8 pays off on Hopper/Blackwell from d12 up (the rule lives in fp8.py, where it also makes fp8 pretrain's
     default)."""
+    # imported here, not at the top: the doctor reports a broken torch as a finding, so its module imports no torch
     from picochat.ops.fp8 import pays_off
 
     return pays_off(capability, depth)
