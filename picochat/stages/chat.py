@@ -83,7 +83,8 @@ class ChatTrainConfig(ChatStageConfig):
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (variable shapes: off)"})
 
 
-# The nanochat validation mixture (nanochat.md 6.2-6.3) and the synthetic world's sets, with our task names.
+# The validation mixture of nanochat's scripts/mid_train.py and scripts/chat_sft.py, and the synthetic world's
+# sets, with our task names.
 FULL_VAL_MIXTURE = "smoltalk:test,mmlu:test@5200,gsm8k:test@420"
 SYNTH_MIXTURE = "synth,identity@200,spelling_bee@200"
 SYNTH_VAL_MIXTURE = "synth:val"

@@ -1,7 +1,7 @@
 """`picochat midtrain`: continue the base model on the conversation mixture, packed like pretraining.
 
 What it teaches: the chat special tokens, multiple choice, the python tool, spelling and counting, and who the
-model is (nanochat.md 6.1). How:
+model is (nanochat's scripts/mid_train.py). How:
 - Rows are packed like pretraining: every row starts at a conversation's `<|bos|>`, takes whole conversations
   best-fit, and crops one conversation to fill the remainder (no padding, every token is trained).
 - Loss on every token, user text and tool outputs included (nanochat's midtraining choice). Why: midtraining is
@@ -11,7 +11,7 @@ model is (nanochat.md 6.1). How:
   is where the loss is restricted to the assistant's own tokens (measured better there: nanochat PR #582).
 - Everything else (inheritance from the base checkpoint, resume, eval, checkpoints) is the machinery it shares
   with SFT and RL (stages/chat.py).
-- Schedule: constant LR for 80% of training, then linear to 0 (nanochat A; `scaling.chat_lr_multiplier`).
+- Schedule: constant LR for 80% of training, then linear to 0 (nanochat's mid_train.py; `scaling.chat_lr_multiplier`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from picochat.stages.chat import FULL_VAL_MIXTURE, ChatTrainConfig, train_packed
 
 STAGE = "mid"
 
-# The nanochat midtraining mixture (nanochat.md 6.1), with our task names.
+# The midtraining mixture of nanochat's scripts/mid_train.py, with our task names.
 FULL_MID_MIXTURE = "smoltalk,mmlu:auxiliary_train,gsm8k,identity@2000,simple_spelling@200000,spelling_bee@80000"
 
 

@@ -1,6 +1,6 @@
 """`picochat rl`: on-policy policy gradient on problems with a numeric answer, with the python tool active.
 
-Per step (nanochat.md 6.4, same recipe, plus resume and a stop-token fix):
+Per step (nanochat's scripts/chat_rl.py, same recipe, plus resume and a stop-token fix):
 - `examples_per_step` prompts (rank-strided over the training problems, in order, wrapping), `num_samples`
   completions each, sampled by the engine with tool use active (a python call's output is forced into the stream
   with mask 0), seeds derived from (seed, step, problem, sub-batch) so a resumed run samples the same tokens.

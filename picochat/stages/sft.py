@@ -28,7 +28,7 @@ from picochat.stages.chat import FULL_VAL_MIXTURE, ChatTrainConfig, train_packed
 
 STAGE = "sft"
 
-# The nanochat SFT mixture (nanochat.md 6.3), with our task names.
+# The SFT mixture of nanochat's scripts/chat_sft.py, with our task names.
 FULL_SFT_MIXTURE = "smoltalk,mmlu:auxiliary_train*3,gsm8k*4,identity@2000,simple_spelling@20000,spelling_bee@8000"
 
 
