@@ -238,3 +238,25 @@ def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio:
         "muon_weight_decay": muon_weight_decay(batch, tokens, ref_tokens),
         "device_batch_size": device_batch_size(depth, sequence_len),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat-stage schedules (midtrain, SFT, RL): pure functions of the step
+
+
+def warmdown_multiplier(progress: float, warmdown_frac: float) -> float:
+    """1.0, then linear to 0 over the last `warmdown_frac` of training (progress in [0, 1])."""
+    if warmdown_frac <= 0 or progress < 1.0 - warmdown_frac:
+        return 1.0
+    return max(0.0, (1.0 - progress) / warmdown_frac)
+
+
+def chat_lr_multiplier(step: int, total: int, warmdown_frac: float) -> float:
+    """Midtraining and SFT: constant, then linear to 0 over the last `warmdown_frac` (nanochat: 0.2 for
+    midtraining, 0.5 for SFT). Step is 0-based; the multiplier is for the update made at that step."""
+    return warmdown_multiplier(step / total, warmdown_frac)
+
+
+def rl_lr_multiplier(step: int, total: int) -> float:
+    """RL: linear decay from 1 at the first step towards 0 at the last (nanochat's chat_rl)."""
+    return 1.0 - step / total

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from picochat import checkpoint
-from picochat.stages.sft import ChatPacker, SFTConfig
+from picochat.stages import chat
+from picochat.stages.chat import ChatPacker
+from picochat.stages.sft import SFTConfig
 from picochat.data.tasks import ListTask
 
 SEQ = 128
@@ -154,14 +156,12 @@ def test_rank_striding_partitions_the_task():
 def test_inherited_micro_batch_is_capped_at_the_bf16_rule():
     """fp8 pretraining doubles the micro-batch (d20: 32 rows); the chat stages train in bf16 and take the depth rule's
     16 unless --device-batch-size says otherwise."""
-    from picochat.stages.sft import inherit
-
     meta = {"model_config": {"n_layer": 20, "sequence_len": 2048, "n_embd": 1280},
             "config": {"device_batch_size": 32, "total_batch_size": 1048576, "seq_len": 2048}}
-    assert inherit(SFTConfig(), meta, 1)["device_batch_size"] == 16
-    assert inherit(SFTConfig(device_batch_size=32), meta, 1)["device_batch_size"] == 32
+    assert chat.inherit(SFTConfig(), meta, 1)["device_batch_size"] == 16
+    assert chat.inherit(SFTConfig(device_batch_size=32), meta, 1)["device_batch_size"] == 32
     meta["config"]["device_batch_size"] = 8  # a smaller inherited micro-batch (a smaller GPU) stays
-    assert inherit(SFTConfig(), meta, 1)["device_batch_size"] == 8
+    assert chat.inherit(SFTConfig(), meta, 1)["device_batch_size"] == 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,12 +211,12 @@ def test_sft_out_of_memory_names_the_flag_and_keeps_the_checkpoint(chat_home, mo
 
     monkeypatch.setenv("PICOCHAT_HOME", str(chat_home))
     src = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("t", "base")))
-    real = sft.set_lr
-    monkeypatch.setattr(sft, "set_lr", _oom_on_call(real, 3))  # set_lr runs once at the start of every step
+    real = chat.set_lr
+    monkeypatch.setattr(chat, "set_lr", _oom_on_call(real, 3))  # set_lr runs once at the start of every step
     with pytest.raises(UserError, match=r"\[sft\] out of GPU memory at step 3 .*4 x .*step_000002.*"
                                         r"--device-batch-size 2"):
         sft.run(_sft_cfg(run="oom", source=src, num_iterations=4, save_every=2))
-    monkeypatch.setattr(sft, "set_lr", real)
+    monkeypatch.setattr(chat, "set_lr", real)
     out = sft.run(_sft_cfg(run="oom", source=src, num_iterations=4, save_every=2, device_batch_size=2))
     assert out["step"] == 4
 
@@ -283,10 +283,10 @@ def test_sft_beats_base_on_heldout_synth_questions(chat_home, monkeypatch):
     r = {
         "arith_base": _generative_accuracy(base, tok, arith), "arith_sft": _generative_accuracy(tuned, tok, arith),
         "letter_base": _answers_with_a_letter(base, tok, mc), "letter_sft": _answers_with_a_letter(tuned, tok, mc),
-        "mc_base": sft.categorical_accuracy(base, tok, mc, 200, cpu),
-        "mc_sft": sft.categorical_accuracy(tuned, tok, mc, 200, cpu),
-        "chat_mc_base": sft.categorical_accuracy(base, tok, chat_mc, 200, cpu),
-        "chat_mc_sft": sft.categorical_accuracy(tuned, tok, chat_mc, 200, cpu),
+        "mc_base": chat.categorical_accuracy(base, tok, mc, 200, cpu),
+        "mc_sft": chat.categorical_accuracy(tuned, tok, mc, 200, cpu),
+        "chat_mc_base": chat.categorical_accuracy(base, tok, chat_mc, 200, cpu),
+        "chat_mc_sft": chat.categorical_accuracy(tuned, tok, chat_mc, 200, cpu),
     }
     print("synth held-out, base -> sft: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()) +
           f" ({len(arith)} arithmetic, {len(mc)} eval MC, {len(chat_mc)} chat-val MC)")
@@ -332,8 +332,8 @@ def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
     # out of memory mid-run: one message naming the flag, the last checkpoint kept; the rerun with it finishes
     from picochat.config import UserError
 
-    real = rl.set_lr
-    monkeypatch.setattr(rl, "set_lr", _oom_on_call(real, 3))
+    real = chat.set_lr
+    monkeypatch.setattr(chat, "set_lr", _oom_on_call(real, 3))
     sft_ckpt = str(checkpoint.latest_checkpoint(checkpoint.checkpoints_dir("rl_toy", "sft")))
     small = dict(run="rl_oom", source=sft_ckpt, task=f"jsonl:{tmp_path / 'clean.jsonl'}", device="cpu",
                  num_iterations=3, examples_per_step=2, num_samples=2, max_new_tokens=3, eval_every=0,
@@ -341,5 +341,5 @@ def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"\[rl\] out of GPU memory at step 3 .*32 sequences.*step_000002.*"
                                         r"--device-batch-size 16"):
         rl.run(rl.RLConfig(device_batch_size=32, **small))
-    monkeypatch.setattr(rl, "set_lr", real)
+    monkeypatch.setattr(chat, "set_lr", real)
     assert rl.run(rl.RLConfig(device_batch_size=16, **small))["step"] == 3
