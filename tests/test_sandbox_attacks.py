@@ -88,7 +88,8 @@ READS = {
 def test_secret_files_outside_are_invisible(secrets, how):
     """Files in PICOCHAT_HOME, the host /tmp, the repository, /etc/shadow, the home directory: one program tries
     them all with one method and reports each path it could read."""
-    paths = secrets + ["/etc/shadow", os.path.expanduser("~/.bashrc"), "/root/.ssh/id_rsa"]
+    paths = secrets + ["/etc/shadow", os.path.expanduser("~/.bashrc"),
+                       os.path.expanduser("~/.ssh/id_rsa")]
     attempt = "".join("    " + ln + "\n" for ln in READS[how].splitlines())
     code = (f"import os\nfor path in {paths!r}:\n  try:\n" + attempt.replace("\n    ", "\n    ")
             + "    print('ESCAPED', path, d[:40])\n  except Exception as e:\n    print('blocked:', path, type(e).__name__)\n"
@@ -101,7 +102,7 @@ def test_host_tree_is_not_mounted():
     """Only /usr, the Python installation, its own /tmp and a minimal /etc, /dev, /proc are there."""
     repo = str(Path(__file__).resolve().parent.parent)
     probes = [repo, os.environ["PICOCHAT_HOME"], "/home", "/var", "/srv", "/opt", "/etc/ssh", "/etc/shadow",
-              "/root/.ssh", os.path.expanduser("~/.cache"), "/sys", "/run", "/mnt"]
+              os.path.expanduser("~/.ssh"), os.path.expanduser("~/.cache"), "/sys", "/run", "/mnt"]
     r = _run(_try(f"seen = [p for p in {probes!r} if os.path.exists(p)]\nassert seen, 'nothing'\nprint('ESCAPED', seen)"))
     assert "blocked" in r.stdout
 
