@@ -121,3 +121,16 @@ def test_doctor_text_report_mentions_everything():
     text = doctor.format_report(doctor.run())
     for word in ("torch", "attention", "libuv", "disk", "recommendations", "--nproc-per-node"):
         assert word in text
+
+
+def test_doctor_names_the_sandbox_and_warns_when_the_python_tool_is_off(monkeypatch):
+    from picochat import sandbox
+
+    report = doctor.run()
+    assert report["sandbox"]["kind"] in ("bwrap", "trusted", "none")
+    assert f"sandbox   {report['sandbox']['kind']}" in doctor.format_report(report)
+    monkeypatch.delenv(sandbox.SANDBOX_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "_probed", lambda refresh=False: {"available": False, "reason": "bwrap not found"})
+    off = doctor.run()
+    assert off["sandbox"]["kind"] == "none"
+    assert any("python tool and HumanEval are off: bwrap not found" in w for w in off["warnings"])

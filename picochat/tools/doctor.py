@@ -25,6 +25,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from picochat.sandbox import sandbox_status
 from picochat.scaling import recommend_batch
 
 # Known compute capabilities -> marketing generation (for the human-readable line only).
@@ -333,6 +334,12 @@ def run() -> dict[str, Any]:
         report["disk"] = _disk()
     except Exception as e:
         report["disk"] = {"error": str(e)}
+    report["sandbox"] = sandbox_status()
+    if report["sandbox"]["kind"] == "none":
+        warnings.append(f"python tool and HumanEval are off: {report['sandbox']['reason']}; to enable them, "
+                        f"{report['sandbox']['how_to_enable']}")
+    elif report["sandbox"]["kind"] == "trusted":
+        warnings.append(report["sandbox"]["reason"])
     report["cpu_count"] = os.cpu_count()
     report["env"] = {k: os.environ[k] for k in ("PICOCHAT_HOME", "PICOCHAT_DEVICE", "PICOCHAT_DTYPE", "PICOCHAT_ATTN",
                                                  "CUDA_VISIBLE_DEVICES", "USE_LIBUV", "PYTHONPATH",
@@ -371,6 +378,9 @@ def format_report(r: dict[str, Any]) -> str:
     disk = r["disk"]
     if "free_gb" in disk:
         lines.append(f"  disk      {disk['free_gb']} GB free of {disk['total_gb']} GB under {disk['picochat_home']}")
+    sb = r.get("sandbox") or {}
+    if sb:
+        lines.append(f"  sandbox   {sb['kind']}: {sb['reason']}")
     rec = r["recommendations"]
     lines.append("recommendations")
     lines.append(f"  preset {rec['preset']}, --nproc-per-node {rec['nproc_per_node']}, "
