@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from picochat.config import UserError
+from picochat.files import atomic_path, atomic_write_text
 
 # GPT-4 (cl100k) pattern with \p{N}{1,3} -> \p{N}{1,2}.
 SPLIT_PATTERN = (
@@ -136,8 +137,6 @@ class Tokenizer:
     # Save / load
 
     def save(self, directory: str | Path) -> Path:
-        from picochat.checkpoint import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -149,9 +148,8 @@ class Tokenizer:
                                                                               key=lambda kv: kv[1])],
         }
         atomic_write_text(directory / "tokenizer.json", json.dumps(payload))
-        tmp = directory / f"token_bytes.pt.part{os.getpid()}"
-        torch.save(self.token_bytes(), tmp)
-        os.replace(tmp, directory / "token_bytes.pt")
+        with atomic_path(directory / "token_bytes.pt") as tmp:
+            torch.save(self.token_bytes(), tmp)
         return directory
 
     @classmethod

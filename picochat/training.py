@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.config import UserError, to_dict
+from picochat.files import atomic_write_text
 from picochat.runtime import environment_info, gpu_memory, is_rank0, print0
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,8 +52,6 @@ def write_run_header(stage_dir: Path, config: Any, device: torch.device | None =
     cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
     header = {"config": cfg, "env": environment_info(device), **(extra or {})}
     if is_rank0():
-        from picochat.checkpoint import atomic_write_text
-
         stage_dir = Path(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         path = stage_dir / "run.json"
@@ -85,8 +84,6 @@ class MetricsLogger:
                     continue
                 if int(rec.get("step", 0)) <= resume_step:
                     keep.append(line)
-            from picochat.checkpoint import atomic_write_text
-
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         elif resume_step is None and self.path.exists():
             os.replace(self.path, self.path.with_suffix(".jsonl.prev"))

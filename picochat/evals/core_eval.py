@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from picochat.config import UserError
+from picochat.files import replace_dir
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -251,9 +252,7 @@ def _unpack_bundle(archive: Path, dest: Path) -> None:
         roots = sorted(p.parent for p in tmp.rglob("core.yaml"))
         if not roots:
             raise UserError(f"{archive}: no core.yaml inside; is this the CORE eval bundle?")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(roots[0], dest)
+        replace_dir(roots[0], dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from picochat.config import UserError, add_config_args, config_from_args, to_dict
+from picochat.files import atomic_write_text
 
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -167,14 +168,10 @@ def _eval_dir(run: str) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from picochat.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    from picochat.checkpoint import atomic_write_text
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.config import UserError
+from picochat.files import atomic_write_text
 
 STAGES = [("base", "Pretraining (base)"), ("mid", "Midtraining"), ("sft", "SFT"), ("rl", "RL")]
 SOURCES = ["base", "mid", "sft", "rl"]
@@ -258,7 +259,6 @@ def _fmt_seconds(s: float) -> str:
 
 
 def build_report(run: str, price: float | None = None, html_out: bool = False) -> Path:
-    from picochat.checkpoint import atomic_write_text
     from picochat.runtime import run_dir as _run_dir
 
     rdir = _run_dir(run)

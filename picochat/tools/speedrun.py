@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.config import UserError, fingerprint
+from picochat.files import atomic_write_text
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -246,8 +247,6 @@ class RunState:
                 print(f"[speedrun] warning: {path} is corrupt; treating every stage as not done")
 
     def save(self) -> None:
-        from picochat.checkpoint import atomic_write_text
-
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
     def stage(self, name: str) -> dict[str, Any]:
