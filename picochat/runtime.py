@@ -120,6 +120,11 @@ def compute_dtype(device: torch.device, override: str | None = None) -> torch.dt
     return torch.float32
 
 
+def fused_loss_switch() -> bool:
+    """PICOCHAT_FUSED_LOSS=0 trains with plain logits + F.cross_entropy instead of the chunked fused loss."""
+    return os.environ.get("PICOCHAT_FUSED_LOSS", "1") != "0"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

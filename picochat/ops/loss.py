@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -82,15 +83,14 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, reduction: str, chunk: int, fp8: bool):
+    def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, reduction: str, chunk: int,
+                quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None):
         w = weight[:vocab_size].to(x.dtype)
         n = x.shape[0]
-        fp8 = fp8 and x.shape[1] % 16 == 0 and vocab_size % 16 == 0  # the fp8 GEMM's shape constraint
-        if fp8:  # logits only; both gradient products below stay in the compute dtype
-            from picochat.ops.fp8 import E4M3, E4M3_MAX, quantize
-
-            xq, xs = quantize(x, E4M3, E4M3_MAX)
-            wq, ws = quantize(weight[:vocab_size], E4M3, E4M3_MAX)
+        scaled = quantize is not None and x.shape[1] % 16 == 0 and vocab_size % 16 == 0  # the scaled GEMM's shapes
+        if scaled:  # logits only; both gradient products below stay in the compute dtype
+            xq, xs = quantize(x)
+            wq, ws = quantize(weight[:vocab_size])
         count = (targets != -1).sum()
         dx = torch.empty_like(x)
         dw = None
@@ -98,7 +98,7 @@ class _FusedLinearCE(torch.autograd.Function):
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             xc = x[lo:hi]
-            if fp8 and (hi - lo) % 16 == 0:
+            if scaled and (hi - lo) % 16 == 0:
                 z = torch._scaled_mm(xq[lo:hi], wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)
             else:
                 z = xc @ w.t()
@@ -130,9 +130,13 @@ def default_chunk_logits(device: torch.device) -> int:
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                                softcap: float, reduction: str = "mean", chunk: int = 0,
-                               fp8: bool = False) -> torch.Tensor:
-    """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore. fp8: the logits
-    come from an e4m3 GEMM (one tensorwise scale each for x and W, `fp8.quantize`); the gradients do not."""
+                               quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                               ) -> torch.Tensor:
+    """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore.
+
+    quantize: None, or a tensor -> (low-precision tensor, fp32 dequantisation scale) map (the fp8 transform hands
+    its e4m3 one over as `model.logits_quantizer`); then the logits come from a scaled GEMM (`torch._scaled_mm`) of
+    the quantized x and W, while the gradients do not."""
     if chunk <= 0:  # at least 1024 rows
         chunk = max(1024, default_chunk_logits(x.device) // max(1, vocab_size))
-    return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk, fp8)
+    return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk, quantize)
