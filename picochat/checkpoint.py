@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 
 from picochat.config import UserError
 from picochat.files import atomic_path, atomic_write_text, replace_dir
-from picochat.runtime import barrier, get_rank, get_world_size, stage_dir
+from picochat.model import GPTConfig, build_model
+from picochat.runtime import barrier, get_rank, get_world_size, picochat_home, stage_dir
+from picochat.tokenizer import Tokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
 
@@ -173,8 +175,6 @@ def find_run_with_stage(stage: str, run: str | None = None) -> tuple[str, Path]:
 
     Returns (run_name, checkpoint_dir). Raises UserError naming what is missing and how to make it.
     """
-    from picochat.runtime import picochat_home
-
     if stage not in STAGES:
         raise UserError(f"--source {stage!r}: expected one of {', '.join(STAGES)}")
     runs_root = picochat_home() / "runs"
@@ -198,9 +198,6 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
 
     meta.json must hold "model_config" (GPTConfig fields) and "tokenizer_dir".
     """
-    from picochat.model import GPTConfig, build_model
-    from picochat.tokenizer import Tokenizer
-
     meta = read_meta(ckpt)
     if "model_config" not in meta:
         raise UserError(f"{ckpt}/meta.json: no model_config; this checkpoint cannot be loaded as a model")

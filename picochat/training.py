@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from picochat.checkpoint import latest_checkpoint, read_meta
 from picochat.config import UserError, to_dict
 from picochat.files import atomic_write_text
 from picochat.runtime import environment_info, gpu_memory, is_rank0, print0
@@ -348,8 +349,6 @@ def find_resume_checkpoint(ckpt_root: Path, mode: str = "auto") -> Path | None:
     Mode 'never' starts fresh (existing checkpoints of the stage are overwritten as the new run saves). A path
     given as `mode` resumes from that checkpoint directory.
     """
-    from picochat.checkpoint import latest_checkpoint, read_meta
-
     if mode == "never":
         return None
     if mode == "auto":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
-import os
 import random
 import socket
 import sys

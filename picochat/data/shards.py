@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import re
-import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from picochat.config import UserError
+from picochat.data import synth
+from picochat.data.download import download_many, sha256_file
 from picochat.files import atomic_path, atomic_write_text
 
 ROW_GROUP = 1024
@@ -264,7 +264,6 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
     train shards were downloaded. For another --source pass --val-shard IDX; without it, the last of the N
     downloaded shards serves as val (so N must be >= 2).
     Already-present files that match the manifest (size) and have a valid parquet footer are skipped."""
-    from picochat.data.download import download_many, sha256_file
 
     if shards < 1:
         raise UserError(f"--shards {shards}: must be >= 1")
@@ -329,26 +328,14 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
 # CLI
 
 
-def _synth_module():
-    try:
-        import picochat.data.synth as synth
-    except ModuleNotFoundError as e:
-        if e.name == "picochat.data.synth":
-            return None
-        raise
-    return synth if hasattr(synth, "add_synth_args") and hasattr(synth, "synth_main") else None
-
-
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    from picochat.runtime import default_data_dir
+    from picochat.runtime import default_data_dir  # lazy: runtime imports torch (~2 s); `picochat data` needs none
 
     sub = parser.add_subparsers(dest="data_command", metavar="{synth,download,prepare}", required=True)
 
     p = sub.add_parser("synth", help="write the embedded synthetic corpus (pretraining shards, chats, eval set)",
                        description="Write the embedded synthetic corpus deterministically from a seed.")
-    synth = _synth_module()
-    if synth is not None:
-        synth.add_synth_args(p)
+    synth.add_synth_args(p)
 
     p = sub.add_parser("download", help="download pre-shuffled pretraining shards (FineWeb-Edu by default)",
                        description=download.__doc__)
@@ -380,10 +367,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
-        synth = _synth_module()
-        if synth is None:
-            print("picochat data synth: not implemented yet", file=sys.stderr)
-            return 2
         return int(synth.synth_main(args) or 0)
     if args.data_command == "download":
         summary = download(args.shards, args.out, source=args.source, pattern=args.pattern,

@@ -40,7 +40,7 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[
     torch.compile calls it as one opaque node instead of tracing into it."""
     if z.is_cuda and 0.0 < softcap <= 60.0 and os.environ.get("PICOCHAT_CE_KERNEL", "1") != "0":
         if _HAS_TRITON:
-            from picochat.ops import kernels
+            from picochat.ops import kernels  # lazy: it imports triton (~1 s), used only on CUDA
 
             return kernels.softcap_ce(z, targets, softcap)
         _warn_no_triton()
