@@ -1,9 +1,10 @@
 """The training loss: lm_head + logit softcap + cross-entropy in row chunks, gradients made in the forward.
 
-`model.GPT.forward` calls `fused_linear_cross_entropy` for a scalar training loss (PICOCHAT_FUSED_LOSS=0 there
-falls back to plain logits + F.cross_entropy; the two agree, tested). Each chunk's epilogue is the custom op
-`picochat::softcap_ce`: one Triton kernel on CUDA (`kernels.softcap_ce`), the torch definition elsewhere, so the
-model itself stays unaware of where it runs.
+`model.GPT.forward` calls `fused_linear_cross_entropy` for a scalar training loss (a model built with
+`fused_loss=False`, PICOCHAT_FUSED_LOSS=0, uses plain logits + F.cross_entropy; the two agree, tested). An optional
+`quantize` callable, handed over by a low-precision transform, makes the logits GEMM a scaled one; this module knows
+no particular format. Each chunk's epilogue is the custom op `picochat::softcap_ce`: one Triton kernel on CUDA
+(`kernels.softcap_ce`), the torch definition elsewhere, so the model itself stays unaware of where it runs.
 """
 
 from __future__ import annotations
