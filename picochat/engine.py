@@ -35,10 +35,10 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch

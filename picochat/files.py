@@ -2,9 +2,9 @@
 
 A reader (a resumed run, `latest_checkpoint`, a shard listing, a second process) therefore sees either the old
 content or the complete new one, never a torn write: `os.replace` within one directory is atomic on POSIX, and the
-fsyncs before and after it make the new content survive a power loss once the call returns. Temp names are hidden
-siblings (`.<name>.tmp<pid>-<thread>`), so globs such as `shard_*.parquet` never match a half-written file and two
-writers (processes or threads) never share one.
+fsyncs before and after it make the new content survive a power loss once the call returns. Temp names are siblings
+`<name>.tmp<pid>-<thread>`: a glob on the final suffix (`shard_*.parquet`, `step_000100`) never matches a half-written
+file, and two writers (processes or threads) never share one.
 
 Standard library only: `picochat data synth` imports this without torch.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 
 def temp_path(path: str | Path) -> Path:
-    """A hidden sibling of `path`, unique to this process and thread."""
+    """A sibling of `path`, unique to this process and thread."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    return path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -53,10 +53,10 @@ def publish(tmp: str | Path, path: str | Path) -> None:
 def replace_dir(tmp: str | Path, path: str | Path) -> None:
     """Put the complete directory `tmp` at `path`. An existing `path` is first renamed aside (a directory cannot be
     renamed over a non-empty one) and removed once the new one is in place; a crash in between leaves the old one
-    under its hidden `.old` name and `path` absent, never a mixture of the two."""
+    as `<name>.old<pid>` and `path` absent, never a mixture of the two."""
     path = Path(path)
     if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        old = path.with_name(f"{path.name}.old{os.getpid()}")
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)

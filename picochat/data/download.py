@@ -4,7 +4,8 @@ Used for pretraining shards (`picochat data download`) and later for eval bundle
 
 Rules every download follows:
 - Bytes go to `<dest>.part`; the final name appears only via `files.publish` (fsync, rename) after the size, the
-  optional sha256 and the optional validator (e.g. a parquet footer check) all pass. A half file never sits under the final name.
+  optional sha256 and the optional validator (e.g. a parquet footer check) all pass. A half file never sits under
+  the final name.
 - Connection errors, timeouts, dropped connections and HTTP 5xx/408/429 are retried with exponential backoff.
   A `.part` left by a dropped connection (or by an earlier, interrupted run) is resumed with an HTTP Range request;
   a server that ignores Range (answers 200) makes us restart from byte 0.

@@ -662,8 +662,8 @@ def generate(cfg: SynthConfig, force: bool = False) -> dict[str, Any]:
     """Write the synthetic world to `out_dir(cfg)` and return the manifest (+ `skipped`, `seconds`, `out`).
 
     Idempotent: when the directory already holds this exact config's files (manifest and sha256 match), nothing is
-    written. Every file appears through `files` (temp name, then rename); the manifest is written last, so an interrupted
-    run is never mistaken for a finished one."""
+    written. Every file appears through `files` (temp name, then rename); the manifest is written last, so an
+    interrupted run is never mistaken for a finished one."""
     _validate(cfg)
     t0 = time.time()
     directory = out_dir(cfg)

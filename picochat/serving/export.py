@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import safetensors.torch
+import torch
 
 from picochat import __version__
 from picochat.checkpoint import STAGES, find_run_with_stage, load_model_state, read_meta
@@ -112,7 +112,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
                                picochat_version=__version__))
 
     with atomic_path(out, directory=True) as tmp:  # --force: the new folder is swapped in, then the old one dropped
-        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "picochat": FORMAT})
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"),
+                                    metadata={"format": "pt", "picochat": FORMAT})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # readable like the other files, for sharing

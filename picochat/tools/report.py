@@ -271,7 +271,7 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
     _add_flops(records.get("base", []), headers.get("base", {}))
     env = next((h.get("env") for h in headers.values() if h.get("env")), None) or {}
     if not env:
-        from picochat.runtime import environment_info  # lazy: runtime imports torch (~2 s); `picochat report` needs none
+        from picochat.runtime import environment_info  # lazy: runtime imports torch (~2 s); `report` needs none
 
         env = environment_info()
 
