@@ -18,16 +18,19 @@ crash during save leaves the previous checkpoint as the latest loadable one. `la
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from picochat.config import UserError
-from picochat.runtime import barrier, get_rank, get_world_size, stage_dir
+from picochat.files import atomic_path, atomic_write_text, replace_dir
+from picochat.model import GPTConfig, build_model
+from picochat.runtime import barrier, get_rank, get_world_size, picochat_home, stage_dir
+from picochat.tokenizer import Tokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
 
@@ -41,22 +44,8 @@ def _step_name(step: int) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".part{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temp file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".part{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(
@@ -93,28 +82,12 @@ def save_checkpoint(
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
     barrier()
     if rank == 0:
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            old = ckpt_root / (_step_name(step) + f".old{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        # the tmp name is shared by every rank (the barriers above), so it is not files.atomic_path's per-process
+        # one; re-saving a step (a final save right after a periodic one) swaps the folders
+        replace_dir(tmp, final)
         prune_checkpoints(ckpt_root, keep_last)
     barrier()
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # not supported on every filesystem; the rename is still atomic
-        pass
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -178,8 +151,6 @@ def load_model_state(ckpt: Path, map_location: str | torch.device = "cpu") -> di
     """The weights of a training checkpoint (model.pt) or of an exported model (model.safetensors)."""
     st = Path(ckpt) / "model.safetensors"
     if st.is_file() and not (Path(ckpt) / "model.pt").is_file():
-        from safetensors.torch import load_file
-
         return {k: v.to(map_location) for k, v in load_file(str(st)).items()}
     return torch.load(Path(ckpt) / "model.pt", map_location=map_location, weights_only=True)
 
@@ -204,8 +175,6 @@ def find_run_with_stage(stage: str, run: str | None = None) -> tuple[str, Path]:
 
     Returns (run_name, checkpoint_dir). Raises UserError naming what is missing and how to make it.
     """
-    from picochat.runtime import picochat_home
-
     if stage not in STAGES:
         raise UserError(f"--source {stage!r}: expected one of {', '.join(STAGES)}")
     runs_root = picochat_home() / "runs"
@@ -229,9 +198,6 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
 
     meta.json must hold "model_config" (GPTConfig fields) and "tokenizer_dir".
     """
-    from picochat.model import GPTConfig, build_model
-    from picochat.tokenizer import Tokenizer
-
     meta = read_meta(ckpt)
     if "model_config" not in meta:
         raise UserError(f"{ckpt}/meta.json: no model_config; this checkpoint cannot be loaded as a model")

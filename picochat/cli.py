@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from picochat import __version__
+from picochat.config import UserError
 
 # command -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -78,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(args.command)
-    from picochat.config import UserError
-
     try:
         rc = module.cli_main(args)
     except UserError as e:

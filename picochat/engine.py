@@ -38,13 +38,18 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from picochat import scaling
+from picochat.checkpoint import find_run_with_stage, load_model
+from picochat.model import GPT, GPTConfig, KVCache, apply_rotary, build_model, rms_norm
 from picochat.ops import attention
-from picochat.model import GPT, KVCache, apply_rotary, rms_norm
+from picochat.runtime import compute_dtype, detect_device, peak_bandwidth, synchronize
+from picochat.sandbox import run_expression
 
 CACHE_BUCKET = 256  # decode caches are allocated in multiples of this many positions
 
@@ -533,7 +538,7 @@ class _Row:
 
 def _kernels():
     """picochat.ops.kernels, imported on first use (it imports triton)."""
-    from picochat.ops import kernels
+    from picochat.ops import kernels  # lazy: it imports triton (~1 s), used only on CUDA
 
     return kernels
 
@@ -544,8 +549,6 @@ def _fused_kernels_on() -> bool:
 
 
 def _default_tool(expr: str) -> str | None:
-    from picochat.sandbox import run_expression
-
     return run_expression(expr)
 
 
@@ -720,11 +723,6 @@ def prepare_model(model: GPT) -> GPT:
 def load_engine(source: str = "sft", run: str | None = None, checkpoint: str | None = None,
                 device: str | torch.device | None = None, **engine_kw: Any) -> tuple[Engine, dict]:
     """Load the latest `source` checkpoint of `run` (or an explicit checkpoint dir) as an inference Engine."""
-    from pathlib import Path
-
-    from picochat.checkpoint import find_run_with_stage, load_model
-    from picochat.runtime import compute_dtype, detect_device
-
     dev = device if isinstance(device, torch.device) else detect_device(device)
     if checkpoint is None:
         _, ckpt = find_run_with_stage(source, run)
@@ -763,19 +761,13 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 def _config_for_depth(depth: int, vocab_size: int, window_pattern: str):
     """nanochat's depth dial: width 64 x depth, 128-dim heads. Prefer picochat.scaling's when it exists."""
-    from picochat.model import GPTConfig
-
-    try:  # the scaling module owns the dial; fall back to the plain rule if it is not there (yet)
-        from picochat import scaling  # type: ignore[attr-defined]
-
-        fn = getattr(scaling, "model_config", None) or getattr(scaling, "config_for_depth", None)
-        if fn is not None:
-            cfg = fn(depth)
-            if isinstance(cfg, GPTConfig):
-                cfg.vocab_size, cfg.window_pattern = vocab_size, window_pattern
-                return cfg
-    except ImportError:
-        pass
+    # the scaling module owns the dial where it offers one; else the plain rule
+    fn = getattr(scaling, "model_config", None) or getattr(scaling, "config_for_depth", None)
+    if fn is not None:
+        cfg = fn(depth)
+        if isinstance(cfg, GPTConfig):
+            cfg.vocab_size, cfg.window_pattern = vocab_size, window_pattern
+            return cfg
     n_embd = depth * 64
     n_head = max(1, n_embd // 128)
     return GPTConfig(sequence_len=2048, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
@@ -783,9 +775,6 @@ def _config_for_depth(depth: int, vocab_size: int, window_pattern: str):
 
 
 def bench_main(args: argparse.Namespace) -> dict:
-    from picochat.model import build_model
-    from picochat.runtime import compute_dtype, detect_device, peak_bandwidth, synchronize
-
     dev = detect_device(args.device)
     kw = dict(cuda_graph=not args.no_cuda_graph, compile=not args.no_compile)
     if args.checkpoint or args.source:

@@ -8,19 +8,20 @@ Architecture (each choice measured by nanochat/modded-nanogpt; see README "Model
 - logits soft-capped at 15 in fp32; vocab padded to a multiple of 64 (tensor cores, sharded optimizers)
 
 Build it on the meta device, move it with `to_empty`, then call `init_weights()`: `__init__` values are not the init.
-Compile, dtype policy, fp8 and distribution are applied from outside (pretrain.py, engine.py).
+Compile, dtype policy, low-precision matmuls and distribution are applied from outside (`training.prepare_model`,
+`engine.py`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from picochat.config import from_dict, require
 from picochat.ops import attention
 from picochat.ops.loss import fused_linear_cross_entropy
 from picochat.ops.rope import apply_rotary, rope_norm  # noqa: F401 (apply_rotary: engine imports it from here)
@@ -47,8 +48,6 @@ class GPTConfig:
     def from_saved(cls, d: dict) -> "GPTConfig":
         """Rebuild a saved config (checkpoint meta). A feature flag missing from it predates the feature, so it is
         off whatever today's default is; other missing keys take the defaults, unknown keys are ignored."""
-        from picochat.config import from_dict
-
         return from_dict(cls, {"smear": False, "backout": False, **d})
 
     @property
@@ -60,8 +59,6 @@ class GPTConfig:
         return ((self.vocab_size + 63) // 64) * 64
 
     def validate(self) -> None:
-        from picochat.config import require
-
         require(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         require(self.n_head % self.n_kv_head == 0,
                 f"n_head {self.n_head} must be divisible by n_kv_head {self.n_kv_head} (GQA groups)")
@@ -92,10 +89,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Linear):
     """Bias-free Linear whose fp32 master weight is cast to the activation dtype in forward (no autocast)."""
-
-    # Read by GPT.forward for the lm_head: whether the fused training loss computes its logits in fp8
-    # (`fp8.convert` sets it; plain calls of the module, as in eval and sampling, stay in the compute dtype).
-    fp8_logits = False
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -211,7 +204,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, fused_loss: bool = True):
         super().__init__()
         config.validate()
         self.config = config
@@ -235,8 +228,12 @@ class GPT(nn.Module):
         self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, config.head_dim // 2), persistent=False)
         self.compute_dtype = torch.float32  # set from outside (set_compute_dtype); embeddings are cast to it
         # Training loss through the chunked fused lm_head + softcap + CE (never materialises the (B*T, V) logits);
-        # PICOCHAT_FUSED_LOSS=0 turns it off. Numerically the same as the plain path (tested).
-        self.fused_loss = os.environ.get("PICOCHAT_FUSED_LOSS", "1") != "0"
+        # numerically the same as the plain path (tested). Chosen by the caller (PICOCHAT_FUSED_LOSS, read by
+        # `training.prepare_model`).
+        self.fused_loss = fused_loss
+        # None, or x -> (quantized x, scale) for the training loss's logits GEMM, set by a low-precision transform
+        # from outside (`ops.loss.fused_linear_cross_entropy`); plain lm_head calls (eval, sampling) never use it.
+        self.logits_quantizer = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Init
@@ -330,7 +327,7 @@ class GPT(nn.Module):
         if targets is not None and loss_reduction in ("mean", "sum") and self.fused_loss and torch.is_grad_enabled():
             return fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                               self.config.vocab_size, self.config.softcap, loss_reduction,
-                                              fp8=self.lm_head.fp8_logits)
+                                              quantize=self.logits_quantizer)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
@@ -352,7 +349,7 @@ class GPT(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------------------------
-    # Accounting (from shapes, so it stays right under fp8 or any Linear subclass)
+    # Accounting (from shapes, so it stays right whatever Linear subclass a transform swaps in)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -392,10 +389,10 @@ def flops_per_token(c: GPTConfig) -> float:
     return 6.0 * matmul + attn
 
 
-def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+def build_model(config: GPTConfig, device: torch.device | str = "cpu", fused_loss: bool = True) -> GPT:
     """Construct on the meta device, materialise on `device`, and initialise."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, fused_loss=fused_loss)
     # materialise uninitialised storage on `device` (like Module.to_empty, but with plain torch.empty: to_empty's
     # empty_like goes through torch._refs and imports sympy/fx, ~2 s of CPU per process for nothing)
     model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))

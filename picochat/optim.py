@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.config import UserError
+from picochat.runtime import get_rank, get_world_size
 from picochat.scaling import SMEAR_LR
 
 # Polar Express coefficients (a, b, c) per iteration for 5 iterations, from arXiv 2505.16932 (safety factor 2e-2,
@@ -207,8 +208,6 @@ class MuonAdamW:
                 if id(p) in seen:
                     raise ValueError("a parameter appears in more than one optimizer group")
                 seen.add(id(p))
-        from picochat.runtime import get_rank, get_world_size
-
         self.world = get_world_size() if dist.is_initialized() else 1
         self.rank = get_rank() if dist.is_initialized() else 0
         self._step = 0

@@ -120,6 +120,11 @@ def compute_dtype(device: torch.device, override: str | None = None) -> torch.dt
     return torch.float32
 
 
+def fused_loss_switch() -> bool:
+    """PICOCHAT_FUSED_LOSS=0 trains with plain logits + F.cross_entropy instead of the chunked fused loss."""
+    return os.environ.get("PICOCHAT_FUSED_LOSS", "1") != "0"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -263,8 +268,3 @@ def environment_info(device: torch.device | None = None) -> dict[str, Any]:
         info["gpu_count"] = torch.cuda.device_count()
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
-
-
-def fused_loss_switch() -> bool:
-    """PICOCHAT_FUSED_LOSS=0: the plain lm_head + CE instead of the chunked fused loss (for A/B and debugging)."""
-    return os.environ.get("PICOCHAT_FUSED_LOSS", "1") != "0"

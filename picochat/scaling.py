@@ -54,7 +54,7 @@ def gpt_config(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, he
                window_pattern: str = "L", value_embeds: bool = True, n_kv_head: int = 0,
                aspect_ratio: int = ASPECT_RATIO, smear: bool = False, backout: bool = False):
     """The GPTConfig of a depth. n_kv_head 0 = as many as query heads (MHA)."""
-    from picochat.model import GPTConfig
+    from picochat.model import GPTConfig  # lazy: model imports torch (~2 s); scaling stays torch-free
 
     n_layer, d_model, n_head = model_dims(depth, head_dim, aspect_ratio)
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
@@ -65,7 +65,7 @@ def gpt_config(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, he
 def scaling_params(depth: int, vocab_size: int = 32768, head_dim: int = HEAD_DIM,
                    aspect_ratio: int = ASPECT_RATIO) -> int:
     """Kaplan-style N of a depth: block matrices + lm_head (what the horizon and batch rules are fitted on)."""
-    from picochat.model import num_scaling_params
+    from picochat.model import num_scaling_params  # lazy: model imports torch (~2 s); scaling stays torch-free
 
     return num_scaling_params(gpt_config(depth, vocab_size, head_dim=head_dim, aspect_ratio=aspect_ratio))
 
@@ -209,6 +209,7 @@ def derive(depth: int, vocab_size: int = 32768, sequence_len: int = 2048, ratio:
     `seq_len` is an alias of `sequence_len` (the CLI's name)."""
     if seq_len is not None:
         sequence_len = seq_len
+    # lazy: torch and the model (which imports torch) cost ~2 s of import; scaling stays torch-free
     import torch
 
     from picochat.model import GPT, flops_per_token, num_scaling_params

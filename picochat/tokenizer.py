@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from picochat.config import UserError
+from picochat.data.shards import SHARD_RE, iter_texts, list_shards
+from picochat.files import atomic_path, atomic_write_text
+from picochat.runtime import default_data_dir, default_tokenizer_dir
 
 # GPT-4 (cl100k) pattern with \p{N}{1,3} -> \p{N}{1,2}.
 SPLIT_PATTERN = (
@@ -136,8 +139,6 @@ class Tokenizer:
     # Save / load
 
     def save(self, directory: str | Path) -> Path:
-        from picochat.checkpoint import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -149,9 +150,8 @@ class Tokenizer:
                                                                               key=lambda kv: kv[1])],
         }
         atomic_write_text(directory / "tokenizer.json", json.dumps(payload))
-        tmp = directory / f"token_bytes.pt.part{os.getpid()}"
-        torch.save(self.token_bytes(), tmp)
-        os.replace(tmp, directory / "token_bytes.pt")
+        with atomic_path(directory / "token_bytes.pt") as tmp:
+            torch.save(self.token_bytes(), tmp)
         return directory
 
     @classmethod
@@ -266,8 +266,6 @@ def bytes_per_token(encode, texts: list[str]) -> float:
 
 
 def add_cli(parser) -> None:
-    from picochat.runtime import default_data_dir, default_tokenizer_dir
-
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="{train,eval}", required=True)
     p = sub.add_parser("train", help="train the BPE tokenizer on the train shards of a data dir",
                        description="Train a byte-level BPE (GPT-4 split with <=2-digit numbers, chat special tokens).")
@@ -288,8 +286,6 @@ def add_cli(parser) -> None:
 
 def cli_main(args) -> int:
     import time
-
-    from picochat.data.shards import iter_texts, list_shards
 
     if args.tokenizer_command == "train":
         train, val = list_shards(args.data)
@@ -345,8 +341,6 @@ def _parse_range(spec: str) -> list[int]:
 
 
 def add_bench_args(parser) -> None:
-    from picochat.runtime import default_data_dir
-
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="dir of shard_*.parquet")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--shards", default="0-2", help="shard indices in the sorted file list, e.g. 0-2 or 0,3")
@@ -356,8 +350,6 @@ def add_bench_args(parser) -> None:
 
 def bench_main(args) -> dict:
     import time
-
-    from picochat.data.shards import SHARD_RE, iter_texts
 
     files = sorted(p for p in Path(args.data).iterdir() if SHARD_RE.match(p.name)) if Path(args.data).is_dir() else []
     try:

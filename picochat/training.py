@@ -34,7 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from picochat.checkpoint import latest_checkpoint, read_meta
 from picochat.config import UserError, to_dict
+from picochat.files import atomic_write_text
 from picochat.ops import attention
 from picochat.ops import fp8 as fp8_ops
 from picochat.runtime import environment_info, fused_loss_switch, gpu_memory, is_rank0, print0
@@ -53,8 +55,6 @@ def write_run_header(stage_dir: Path, config: Any, device: torch.device | None =
     cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
     header = {"config": cfg, "env": environment_info(device), **(extra or {})}
     if is_rank0():
-        from picochat.checkpoint import atomic_write_text
-
         stage_dir = Path(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         path = stage_dir / "run.json"
@@ -87,8 +87,6 @@ class MetricsLogger:
                     continue
                 if int(rec.get("step", 0)) <= resume_step:
                     keep.append(line)
-            from picochat.checkpoint import atomic_write_text
-
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         elif resume_step is None and self.path.exists():
             os.replace(self.path, self.path.with_suffix(".jsonl.prev"))
@@ -353,8 +351,6 @@ def find_resume_checkpoint(ckpt_root: Path, mode: str = "auto") -> Path | None:
     Mode 'never' starts fresh (existing checkpoints of the stage are overwritten as the new run saves). A path
     given as `mode` resumes from that checkpoint directory.
     """
-    from picochat.checkpoint import latest_checkpoint, read_meta
-
     if mode == "never":
         return None
     if mode == "auto":

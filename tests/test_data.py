@@ -155,13 +155,8 @@ def test_check_parquet(tmp_path):
         check_parquet(p)
 
 
-def test_synth_cli_delegates_or_says_not_implemented(capsys):
-    from picochat.data.shards import _synth_module
-
-    if _synth_module() is None:
-        assert cli.main(["data", "synth"]) == 2
-        assert "not implemented yet" in capsys.readouterr().err
-    else:  # synth.py exists: its flags are wired into `data synth` (its behaviour is tested in test_synth.py)
-        with pytest.raises(SystemExit) as e:
-            cli.main(["data", "synth", "--help"])
-        assert e.value.code == 0
+def test_synth_cli_delegates():
+    """synth.py's flags are wired into `data synth` (its behaviour is tested in test_synth.py)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["data", "synth", "--help"])
+    assert e.value.code == 0

@@ -94,7 +94,7 @@ def test_export_refuses_to_overwrite_and_an_interrupted_export_leaves_nothing(tm
     assert (out / "model.safetensors").read_bytes() == before  # the old export is untouched
     with pytest.raises(OSError, match="injected"):
         run(ExportConfig(out=str(tmp_path / "new")))
-    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".m*")) and not list(tmp_path.glob(".new*"))
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob("*.old*"))
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     run(ExportConfig(out=str(out), force=True, dtype="float32"))
     assert json.loads((out / "meta.json").read_text())["dtype"] == "float32"

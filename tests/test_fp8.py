@@ -53,8 +53,8 @@ def test_convert_swaps_block_projections_only_and_keeps_state_dict():
     idx = torch.randint(0, 256, (2, 64))
     ref = m(idx, idx)
     assert fp8.convert(m) == 6 * CFG.n_layer + 1  # + the lm_head's logits in the fused loss
-    assert type(m.lm_head) is Linear and m.lm_head.fp8_logits and isinstance(m.blocks[0].mlp.c_fc, fp8.Float8Linear)
-    assert not Linear.fp8_logits
+    assert type(m.lm_head) is Linear and isinstance(m.blocks[0].mlp.c_fc, fp8.Float8Linear)
+    assert m.logits_quantizer is fp8.quantize_logits and build_model(CFG).logits_quantizer is None
     mlp_only = build_model(CFG)
     assert fp8.convert(mlp_only, "mlp") == 2 * CFG.n_layer + 1
     assert type(mlp_only.blocks[0].attn.c_q) is Linear and isinstance(mlp_only.blocks[0].mlp.c_proj,
@@ -71,8 +71,8 @@ def test_convert_swaps_block_projections_only_and_keeps_state_dict():
 
 
 def test_fp8_logits_in_the_fused_loss_track_bf16_and_leave_eval_logits_alone():
-    """`loss.fused_linear_cross_entropy(fp8=True)`: the logits come from an e4m3 GEMM, the gradients do not; a
-    chunk whose rows are not a multiple of 16 takes the plain matmul."""
+    """`loss.fused_linear_cross_entropy(quantize=fp8.quantize_logits)`: the logits come from an e4m3 GEMM, the
+    gradients do not; a chunk whose rows are not a multiple of 16 takes the plain matmul."""
     from picochat.ops.loss import fused_linear_cross_entropy
 
     torch.manual_seed(0)
@@ -84,7 +84,8 @@ def test_fp8_logits_in_the_fused_loss_track_bf16_and_leave_eval_logits_alone():
         out = {}
         for on in (False, True):
             x.grad = w.grad = None
-            loss = fused_linear_cross_entropy(x, w, t, V, softcap=15.0, chunk=32, fp8=on)
+            loss = fused_linear_cross_entropy(x, w, t, V, softcap=15.0, chunk=32,
+                                              quantize=fp8.quantize_logits if on else None)
             loss.backward()
             out[on] = (loss.item(), x.grad.clone(), w.grad.clone())
         assert out[True][0] != out[False][0]  # fp8 logits really were used

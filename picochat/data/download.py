@@ -3,8 +3,9 @@
 Used for pretraining shards (`picochat data download`) and later for eval bundles and task files.
 
 Rules every download follows:
-- Bytes go to `<dest>.part`; the final name appears only via `os.replace` after the size, the optional sha256 and the
-  optional validator (e.g. a parquet footer check) all pass. A half file never sits under the final name.
+- Bytes go to `<dest>.part`; the final name appears only via `files.publish` (fsync, rename) after the size, the
+  optional sha256 and the optional validator (e.g. a parquet footer check) all pass. A half file never sits under
+  the final name.
 - Connection errors, timeouts, dropped connections and HTTP 5xx/408/429 are retried with exponential backoff.
   A `.part` left by a dropped connection (or by an earlier, interrupted run) is resumed with an HTTP Range request;
   a server that ignores Range (answers 200) makes us restart from byte 0.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
-import os
 import random
 import socket
 import sys
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from picochat.config import UserError
+from picochat.files import publish
 
 CHUNK = 1 << 20
 USER_AGENT = "picochat-downloader/1"
@@ -152,7 +153,7 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, retr
                 problem = _valid(part, sha256, validator)
                 if problem is not None:
                     raise _Restart(problem)
-                os.replace(part, dest)
+                publish(part, dest)
                 return dest
             except _Retry as e:
                 last_error = str(e)

@@ -39,6 +39,9 @@ import numpy as np
 import torch
 
 from picochat.config import UserError
+from picochat.data.shards import list_shards
+from picochat.runtime import default_data_dir, default_tokenizer_dir
+from picochat.tokenizer import Tokenizer
 
 STATE_VERSION = 1
 CHUNK_DOCS = 64  # documents per tokenizer job: small enough to spread one row group over all threads
@@ -386,8 +389,6 @@ class DataLoader:
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
-    from picochat.runtime import default_data_dir, default_tokenizer_dir
-
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="data dir (default: %(default)s)")
     parser.add_argument("--tokenizer", type=Path, default=default_tokenizer_dir(),
                         help="tokenizer dir (default: %(default)s)")
@@ -399,9 +400,6 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> dict:
-    from picochat.data.shards import list_shards
-    from picochat.tokenizer import Tokenizer
-
     tok = Tokenizer.load(args.tokenizer)
     train, _ = list_shards(args.data)
     loader = DataLoader(train, tok, args.batch_size, args.seq_len, device=args.device, threads=args.threads)

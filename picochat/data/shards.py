@@ -7,16 +7,18 @@ row groups of 1,024 documents. Files sort by name; the LAST one is the validatio
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import os
 import re
-import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from picochat.config import UserError
+from picochat.data import synth
+from picochat.data.download import download_many, sha256_file
+from picochat.files import atomic_path, atomic_write_text
 
 ROW_GROUP = 1024
 SHARD_RE = re.compile(r"^shard_\d+\.parquet$")
@@ -46,6 +48,9 @@ def list_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return shards[:-1], shards[-1:]
 
 
+_END = object()  # end of the document iterator
+
+
 def write_shards(docs: Iterable[str], out_dir: str | Path, docs_per_shard: int, row_group: int = ROW_GROUP,
                  start_index: int = 0, compression_level: int = 3) -> list[Path]:
     """Write documents into `shard_{i:05d}.parquet` files of `docs_per_shard` rows (the last may be shorter).
@@ -63,38 +68,31 @@ def write_shards(docs: Iterable[str], out_dir: str | Path, docs_per_shard: int, 
     it = iter(docs)
     index = start_index
     while True:
+        first = next(it, _END)
+        if first is _END:
+            return written
         final = out_dir / f"shard_{index:05d}.parquet"
-        tmp = out_dir / f".{final.name}.tmp{os.getpid()}-{threading.get_ident()}"
-        writer = None
         n = 0
         try:
-            group: list[str] = []
-            for doc in it:
-                group.append(doc)
-                n += 1
-                if len(group) == row_group or n == docs_per_shard:
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=compression_level)
-                    writer.write_table(pa.table({"text": group}, schema=schema), row_group_size=row_group)
-                    group = []
-                if n == docs_per_shard:
-                    break
-            if group:
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=compression_level)
-                writer.write_table(pa.table({"text": group}, schema=schema), row_group_size=row_group)
-            if writer is not None:
-                writer.close()
-                writer = None
-                os.replace(tmp, final)
-                written.append(final)
+            with atomic_path(final) as tmp:
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=compression_level)
+                try:
+                    group: list[str] = []
+                    for doc in itertools.chain([first], it):
+                        group.append(doc)
+                        n += 1
+                        if len(group) == row_group or n == docs_per_shard:
+                            writer.write_table(pa.table({"text": group}, schema=schema), row_group_size=row_group)
+                            group = []
+                        if n == docs_per_shard:
+                            break
+                    if group:
+                        writer.write_table(pa.table({"text": group}, schema=schema), row_group_size=row_group)
+                finally:
+                    writer.close()
         except OSError as e:
-            if writer is not None:
-                writer.close()
-            Path(tmp).unlink(missing_ok=True)
             raise UserError(f"{final}: cannot write shard ({e}); check free space and permissions of {out_dir}") from e
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        written.append(final)
         if n < docs_per_shard:
             return written
         index += 1
@@ -266,8 +264,6 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
     train shards were downloaded. For another --source pass --val-shard IDX; without it, the last of the N
     downloaded shards serves as val (so N must be >= 2).
     Already-present files that match the manifest (size) and have a valid parquet footer are skipped."""
-    from picochat.checkpoint import atomic_write_text
-    from picochat.data.download import download_many, sha256_file
 
     if shards < 1:
         raise UserError(f"--shards {shards}: must be >= 1")
@@ -332,26 +328,14 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
 # CLI
 
 
-def _synth_module():
-    try:
-        import picochat.data.synth as synth
-    except ModuleNotFoundError as e:
-        if e.name == "picochat.data.synth":
-            return None
-        raise
-    return synth if hasattr(synth, "add_synth_args") and hasattr(synth, "synth_main") else None
-
-
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    from picochat.runtime import default_data_dir
+    from picochat.runtime import default_data_dir  # lazy: runtime imports torch (~2 s); `picochat data` needs none
 
     sub = parser.add_subparsers(dest="data_command", metavar="{synth,download,prepare}", required=True)
 
     p = sub.add_parser("synth", help="write the embedded synthetic corpus (pretraining shards, chats, eval set)",
                        description="Write the embedded synthetic corpus deterministically from a seed.")
-    synth = _synth_module()
-    if synth is not None:
-        synth.add_synth_args(p)
+    synth.add_synth_args(p)
 
     p = sub.add_parser("download", help="download pre-shuffled pretraining shards (FineWeb-Edu by default)",
                        description=download.__doc__)
@@ -383,10 +367,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
-        synth = _synth_module()
-        if synth is None:
-            print("picochat data synth: not implemented yet", file=sys.stderr)
-            return 2
         return int(synth.synth_main(args) or 0)
     if args.data_command == "download":
         summary = download(args.shards, args.out, source=args.source, pattern=args.pattern,

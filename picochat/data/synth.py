@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.config import UserError, add_config_args, config_from_args, fingerprint, require, to_dict
+from picochat.files import atomic_path, atomic_write_bytes
 
 GENERATOR = "picochat.data.synth"
 GENERATOR_VERSION = 1
@@ -595,34 +596,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.part{os.getpid()}")
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def _write_shard(path: Path, docs: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = _tmp(path)
-    try:
-        table = pa.table({"text": pa.array(docs, type=pa.string())})
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def out_dir(cfg: SynthConfig) -> Path:
@@ -678,8 +662,8 @@ def generate(cfg: SynthConfig, force: bool = False) -> dict[str, Any]:
     """Write the synthetic world to `out_dir(cfg)` and return the manifest (+ `skipped`, `seconds`, `out`).
 
     Idempotent: when the directory already holds this exact config's files (manifest and sha256 match), nothing is
-    written. Every file goes through a temp name and `os.replace`; the manifest is written last, so an interrupted
-    run is never mistaken for a finished one."""
+    written. Every file appears through `files` (temp name, then rename); the manifest is written last, so an
+    interrupted run is never mistaken for a finished one."""
     _validate(cfg)
     t0 = time.time()
     directory = out_dir(cfg)
@@ -737,7 +721,7 @@ def generate(cfg: SynthConfig, force: bool = False) -> dict[str, Any]:
         "val_shard": names[-1],
         "files": files,
     }
-    _write_bytes(directory / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(directory / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return {**manifest, "skipped": False, "seconds": round(time.time() - t0, 3), "out": str(directory)}
 
 

@@ -31,8 +31,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from picochat import sandbox
 from picochat.config import UserError
 from picochat.conversation import assistant_text, validate
+from picochat.data.download import download_file
+from picochat.runtime import default_data_dir, picochat_home
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -167,8 +170,6 @@ DOWNLOADS: dict[str, str] = {
 
 
 def default_task_dir() -> Path:
-    from picochat.runtime import picochat_home
-
     return picochat_home() / "tasks"
 
 
@@ -191,8 +192,6 @@ def find_task_file(task_dir: Path, candidates: Sequence[str], download: bool = T
             url = DOWNLOADS.get(rel)
             if url is None:
                 continue
-            from picochat.data.download import download_file  # lazy: only needed when something is missing
-
             try:
                 download_file(url, task_dir / rel)
                 return task_dir / rel
@@ -262,8 +261,6 @@ class JSONLConversations(Task):
 
 
 def synth_dir() -> Path:
-    from picochat.runtime import default_data_dir
-
     return default_data_dir("synth")
 
 
@@ -563,8 +560,6 @@ class HumanEval(Task):
         return f"{imports}\n\n{code}\n\n{conv['test']}\n\ncheck({conv['entry_point']})\n"
 
     def evaluate(self, conv: dict, response: str) -> bool:
-        from picochat import sandbox  # lazy: written by the eval/serve side
-
         return sandbox.run_python(self.program(conv, response), timeout_s=5.0, memory_mb=256).ok
 
 

@@ -37,6 +37,12 @@ import numpy as np
 import torch
 
 from picochat.config import UserError
+from picochat.conversation import render_for_completion
+from picochat.data.synth import LETTERS, load_eval
+from picochat.data.tasks import ARC, GSM8K, HumanEval, MMLU, SpellingBee, normalise_number
+from picochat.engine import Engine, parts_to_text, tokens_to_parts
+from picochat.evals.core_eval import scored_logits
+from picochat.runtime import default_data_dir, get_rank, get_world_size, print0
 
 STANDARD_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee")
 ALL_TASKS = STANDARD_TASKS + ("synth",)
@@ -62,8 +68,6 @@ _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 def last_number(text: str) -> str | None:
     """The last number in a reply, commas dropped and normalised ("1,200.0" -> "1200")."""
-    from picochat.data.tasks import normalise_number
-
     found = _NUM.findall(text)
     return normalise_number(found[-1]) if found else None
 
@@ -71,12 +75,7 @@ def last_number(text: str) -> str | None:
 def synth_tasks(path: str | Path | None = None) -> list[ChatTask]:
     """The embedded world's eval items as two tasks, prompted exactly like its chat training data: the question
     text (which already lists the lettered options for MC) as the user turn."""
-    from picochat.data.synth import LETTERS, load_eval
-    from picochat.data.tasks import normalise_number
-
     if path is None:
-        from picochat.runtime import default_data_dir
-
         path = default_data_dir("synth") / "eval.jsonl"
     path = Path(path)
     if not path.exists():
@@ -103,22 +102,20 @@ def synth_tasks(path: str | Path | None = None) -> list[ChatTask]:
 def load_tasks(names: Sequence[str], task_dir: str | Path | None = None, synth_path: str | Path | None = None
                ) -> list[ChatTask]:
     """ChatTasks for task names (see ALL_TASKS); 'synth' expands to synth_mc + synth_gen."""
-    from picochat.data import tasks as T
-
     out: list[ChatTask] = []
     for name in names:
         if name == "arc_easy":
-            t = T.ARC("easy", "test", task_dir=task_dir)
+            t = ARC("easy", "test", task_dir=task_dir)
         elif name == "arc_challenge":
-            t = T.ARC("challenge", "test", task_dir=task_dir)
+            t = ARC("challenge", "test", task_dir=task_dir)
         elif name == "mmlu":
-            t = T.MMLU("test", task_dir=task_dir)
+            t = MMLU("test", task_dir=task_dir)
         elif name == "gsm8k":
-            t = T.GSM8K("test", task_dir=task_dir)
+            t = GSM8K("test", task_dir=task_dir)
         elif name == "humaneval":
-            t = T.HumanEval(task_dir=task_dir)
+            t = HumanEval(task_dir=task_dir)
         elif name == "spellingbee":
-            t = T.SpellingBee(size=SPELLINGBEE_SIZE, split="test")
+            t = SpellingBee(size=SPELLINGBEE_SIZE, split="test")
         elif name == "synth":
             out += synth_tasks(synth_path)
             continue
@@ -160,9 +157,6 @@ def subset(n: int, max_problems: int | None) -> list[int]:
 def categorical_predictions(model: Any, tokenizer: Any, convs: Sequence[dict], device: torch.device | str,
                             batch_tokens: int = 16384, max_len: int | None = None) -> list[str]:
     """The letter each conversation's assistant turn would start with (argmax over the allowed letters' logits)."""
-    from picochat.conversation import render_for_completion
-    from picochat.evals.core_eval import scored_logits  # projects only the answer positions through lm_head
-
     device = torch.device(device)
     prompts, letter_ids = [], []
     for i, conv in enumerate(convs):
@@ -201,8 +195,6 @@ def categorical_predictions(model: Any, tokenizer: Any, convs: Sequence[dict], d
 
 def completion_text(tokenizer: Any, tokens: Sequence[int]) -> str:
     """A generated assistant turn as text; a tool call reads `<<expr=result>>` (GSM8K's notation)."""
-    from picochat.engine import parts_to_text, tokens_to_parts
-
     return parts_to_text(tokens_to_parts(tokenizer, tokens))
 
 
@@ -211,8 +203,6 @@ def generative_results(engine: Any, tokenizer: Any, task: ChatTask, convs: Seque
                        on_problem: Callable[[int, int], None] | None = None) -> list[bool]:
     """pass@num_samples per problem. Replies are checked on a thread pool (HumanEval runs in the sandbox) while
     the engine generates the next problem."""
-    from picochat.conversation import render_for_completion
-
     assert task.evaluate is not None
     results: list[list[Future]] = []
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="picochat-check") as pool:
@@ -253,8 +243,6 @@ def evaluate_chat(model: Any, tokenizer: Any, task_names: Sequence[str] = ALL_TA
                   device: torch.device | str | None = None, engine: Any = None, seed: int = 42,
                   verbose: bool = True) -> dict[str, Any]:
     """Run the chat tasks and return {"tasks": {name: {...}}, "chatcore": ..., ...}. Collective under torchrun."""
-    from picochat.runtime import get_rank, get_world_size, print0
-
     if num_samples > 1 and temperature <= 0:
         raise UserError(f"--num-samples {num_samples} with --temperature {temperature}: greedy samples are "
                         f"identical; use a temperature > 0 for pass@k")
@@ -279,8 +267,6 @@ def evaluate_chat(model: Any, tokenizer: Any, task_names: Sequence[str] = ALL_TA
             correct = [p == c["answer"] for p, c in zip(preds, convs)]
         else:
             if engine is None:
-                from picochat.engine import Engine
-
                 engine = Engine(model, tokenizer)
             last_print = [time.time()]
 

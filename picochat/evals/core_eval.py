@@ -43,7 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from picochat import runtime
 from picochat.config import UserError
+from picochat.data.download import download_file
+from picochat.files import replace_dir
+from picochat.runtime import barrier, is_rank0, picochat_home, print0
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -197,14 +201,10 @@ def resolve_bundle(bundle: str | Path | None = None, url: str | None = None, ret
             raise UserError(f"--bundle {bundle}: no such directory")
         bundle_yaml(path)
         return path
-    from picochat.runtime import barrier, is_rank0, picochat_home, print0
-
     cache = picochat_home() / "eval_bundle"
     if (cache / "core.yaml").exists():
         return cache
     url = url or os.environ.get("PICOCHAT_EVAL_BUNDLE_URL", BUNDLE_URL)
-    from picochat.data.download import download_file
-
     if not is_rank0():  # rank 0 downloads; the others wait at the barrier below, then read the cache
         barrier()
         if not (cache / "core.yaml").exists():
@@ -251,9 +251,7 @@ def _unpack_bundle(archive: Path, dest: Path) -> None:
         roots = sorted(p.parent for p in tmp.rglob("core.yaml"))
         if not roots:
             raise UserError(f"{archive}: no core.yaml inside; is this the CORE eval bundle?")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(roots[0], dest)
+        replace_dir(roots[0], dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -539,8 +537,6 @@ def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_ta
     The hook the pretraining loop calls every `--core-every` steps (pass the uncompiled model: batches have many
     shapes). `max_per_task` <= 0 means all examples. Collective under torchrun: every rank must call it.
     """
-    from picochat.runtime import get_rank, get_world_size, print0
-
     t0 = time.time()
     bundle_dir = Path(bundle_dir)
     if device is None:
@@ -574,7 +570,7 @@ def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_ta
         if spec.label not in baselines:
             raise UserError(f"{bundle_dir}: no random baseline for task {spec.label!r} in eval_meta_data*.csv")
         runnable.append(spec)
-    rank, world = get_rank(), get_world_size()
+    rank, world = runtime.get_rank(), runtime.get_world_size()  # via the module: tests patch it to fake ranks
     max_len = _model_max_len(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):

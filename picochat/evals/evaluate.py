@@ -24,7 +24,22 @@ from typing import Any
 
 import torch
 
+from picochat.checkpoint import checkpoints_dir, find_run_with_stage, load_model
 from picochat.config import UserError, add_config_args, config_from_args, to_dict
+from picochat.data.loader import DataLoader
+from picochat.data.shards import list_shards
+from picochat.engine import Engine, prepare_model
+from picochat.evals import chat_eval, core_eval
+from picochat.evals.chat_eval import evaluate_chat
+from picochat.evals.core_eval import (bundle_yaml, compare_with_reference, evaluate_core, load_task_specs,
+                                      resolve_bundle, throughput_line)
+from picochat.evals.loss_eval import evaluate_bpb
+from picochat.files import atomic_write_text
+from picochat.model import build_model
+from picochat.runtime import (default_data_dir, default_tokenizer_dir, init_runtime, is_rank0, picochat_home, print0,
+                              run_dir, stage_dir, teardown)
+from picochat.scaling import gpt_config
+from picochat.tokenizer import Tokenizer
 
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -88,8 +103,6 @@ class ChatEvalConfig:
 
 def _load(cfg: BaseEvalConfig | ChatEvalConfig, rt: Any) -> tuple[Any, Any, dict[str, Any], str, int | None]:
     """(model, tokenizer, meta, run name, step) for a config's checkpoint (or a random-init model)."""
-    from picochat.checkpoint import checkpoints_dir, find_run_with_stage, load_model
-
     if getattr(cfg, "random_init", False):
         return _random_model(cfg, rt)
     if cfg.checkpoint:
@@ -108,11 +121,6 @@ def _load(cfg: BaseEvalConfig | ChatEvalConfig, rt: Any) -> tuple[Any, Any, dict
 
 
 def _random_model(cfg: BaseEvalConfig, rt: Any) -> tuple[Any, Any, dict[str, Any], str, int | None]:
-    from picochat.model import build_model
-    from picochat.runtime import default_tokenizer_dir, print0
-    from picochat.scaling import gpt_config
-    from picochat.tokenizer import Tokenizer
-
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir()
     if (tok_dir / "tokenizer.json").exists():
         tok = Tokenizer.load(tok_dir)
@@ -133,10 +141,6 @@ def _random_model(cfg: BaseEvalConfig, rt: Any) -> tuple[Any, Any, dict[str, Any
 def _bundle_tokenizer(cfg: BaseEvalConfig) -> Any:
     """No tokenizer anywhere: train a 32K BPE on the CORE bundle's own text (seconds), cached in PICOCHAT_HOME.
     Only for --random-init timing runs; a real model always brings the tokenizer it was trained with."""
-    from picochat.evals.core_eval import bundle_yaml, load_task_specs, resolve_bundle
-    from picochat.runtime import picochat_home, print0
-    from picochat.tokenizer import Tokenizer
-
     cache = picochat_home() / "tokenizer_core_bench"
     if (cache / "tokenizer.json").exists():
         return Tokenizer.load(cache)
@@ -148,8 +152,6 @@ def _bundle_tokenizer(cfg: BaseEvalConfig) -> Any:
             texts += [line for line in path.read_text(encoding="utf-8").splitlines()[:3000]]
     t0 = time.time()
     tok = Tokenizer.train(texts, vocab_size=32768)
-    from picochat.runtime import is_rank0
-
     if is_rank0():
         tok.save(cache)
     print0(f"[eval] no tokenizer found: trained a 32K BPE on the bundle text in {time.time() - t0:.1f}s ({cache})")
@@ -161,20 +163,14 @@ def _bundle_tokenizer(cfg: BaseEvalConfig) -> Any:
 
 
 def _eval_dir(run: str) -> Path:
-    from picochat.runtime import run_dir
-
     return run_dir(run) / "eval"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from picochat.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    from picochat.checkpoint import atomic_write_text
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -184,8 +180,6 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 def _append_metrics(run: str, source: str, record: dict[str, Any]) -> None:
     """One line in the stage's metrics.jsonl (appended: the training curve before it stays intact)."""
-    from picochat.runtime import stage_dir
-
     path = stage_dir(run, source) / "metrics.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -197,14 +191,6 @@ def _append_metrics(run: str, source: str, record: dict[str, Any]) -> None:
 
 
 def _bpb(cfg: BaseEvalConfig, model: Any, tok: Any, meta: dict[str, Any], rt: Any) -> dict[str, Any]:
-    try:
-        from picochat.evals.loss_eval import evaluate_bpb
-    except ImportError:
-        raise UserError("--bpb: picochat.evals.loss_eval is not available in this build; run without --bpb") from None
-    from picochat.data.shards import list_shards
-    from picochat.data.loader import DataLoader
-    from picochat.runtime import default_data_dir
-
     data = cfg.data or (meta.get("config") or {}).get("data") or str(default_data_dir("synth"))
     train, val = list_shards(data)
     T = model.config.sequence_len
@@ -239,8 +225,6 @@ def _bpb(cfg: BaseEvalConfig, model: Any, tok: Any, meta: dict[str, Any], rt: An
 
 
 def _samples(model: Any, tok: Any, max_tokens: int = 32) -> list[dict[str, str]]:
-    from picochat.engine import Engine
-
     engine = Engine(model, tok, cuda_graph=False, compile=False)
     out = []
     for prompt in SAMPLE_PROMPTS:
@@ -251,10 +235,6 @@ def _samples(model: Any, tok: Any, max_tokens: int = 32) -> list[dict[str, str]]
 
 
 def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
-    from picochat.runtime import init_runtime, is_rank0, print0
-
-    from picochat.engine import prepare_model
-
     rt = init_runtime(cfg.device)
     model, tok, meta, run, step = _load(cfg, rt)
     model = prepare_model(model)  # on CUDA: weights in bf16 once, instead of a cast in every forward
@@ -280,21 +260,17 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
             _write_json(edir / f"{cfg.source}_bpb.json", {**{k: v for k, v in result.items() if k != "samples"},
                                                            **bpb})
     if cfg.core or do_all:
-        from picochat.evals.core_eval import evaluate_core, format_table, resolve_bundle, throughput_line
-
         bundle = resolve_bundle(cfg.bundle)
         tasks = [t.strip() for t in cfg.core_tasks.split(",") if t.strip()] if cfg.core_tasks else None
         core = evaluate_core(model, tok, bundle, max_per_task=cfg.max_per_task, device=rt.device,
                              batch_tokens=cfg.batch_tokens or None, tasks=tasks, verbose=True)
         tokens = sum(t["tokens"] for t in core["tasks"].values()) * rt.world_size
-        print0(format_table(core))
+        print0(core_eval.format_table(core))
         print0(f"[eval] CORE: {core['examples']:,} examples, {throughput_line(tokens, core['seconds'])} "
                f"(rank 0 tokens x world {rt.world_size})")
         result["core"] = core
         record.update(core=core["core"], core_label=core["core_label"])
         if cfg.core_check and is_rank0():
-            from picochat.evals.core_eval import compare_with_reference
-
             n = cfg.max_per_task if cfg.max_per_task > 0 else 20
             check = compare_with_reference(model, tok, bundle, max_per_task=n, device=rt.device,
                                            batch_tokens=cfg.batch_tokens or None, tasks=tasks)
@@ -323,10 +299,6 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
 
 
 def run_chat(cfg: ChatEvalConfig) -> dict[str, Any]:
-    from picochat.evals.chat_eval import evaluate_chat, format_table
-    from picochat.engine import Engine, prepare_model
-    from picochat.runtime import init_runtime, is_rank0, print0
-
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not names:
         raise UserError("--tasks: give at least one task")
@@ -338,7 +310,7 @@ def run_chat(cfg: ChatEvalConfig) -> dict[str, Any]:
                             max_problems=cfg.max_problems or None, num_samples=cfg.num_samples,
                             temperature=cfg.temperature, top_k=cfg.top_k or None, max_new_tokens=cfg.max_new_tokens,
                             batch_tokens=cfg.batch_tokens or None, device=rt.device, engine=engine, seed=cfg.seed)
-    print0(format_table(summary))
+    print0(chat_eval.format_table(summary))
     result = {"run": run, "source": cfg.source, "step": step, "checkpoint": meta.get("checkpoint_dir"), **summary}
     if is_rank0():
         edir = _eval_dir(run)
@@ -378,8 +350,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from picochat.runtime import teardown
-
     try:
         if args.eval_kind == "base":
             run_base(config_from_args(BaseEvalConfig, args))

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from picochat.runtime import print0
+
 BACKENDS = ("sdpa", "cudnn", "flash", "math", "flex", "mask")
 _announced: set[tuple[str, str]] = set()
 _block_masks: dict[tuple[int, int, str], Any] = {}
@@ -68,8 +70,6 @@ def _announce(name: str, window: int | None) -> None:
     if key in _announced:
         return
     _announced.add(key)
-    from picochat.runtime import print0
-
     what = f"sliding window {window}" if window is not None else "full causal"
     detail = ""
     if name == "sdpa" and torch.cuda.is_available():
@@ -201,14 +201,12 @@ def decode_attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ks: to
     this for any prompt length. On CUDA: the split-KV Triton kernel (picochat.ops.kernels); otherwise (or with
     PICOCHAT_ATTN=math) the SDPA reference below, which says so once on CUDA.
     """
-    from picochat.ops import kernels
+    from picochat.ops import kernels  # lazy: it imports triton (~1 s), used only on CUDA
 
     forced = _forced()
     if forced != "math" and kernels.supports(q):
         if ("decode", "triton") not in _announced and not torch.compiler.is_compiling():
             _announced.add(("decode", "triton"))
-            from picochat.runtime import print0
-
             print0("[attention] decode: Triton split-KV kernel over the shared prompt cache")
         return kernels.decode_attention(q, kp, vp, ks, vs, npre, pos, window)
     if q.is_cuda and ("decode", "sdpa") not in _announced:

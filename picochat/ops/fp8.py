@@ -56,6 +56,12 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, fmax: float) -> tuple[torch.Te
     return q, amax / fmax
 
 
+def quantize_logits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e4m3 cast of both operands of the training loss's logits GEMM; `convert` hands it to the loss as
+    `model.logits_quantizer`."""
+    return quantize(x, E4M3, E4M3_MAX)
+
+
 def _col_major(t: torch.Tensor) -> torch.Tensor:
     """The same matrix stored column-major (the layout `_scaled_mm` wants for its second operand)."""
     return t.t().contiguous().t()
@@ -126,7 +132,7 @@ def convert(model: GPT, which: str = "all") -> int:
             if eligible(lin):
                 lin.__class__ = Float8Linear
                 n += 1
-    model.lm_head.fp8_logits = True
+    model.logits_quantizer = quantize_logits
     return n + 1
 
 

@@ -1,9 +1,10 @@
 """The training loss: lm_head + logit softcap + cross-entropy in row chunks, gradients made in the forward.
 
-`model.GPT.forward` calls `fused_linear_cross_entropy` for a scalar training loss (PICOCHAT_FUSED_LOSS=0 there
-falls back to plain logits + F.cross_entropy; the two agree, tested). Each chunk's epilogue is the custom op
-`picochat::softcap_ce`: one Triton kernel on CUDA (`kernels.softcap_ce`), the torch definition elsewhere, so the
-model itself stays unaware of where it runs.
+`model.GPT.forward` calls `fused_linear_cross_entropy` for a scalar training loss (a model built with
+`fused_loss=False`, PICOCHAT_FUSED_LOSS=0, uses plain logits + F.cross_entropy; the two agree, tested). An optional
+`quantize` callable, handed over by a low-precision transform, makes the logits GEMM a scaled one; this module knows
+no particular format. Each chunk's epilogue is the custom op `picochat::softcap_ce`: one Triton kernel on CUDA
+(`kernels.softcap_ce`), the torch definition elsewhere, so the model itself stays unaware of where it runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +41,7 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[
     torch.compile calls it as one opaque node instead of tracing into it."""
     if z.is_cuda and 0.0 < softcap <= 60.0 and os.environ.get("PICOCHAT_CE_KERNEL", "1") != "0":
         if _HAS_TRITON:
-            from picochat.ops import kernels
+            from picochat.ops import kernels  # lazy: it imports triton (~1 s), used only on CUDA
 
             return kernels.softcap_ce(z, targets, softcap)
         _warn_no_triton()
@@ -82,15 +84,14 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, reduction: str, chunk: int, fp8: bool):
+    def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, reduction: str, chunk: int,
+                quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None):
         w = weight[:vocab_size].to(x.dtype)
         n = x.shape[0]
-        fp8 = fp8 and x.shape[1] % 16 == 0 and vocab_size % 16 == 0  # the fp8 GEMM's shape constraint
-        if fp8:  # logits only; both gradient products below stay in the compute dtype
-            from picochat.ops.fp8 import E4M3, E4M3_MAX, quantize
-
-            xq, xs = quantize(x, E4M3, E4M3_MAX)
-            wq, ws = quantize(weight[:vocab_size], E4M3, E4M3_MAX)
+        scaled = quantize is not None and x.shape[1] % 16 == 0 and vocab_size % 16 == 0  # the scaled GEMM's shapes
+        if scaled:  # logits only; both gradient products below stay in the compute dtype
+            xq, xs = quantize(x)
+            wq, ws = quantize(weight[:vocab_size])
         count = (targets != -1).sum()
         dx = torch.empty_like(x)
         dw = None
@@ -98,7 +99,7 @@ class _FusedLinearCE(torch.autograd.Function):
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             xc = x[lo:hi]
-            if fp8 and (hi - lo) % 16 == 0:
+            if scaled and (hi - lo) % 16 == 0:
                 z = torch._scaled_mm(xq[lo:hi], wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)
             else:
                 z = xc @ w.t()
@@ -130,9 +131,13 @@ def default_chunk_logits(device: torch.device) -> int:
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                                softcap: float, reduction: str = "mean", chunk: int = 0,
-                               fp8: bool = False) -> torch.Tensor:
-    """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore. fp8: the logits
-    come from an e4m3 GEMM (one tensorwise scale each for x and W, `fp8.quantize`); the gradients do not."""
+                               quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                               ) -> torch.Tensor:
+    """x (N, d) in compute dtype, weight (V_padded, d) fp32 master, targets (N,) with -1 = ignore.
+
+    quantize: None, or a tensor -> (low-precision tensor, fp32 dequantisation scale) map (the fp8 transform hands
+    its e4m3 one over as `model.logits_quantizer`); then the logits come from a scaled GEMM (`torch._scaled_mm`) of
+    the quantized x and W, while the gradients do not."""
     if chunk <= 0:  # at least 1024 rows
         chunk = max(1024, default_chunk_logits(x.device) // max(1, vocab_size))
-    return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk, fp8)
+    return _FusedLinearCE.apply(x, weight, targets, vocab_size, softcap, reduction, chunk, quantize)

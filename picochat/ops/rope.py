@@ -44,7 +44,7 @@ def rope_norm_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 @torch.library.custom_op("picochat::rope_norm", mutates_args=())
 def _rope_norm_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    from picochat.ops import kernels
+    from picochat.ops import kernels  # lazy: it imports triton (~1 s), used only on CUDA
 
     return kernels.rope_norm_fwd(x, cos, sin, eps)
 
@@ -58,7 +58,7 @@ def _(x, cos, sin, eps):
 @torch.library.custom_op("picochat::rope_norm_backward", mutates_args=())
 def _rope_norm_backward_op(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor) -> torch.Tensor:
-    from picochat.ops import kernels
+    from picochat.ops import kernels  # lazy: it imports triton (~1 s), used only on CUDA
 
     return kernels.rope_norm_bwd(dy, y, rstd, cos, sin)
 

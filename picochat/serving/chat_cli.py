@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from picochat.config import UserError, add_config_args, config_from_args
+from picochat.conversation import render_for_completion
 
 
 @dataclass
@@ -41,7 +42,7 @@ class _Display:
     """Streams generated tokens as text: UTF-8 safe, tool calls shown as <<expr=result>>."""
 
     def __init__(self, tokenizer, out: TextIO):
-        from picochat.engine import StreamDecoder
+        from picochat.engine import StreamDecoder  # lazy: the engine imports torch (~2 s); --help starts without it
 
         self.dec, self.out = StreamDecoder(tokenizer), out
         sp = tokenizer.special_tokens
@@ -83,8 +84,6 @@ def _reply(engine, prompt: list[int], cfg: ChatConfig, seed: int, out: TextIO, s
 
 def _fit_history(engine, messages: list[dict[str, Any]], max_tokens: int) -> tuple[list[dict[str, Any]], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the reply; returns (messages, prompt ids)."""
-    from picochat.conversation import render_for_completion
-
     while True:
         ids = render_for_completion(engine.tokenizer, {"messages": messages}, where="chat history")
         if len(ids) + max_tokens <= engine.max_context or len(messages) <= 1:
@@ -98,7 +97,7 @@ def _fit_history(engine, messages: list[dict[str, Any]], max_tokens: int) -> tup
 def chat(engine, cfg: ChatConfig, prompt: str | None = None, stdin: TextIO | None = None,
          stdout: TextIO | None = None) -> int:
     """The chat loop (one-shot when `prompt` is given). Separate from the CLI so tests can drive it."""
-    from picochat.engine import tokens_to_parts
+    from picochat.engine import tokens_to_parts  # lazy: the engine imports torch (~2 s); --help starts without it
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tok = engine.tokenizer
@@ -153,7 +152,7 @@ def chat(engine, cfg: ChatConfig, prompt: str | None = None, stdin: TextIO | Non
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from picochat.engine import load_engine
+    from picochat.engine import load_engine  # lazy: the engine imports torch (~2 s); --help starts without it
 
     cfg = config_from_args(ChatConfig, args)
     if cfg.temperature < 0 or cfg.max_tokens < 1 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:

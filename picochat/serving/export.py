@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
-from picochat.checkpoint import STAGES
+from picochat import __version__
+from picochat.checkpoint import STAGES, find_run_with_stage, load_model_state, read_meta
 from picochat.config import UserError, add_config_args, config_from_args
+from picochat.files import atomic_path
 
 FORMAT = "picochat-export-1"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -87,11 +90,6 @@ def _model_card(meta: dict[str, Any], n_params: int, dtype: str, name: str) -> s
 
 def run(cfg: ExportConfig) -> dict[str, Any]:
     """Export one checkpoint to `cfg.out`; returns what was written."""
-    from safetensors.torch import save_file
-
-    from picochat import __version__
-    from picochat.checkpoint import find_run_with_stage, load_model_state, read_meta
-
     if not cfg.out:
         raise UserError("--out: give the folder to write the model to, e.g. --out my-chat")
     out = Path(cfg.out)
@@ -113,11 +111,9 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     exported = _shareable(dict(meta, format=FORMAT, tokenizer_dir="tokenizer", dtype=cfg.dtype,
                                picochat_version=__version__))
 
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "picochat": FORMAT})
+    with atomic_path(out, directory=True) as tmp:  # --force: the new folder is swapped in, then the old one dropped
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"),
+                                    metadata={"format": "pt", "picochat": FORMAT})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # readable like the other files, for sharing
@@ -126,16 +122,6 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         shutil.copy2(tok_dir / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(exported, indent=2, default=str))
         (tmp / "README.md").write_text(_model_card(exported, n_params, cfg.dtype, out.name))
-        if out.exists():  # --force: swap in the new folder, then drop the old one
-            old = out.parent / f".{out.name}.old{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = (out / "model.safetensors").stat().st_size
     return {"export": str(out), "checkpoint": str(ckpt), "stage": meta.get("stage"), "step": meta.get("step"),
             "params": n_params, "dtype": cfg.dtype, "bytes": size}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.config import UserError, add_config_args, config_from_args
+from picochat.conversation import render_for_completion, validate
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -151,8 +152,6 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
                        "request_too_long")
     if clean[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's", "messages", "invalid_value")
-    from picochat.conversation import validate
-
     try:
         validate({"messages": clean}, where="messages")
     except UserError as e:
@@ -188,7 +187,7 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
 
 class ChoiceText:
     def __init__(self, tokenizer, stop: list[str]):
-        from picochat.engine import StreamDecoder
+        from picochat.engine import StreamDecoder  # lazy: the engine imports torch (~2 s); --help starts without it
 
         self.dec = StreamDecoder(tokenizer)
         sp = tokenizer.special_tokens
@@ -346,8 +345,6 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from picochat.conversation import render_for_completion
-
     if engines is None:
         engines, model_name = load_replicas(cfg)
     model_name = cfg.model_name or model_name or "picochat"
@@ -483,6 +480,7 @@ def load_replicas(cfg: ServeConfig) -> tuple[list, str]:
     """One Engine per device: cuda:0..N-1 (N = --devices, 0 = all), or N copies on CPU/MPS."""
     import torch
 
+    # lazy: the engine and runtime import torch (~2 s); --help starts without it
     from picochat.engine import load_engine
     from picochat.runtime import detect_device
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from picochat import cli
 from picochat.config import UserError
+from picochat.tools.doctor import probe_libuv
 
 DEFAULT_RDZV_PORT = 29400
 # Modules that bind `TCPStore` by name at import time; re-pointing their names covers every store torchrun makes.
@@ -77,8 +79,6 @@ class LaunchPlan:
 
 def libuv_available() -> tuple[bool, str]:
     """(available, why) from a real TCPStore probe (see doctor.probe_libuv)."""
-    from picochat.tools.doctor import probe_libuv
-
     p = probe_libuv()
     return bool(p.get("available")), p.get("error") or "libuv TCPStore works"
 
@@ -191,11 +191,9 @@ def plan_launch(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         if not rest:
             raise UserError("picochat launch: name the stage to run, e.g. `picochat launch --nproc-per-node 8 "
                             "pretrain --preset d20` (or --module pkg.mod for any module)")
-        from picochat.cli import COMMANDS
-
         stage = rest[0]
-        if stage not in COMMANDS:
-            raise UserError(f"picochat launch {stage}: unknown command; one of {', '.join(COMMANDS)}")
+        if stage not in cli.COMMANDS:
+            raise UserError(f"picochat launch {stage}: unknown command; one of {', '.join(cli.COMMANDS)}")
         if stage in ("launch", "speedrun"):
             raise UserError(f"picochat launch {stage}: {stage} starts `picochat launch` for its own stages; "
                             f"run `picochat {stage} ...` directly")
@@ -370,6 +368,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         _worker_main(sys.argv[2:])
     else:
-        from picochat.cli import main
-
-        sys.exit(main(["launch"] + sys.argv[1:]))
+        sys.exit(cli.main(["launch"] + sys.argv[1:]))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.config import UserError
+from picochat.files import atomic_write_text
 
 STAGES = [("base", "Pretraining (base)"), ("mid", "Midtraining"), ("sft", "SFT"), ("rl", "RL")]
 SOURCES = ["base", "mid", "sft", "rl"]
@@ -258,8 +259,7 @@ def _fmt_seconds(s: float) -> str:
 
 
 def build_report(run: str, price: float | None = None, html_out: bool = False) -> Path:
-    from picochat.checkpoint import atomic_write_text
-    from picochat.runtime import run_dir as _run_dir
+    from picochat.runtime import run_dir as _run_dir  # lazy: runtime imports torch (~2 s); `picochat report` needs none
 
     rdir = _run_dir(run)
     if not rdir.is_dir():
@@ -271,7 +271,7 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
     _add_flops(records.get("base", []), headers.get("base", {}))
     env = next((h.get("env") for h in headers.values() if h.get("env")), None) or {}
     if not env:
-        from picochat.runtime import environment_info
+        from picochat.runtime import environment_info  # lazy: runtime imports torch (~2 s); `report` needs none
 
         env = environment_info()
 
@@ -430,7 +430,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def latest_run() -> str:
-    from picochat.runtime import picochat_home
+    from picochat.runtime import picochat_home  # lazy: runtime imports torch (~2 s); `picochat report` needs none
 
     root = picochat_home() / "runs"
     runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.config import UserError, fingerprint
+from picochat.files import atomic_write_text
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -168,7 +169,7 @@ class StagePlan:
 
 
 def build_plan(cfg: SpeedrunConfig, preset: Preset, run: str, nproc: int) -> list[StagePlan]:
-    from picochat.runtime import default_data_dir, run_dir
+    from picochat.runtime import default_data_dir, run_dir  # lazy: torch (~2 s); only the stages need it
 
     overrides = parse_sets(cfg.sets)
     rdir = run_dir(run)
@@ -246,8 +247,6 @@ class RunState:
                 print(f"[speedrun] warning: {path} is corrupt; treating every stage as not done")
 
     def save(self) -> None:
-        from picochat.checkpoint import atomic_write_text
-
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
     def stage(self, name: str) -> dict[str, Any]:
@@ -378,7 +377,7 @@ def resolve_pretrain(plan: list[StagePlan], preset: Preset, world: int):
     """The pretrain stage's config and plan exactly as `picochat pretrain` will resolve them from its argv."""
     import torch
 
-    from picochat.stages import pretrain
+    from picochat.stages import pretrain  # lazy: torch (~2 s); only the stages need it
 
     sp = next((p for p in plan if p.name == "pretrain"), None)
     argv = sp.argv[1:] if sp else ["--depth", str(preset.depth)]
@@ -392,7 +391,7 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
              ) -> dict[str, Any]:
     """Model size, tokens, FLOPs, steps, time and cost of the pretraining stage (the dominant cost), from the same
     config resolution the stage itself uses."""
-    from picochat.model import flops_per_token, num_scaling_params
+    from picochat.model import flops_per_token, num_scaling_params  # lazy: torch (~2 s); only the stages need it
 
     cfg, pplan = resolve_pretrain(plan, preset, nproc)
     mc = pplan.model_config
@@ -403,7 +402,7 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
     mfu = expected_mfu(cfg.depth)
     ref_seconds = flops / (989e12 * mfu * 8)
     if hw["gpus"] > 0:
-        from picochat.runtime import PEAK_FLOPS
+        from picochat.runtime import PEAK_FLOPS  # lazy: torch (~2 s); only the stages need it
 
         peak = next((v for k, v in PEAK_FLOPS if hw["gpu_name"] and k in hw["gpu_name"]), 312e12)
         seconds = flops / (peak * mfu * nproc)
@@ -437,7 +436,7 @@ def expected_mfu(depth: int) -> float:
 
 
 def mc_params(mc) -> int:
-    from picochat.model import GPT
+    from picochat.model import GPT  # lazy: torch (~2 s); only the stages need it
     import torch
 
     with torch.device("meta"):
@@ -478,7 +477,7 @@ def print_plan(preset: Preset, plan: list[StagePlan], est: dict[str, Any], nproc
 
 
 def run(cfg: SpeedrunConfig) -> dict[str, Any]:
-    from picochat.runtime import picochat_home, run_dir
+    from picochat.runtime import picochat_home, run_dir  # lazy: torch (~2 s); only the stages need it
 
     hw = detect_hardware()
     if cfg.preset is None:
@@ -576,7 +575,7 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
         print(f"[speedrun] ===== {sp.name}: done in {_fmt_time(dt)} =====", flush=True)
         if sp.name == "data" and preset.data == "download" and not cfg.data_dir and preset.shards > preset.tokenizer_shards:
             # the rest of the shards download while the tokenizer trains
-            from picochat.runtime import default_data_dir
+            from picochat.runtime import default_data_dir  # lazy: torch (~2 s); only the stages need it
 
             cmd = [sys.executable, "-m", "picochat", "data", "download", "--shards", str(preset.shards),
                    "--out", str(default_data_dir("fineweb"))]
