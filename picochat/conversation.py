@@ -18,7 +18,7 @@ Token layout (mask 1 = trained on):
 Truncation rule (explicit, counted): a conversation longer than `max_tokens` keeps its longest prefix of whole turns
 that ends with a complete assistant turn; if not even the first user+assistant exchange fits, it is dropped (render
 returns empty lists). Every kept conversation therefore ends with `<|assistant_end|>`, which is always trained on, so
-a batch made of kept conversations can never be all-masked (nanochat's SFT NaN bug, see nanochat.md 6.3).
+a batch made of kept conversations can never be all-masked (nanochat's SFT NaN bug, fixed upstream in scripts/chat_sft.py).
 """
 
 from __future__ import annotations

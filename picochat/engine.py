@@ -6,7 +6,7 @@ One `Engine(model, tokenizer)` serves every caller (chat CLI, web server, evals,
         ...
     sequences, masks = engine.generate_batch(prompt, num_samples=B, ...)              # prompt + completion
 
-How it is fast (see performance.md section 6: an eager 20-layer decode is launch-bound at ~15 ms/token):
+How it is fast (an eager 20-layer decode is launch-bound at ~15 ms/token, as nanochat's is):
 - Prefill runs the model's own forward over the prompt once (batch 1) into a prompt cache that every row shares;
   each row caches only the tokens it generates. Sampling many rows from one prompt (RL, pass@k, `n`) therefore
   reads the prompt's keys/values once per step instead of once per row (attention.decode_attention, a Triton

@@ -39,7 +39,7 @@ class GPTConfig:
     value_embeds: bool = True   # ResFormer value embeddings on alternating layers
     softcap: float = 15.0
     rope_base: float = 100_000.0
-    # nanochat HEAD, autoresearch round 2 (nanochat.md 2.1): both measured as val-loss gains there
+    # nanochat HEAD (smear and backout in nanochat/gpt.py): both measured as val-loss gains there
     smear: bool = False         # x_t += lambda * sigmoid(W_s x_t[:24]) * x_{t-1} on the normed embeddings
     backout: bool = False       # before the final norm: x -= lambda * (residual after block n_layer // 2)
     ve_gate_scale: float = 2.0  # value-embedding gate = scale * sigmoid(W_g x[:12]); nanochat HEAD uses 3
@@ -240,7 +240,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """All initialisation lives here (values follow nanochat HEAD, nanochat.md section 2.3).
+        """All initialisation lives here (values follow nanochat HEAD, nanochat/gpt.py init_weights).
 
         | param                 | init                                          |
         | wte                   | N(0, 0.8)                                     |

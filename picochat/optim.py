@@ -490,7 +490,7 @@ def gpt_param_groups(model: torch.nn.Module, *, matrix_lr: float, embedding_lr: 
                      width_scale: float = 1.0, muon_weight_decay: float = 0.0, normuon_beta2: float | None = 0.9,
                      muon_eq: bool = False, muon_plus: bool = True, smear_lr: float | None = None
                      ) -> list[dict[str, Any]]:
-    """Group the GPT's parameters (nanochat.md 3.3): Muon for block matrices; AdamW per kind with its own betas.
+    """Group the GPT's parameters (as nanochat/gpt.py setup_optimizer): Muon for block matrices; AdamW per kind with its own betas.
 
     lr_scale is sqrt(B / 2^19) (all groups but smear/backout); width_scale is (d_model / 768)^-0.5 (embeddings and
     lm_head). smear_lr (default scaling.SMEAR_LR) is fixed: nanochat does not batch-scale that group.

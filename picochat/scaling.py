@@ -1,6 +1,6 @@
 """The depth dial: every training hyperparameter as a pure function of `depth` (and of the step for schedules).
 
-One knob, as in nanochat (nanochat.md section 2.4, HEAD 92d63d4); each rule cites where it comes from:
+One knob, as in nanochat (karpathy/nanochat scripts/base_train.py at 92d63d4); each rule cites where it comes from:
 
 | quantity        | rule                                                               | source |
 |-----------------|--------------------------------------------------------------------|--------|
@@ -30,7 +30,7 @@ REF_BATCH = 2**19
 BATCH_EXPONENT = 0.383     # Power Lines: B_opt ~ D^0.383
 MUON_WD_REF = 0.28         # Muon weight decay at the reference depth and batch
 
-# Base learning rates at B = 2^19 and d_model = 768 (nanochat HEAD, nanochat.md section 3.3).
+# Base learning rates at B = 2^19 and d_model = 768 (nanochat HEAD, scripts/base_train.py).
 MATRIX_LR = 0.02
 EMBEDDING_LR = 0.3
 VALUE_EMBED_LR = 0.15
@@ -105,7 +105,7 @@ def device_batch_size(depth: int, sequence_len: int = 2048, gpu_memory_gb: float
     """Default micro-batch rows per GPU: 64K tokens per micro-step up to d16, 32K up to d24, 16K beyond, halved per
     halving of memory. Measured on one 80 GB H100 in bf16: d12 x 32 rows = 30.9 GB, d20 x 16 = 46.0 GB, d20 x 32 =
     OOM. With fp8 (which saves fp8 copies of the matmul inputs) twice the rows up to d20, measured on one H200
-    (session 9, default configs, same machine for d12): d12 x 64 44.4 GB and +1.4% tok/s against x 32 (571.7K vs
+    (ea778e5, default configs, same machine for d12): d12 x 64 44.4 GB and +1.4% tok/s against x 32 (571.7K vs
     564.0K); d20 x 32 58.5 GB, 186.5K tok/s (x 16: 182.8-185.3K on two other machines). Deeper: not measured."""
     tokens = 65536 if depth <= 16 else (32768 if depth <= 24 else 16384)
     if fp8 and depth <= 20:

@@ -11,7 +11,7 @@ from picochat import scaling
     (6, 384, 3, 262144, 1062, 0.94), (12, 768, 6, 524288, 2520, 0.28), (20, 1280, 10, 1048576, 4980, 0.10),
     (24, 1536, 12, 1048576, 8352, 0.060), (32, 2048, 16, 2097152, 9600, 0.037)])
 def test_derive_matches_nanochat_table(depth, d_model, heads, batch, steps, wd):
-    """nanochat.md 2.4 (HEAD defaults: vocab 32768, T 2048, ratio 12)."""
+    """nanochat scripts/base_train.py (HEAD defaults: vocab 32768, T 2048, ratio 12)."""
     d = scaling.derive(depth)
     assert (d["n_embd"], d["n_head"], d["total_batch_size"], d["num_iterations"]) == (d_model, heads, batch, steps)
     assert d["muon_weight_decay"] == pytest.approx(wd, rel=0.03)

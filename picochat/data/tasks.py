@@ -17,7 +17,7 @@ Sources and where they are read from (`task_dir`, default `PICOCHAT_HOME/tasks`,
 | spelling_bee, simple_spelling, identity | generated here from a seed (no data needed)             |
 | jsonl:PATH      | any file of {"messages": [...]} lines (`--data-file`)                         |
 
-`/work/shared/data/tasks` has the jsonl layout above, so `--task-dir ../shared/data/tasks` works offline.
+A folder with the jsonl layout above, passed as `--task-dir DIR`, works offline.
 Mixtures are written as a spec string, e.g. `"smoltalk,mmlu:auxiliary_train,gsm8k*4,identity@2000"`:
 `name[:split][*factor][@count]`, comma separated (see `parse_mixture`).
 """
@@ -200,7 +200,7 @@ def find_task_file(task_dir: Path, candidates: Sequence[str], download: bool = T
     msg = f"{task_dir}: none of {list(candidates)} exists"
     if tried:
         msg += "; download failed: " + "; ".join(tried)
-    raise UserError(msg + "; put the file there (the layout of ../shared/data/tasks) or pass --task-dir DIR")
+    raise UserError(msg + "; put the file there (the layout above) or pass --task-dir DIR")
 
 
 def read_jsonl(path: Path) -> list[dict]:

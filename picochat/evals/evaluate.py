@@ -85,7 +85,7 @@ class ChatEvalConfig:
     tasks: str = field(default="arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spellingbee,synth",
                        metadata={"help": "comma-separated tasks"})
     max_problems: int = field(default=0, metadata={"help": "problems per task (0: all; a fixed shuffled subset)"})
-    task_dir: str | None = field(default=None, metadata={"help": "task files (layout of shared/data/tasks); "
+    task_dir: str | None = field(default=None, metadata={"help": "task files (one jsonl per task, see data/tasks.py); "
                                                                  "default PICOCHAT_HOME/tasks, downloaded if missing"})
     synth_eval: str | None = field(default=None, metadata={"help": "synth eval.jsonl (default: data/synth/eval.jsonl)"})
     num_samples: int = field(default=1, metadata={"help": "samples per generative problem (pass@k)"})

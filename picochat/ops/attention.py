@@ -4,7 +4,7 @@ Layout everywhere is (B, T, H, D). `choose()` is the only decision point:
 
 | case                                   | backend   | why |
 |----------------------------------------|-----------|-----|
-| full causal, CUDA                      | `sdpa`    | PyTorch's SDPA priority: on sm90/sm100 with torch >= 2.9 that is the cuDNN kernel (~430 TFLOP/s fwd+bwd on H100 here vs ~230 for FA2, performance.md section 3); elsewhere (Ampere, Ada, sm_120) flash/efficient, which ship with every build. No context manager in the traced graph, so torch.compile sees plain SDPA |
+| full causal, CUDA                      | `sdpa`    | PyTorch's SDPA priority: on sm90/sm100 with torch >= 2.9 that is the cuDNN kernel (about twice FA2's fwd+bwd throughput on H100: ~430 against ~230 TFLOP/s); elsewhere (Ampere, Ada, sm_120) flash/efficient, which ship with every build. No context manager in the traced graph, so torch.compile sees plain SDPA |
 | sliding window, CUDA                   | `flex`    | FlexAttention (compiled Triton), block mask built once per (T, window) |
 | anything on CPU / MPS                  | `sdpa` / `mask` | plain SDPA; windows via an explicit boolean mask |
 

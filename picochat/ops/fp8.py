@@ -4,7 +4,7 @@ Each converted Linear computes y = x W^T with both operands cast to float8 e4m3 
 ("tensorwise": amax / 448), and in backward casts the incoming gradient to e5m2 (wider range, amax / 57344) for
 dx = dy W and dW = dy^T x. The products run on the fp8 tensor cores through `torch._scaled_mm` and accumulate in
 fp32. Why tensorwise: nanochat measured it +17% tok/s at d26 on 8xH100 against bf16, and rowwise scaling a loss
-(performance.md section 2); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200 (README
+(with its own Float8Linear, karpathy/nanochat e569b59); modded-nanogpt runs its MLP in fp8 too. Measured here on one H200 (README
 "Performance"): a whole d20 step is 15% faster (181.1K tok/s, 59.4% bf16-equivalent MFU, against 157.6K) and needs
 21% less memory (35.0 GB against 44.4). At d12 all six matmuls in fp8 are *slower* (1.5%, 527.8K against 535.6K on
 one machine: the 768-wide attention projections are too small for their casts to pay, as nanochat also found at

@@ -30,7 +30,7 @@ ReLU², the residual add or the logit softcap on its output; q/k RoPE + QK-norm,
 KV-cache writes are one small kernel. A layer is then 8 launches instead of ~15, chained with programmatic
 dependent launch (`pdl`). Measured on an H100 (d20, 512-token prompt, README "Performance"): batch-1 decode went from
 855 tok/s (cuBLAS + compiled pieces) to 1,414-1,516 tok/s; GEMVs run at ~1.8 TB/s against cuBLAS's ~1.5.
-Session 5, on an H200, same machine before/after: 1,586.5 -> 1,810.8-1,837.3 tok/s (0.630 -> 0.544 ms per token),
+At 22e5653, on an H200, same machine before/after: 1,586.5 -> 1,810.8-1,837.3 tok/s (0.630 -> 0.544 ms per token),
 from two changes. The sampler spreads each row over 32 programs merged by one 64-bit atomic max; it was one program
 looping over 32K logits on one SM, 24.5 us per token. And the down projections get a pinned GEMV config: the
 autotuner times with the matrix hot in L2 and picked one that is 40% slower when the weights stream from HBM.

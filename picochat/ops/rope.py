@@ -8,7 +8,7 @@ Why: compiled from torch ops, RoPE + QK-norm of q and k were four kernels per la
 131K-token d12 micro-batch (64 x 2048) on an H200: 64 ms of an 872 ms step, 7% (profile of
 `picochat bench pretrain --depth 12 --steps 3 --warmup 2 --total-batch-size 0 --profile 80`). The two kernels
 here, in a profile of the new code (same command), take 0.10 ms (forward) and 0.14 ms (backward) per tensor, 0.48 ms
-per layer for q and k, at ~4 TB/s. End to end (session 11, one H200, same machine, against PICOCHAT_ROPE_KERNEL=0):
+per layer for q and k, at ~4 TB/s. End to end (95ef36b, one H200, same machine, against PICOCHAT_ROPE_KERNEL=0):
 d12 610.5K against 588.8K tok/s (+3.7%), d20 197.6K against 190.9K (+3.5%), and peak memory 4.5 / 6.3 GB lower.
 The backward works from the saved output y and the per-row rstd
 (dr = rstd * (dy - y * mean(dy * y)), then the inverse rotation), so it keeps nothing that attention does not
