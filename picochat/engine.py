@@ -33,6 +33,7 @@ import codecs
 import collections
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +50,7 @@ from picochat.checkpoint import find_run_with_stage, load_model
 from picochat.model import GPT, GPTConfig, KVCache, apply_rotary, build_model, rms_norm
 from picochat.ops import attention
 from picochat.runtime import compute_dtype, detect_device, peak_bandwidth, synchronize
-from picochat.sandbox import run_expression
+from picochat.sandbox import run_expression, unavailable_message
 
 CACHE_BUCKET = 256  # decode caches are allocated in multiples of this many positions
 
@@ -548,7 +549,18 @@ def _fused_kernels_on() -> bool:
     return os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0" and _kernels().available()
 
 
+_tool_off_said = False
+
+
 def _default_tool(expr: str) -> str | None:
+    """The python tool; without an OS sandbox it is off, and says so once (the model then sees no output)."""
+    global _tool_off_said
+    off = unavailable_message()
+    if off:
+        if not _tool_off_said:
+            print(f"[engine] python tool off: {off}", file=sys.stderr)
+            _tool_off_said = True
+        return None
     return run_expression(expr)
 
 

@@ -240,3 +240,17 @@ def test_installers_provide_bubblewrap():
     repo = __import__("pathlib").Path(__file__).resolve().parent.parent
     assert "bubblewrap" in (repo / "run.sh").read_text()
     assert '"bubblewrap"' in (repo / "launch" / "modal_app.py").read_text()
+
+
+def test_without_an_os_sandbox_humaneval_is_skipped_and_the_tool_says_why_once(monkeypatch, capsys):
+    from picochat import engine, sandbox
+    from picochat.evals import chat_eval
+
+    monkeypatch.delenv(sandbox.SANDBOX_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "_probed", lambda refresh=False: {"available": False, "reason": "bwrap not found"})
+    monkeypatch.setattr(engine, "_tool_off_said", False)
+    assert chat_eval.load_tasks(["humaneval"]) == []
+    assert engine._default_tool("1+1") is None and engine._default_tool("2+2") is None
+    err = capsys.readouterr().err
+    assert "humaneval skipped: python sandbox unavailable: bwrap not found" in err
+    assert err.count("python tool off") == 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from picochat.config import UserError
 from picochat.conversation import render_for_completion
 from picochat.data.synth import LETTERS, load_eval
 from picochat.data.tasks import ARC, GSM8K, HumanEval, MMLU, SpellingBee, normalise_number
+from picochat.sandbox import unavailable_message
 from picochat.engine import Engine, parts_to_text, tokens_to_parts
 from picochat.evals.core_eval import scored_logits
 from picochat.runtime import default_data_dir, get_rank, get_world_size, print0
@@ -113,6 +115,10 @@ def load_tasks(names: Sequence[str], task_dir: str | Path | None = None, synth_p
         elif name == "gsm8k":
             t = GSM8K("test", task_dir=task_dir)
         elif name == "humaneval":
+            off = unavailable_message()
+            if off:  # scoring every answer as wrong would read as a model result; say why it is missing instead
+                print(f"[eval] humaneval skipped: {off}", file=sys.stderr)
+                continue
             t = HumanEval(task_dir=task_dir)
         elif name == "spellingbee":
             t = SpellingBee(size=SPELLINGBEE_SIZE, split="test")
