@@ -372,6 +372,20 @@ def effective_fields(name: str, near: str = "picochat.stages") -> list[str]:
     return fields
 
 
+STAGE_FUNCTION_LINES = 80  # a stage reads top to bottom: setup, then a loop short enough to see at once
+
+
+def test_stage_functions_are_short():
+    long = []
+    for path in sorted((PKG / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > STAGE_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} is {n} lines")
+    assert not long, f"functions in stages/ over {STAGE_FUNCTION_LINES} lines:\n  " + "\n  ".join(long)
+
+
 def test_flag_counts_are_pinned():
     counts = {stage: len(effective_fields(cls)) for stage, cls in LEAF_CONFIGS.items()}
     changed = {s: f"{FLAG_COUNTS[s]} -> {n}" for s, n in counts.items() if n != FLAG_COUNTS[s]}
