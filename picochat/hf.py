@@ -16,7 +16,8 @@ sliced to the real vocab (picochat pads to a multiple of 64 and slices its logit
 exact for every string: byte-level BPE whose merges are recovered from the tiktoken ranks, our split regex, and our
 special tokens at the same ids. One convention differs by default: transformers turns special-token text typed in a
 string (say "<|bos|>") into the special id, picochat never does; `tokenizer(text, split_special_tokens=True)` and
-`apply_chat_template(..., sanitize_control_tokens=True)` (transformers >= 5.25) give picochat's ids exactly.
+`apply_chat_template(..., sanitize_control_tokens=True)` (in transformers 5.25; not in every 5.x) give picochat's ids
+exactly.
 """
 
 from __future__ import annotations
