@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from picochat import hf
 from picochat.config import UserError
 from picochat.files import atomic_path, atomic_write_text, replace_dir
 from picochat.model import GPTConfig, build_model
@@ -196,8 +197,11 @@ def find_run_with_stage(stage: str, run: str | None = None) -> tuple[str, Path]:
 def load_model(ckpt: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, meta).
 
-    meta.json must hold "model_config" (GPTConfig fields) and "tokenizer_dir".
+    meta.json must hold "model_config" (GPTConfig fields) and "tokenizer_dir". A Hugging Face folder (config.json,
+    no meta.json: `picochat export --format hf`, or a transformers nanochat model) loads through hf.py.
     """
+    if hf.is_hf_folder(ckpt):
+        return hf.load_model(Path(ckpt), device, dtype)
     meta = read_meta(ckpt)
     if "model_config" not in meta:
         raise UserError(f"{ckpt}/meta.json: no model_config; this checkpoint cannot be loaded as a model")

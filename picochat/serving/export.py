@@ -10,6 +10,13 @@ reads), `tokenizer/tokenizer.json` (copied, so the folder does not point back in
 `README.md` model card: JSON and safetensors only. No optimizer or loader state: an export is for inference, not for
 resuming training. It is written to a temporary folder and renamed into place, so an interrupted export never leaves
 a half-written model under the final name.
+
+`--format hf` writes a Hugging Face transformers folder instead (`hf.py` has the layout and the two model types):
+
+    picochat export --format hf --out my-chat-hf --dtype float32
+    AutoModelForCausalLM.from_pretrained("my-chat-hf", trust_remote_code=True)   # and AutoTokenizer likewise
+
+The modeling code shipped for `trust_remote_code` is `serving/hf_remote/*.py`, copied into the folder.
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from picochat import __version__
+from picochat import __version__, hf
 from picochat.checkpoint import STAGES, find_run_with_stage, load_model_state, read_meta
 from picochat.config import UserError, add_config_args, config_from_args
 from picochat.files import atomic_path
+from picochat.model import GPTConfig
+from picochat.tokenizer import EVAL_SAMPLES, Tokenizer
 
 FORMAT = "picochat-export-1"
+FORMATS = ("picochat", "hf")
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "hf_remote"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -45,6 +56,9 @@ class ExportConfig:
     dtype: str = field(default="bfloat16", metadata={"help": "weight dtype in the file (bfloat16 halves the size; "
                                                              "GPUs run bf16 anyway)", "choices": list(DTYPES)})
     force: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
+    format: str = field(default="picochat", metadata={"help": "picochat (loads in picochat) or hf (loads in Hugging "
+                                                              "Face transformers >= 5, and in picochat)",
+                                                      "choices": list(FORMATS)})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +109,12 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise UserError(f"--out {out}: already exists; choose another folder or add --force to replace it")
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else find_run_with_stage(cfg.source, cfg.run)[1]
+    if hf.is_hf_folder(ckpt):
+        raise UserError(f"--checkpoint {ckpt}: already an exported Hugging Face folder; load it directly "
+                        f"(--checkpoint {ckpt}) or export from the training checkpoint")
     meta = read_meta(ckpt)
     if "model_config" not in meta or not meta.get("tokenizer_dir"):
         raise UserError(f"{ckpt}/meta.json: no model_config or tokenizer_dir; not a model checkpoint picochat "
@@ -105,6 +124,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         raise UserError(f"{ckpt}: its tokenizer {tok_dir} is missing (tokenizer.json); the export needs it")
     dtype = DTYPES[cfg.dtype]
     state = {k.removeprefix("_orig_mod."): v for k, v in load_model_state(ckpt).items()}
+    if cfg.format == "hf":
+        return _run_hf(cfg, out, ckpt, meta, state, tok_dir)
     # safetensors stores each tensor contiguous and refuses shared storage; floating tensors take the export dtype
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
     n_params = sum(v.numel() for v in tensors.values())
@@ -127,9 +148,80 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
             "params": n_params, "dtype": cfg.dtype, "bytes": size}
 
 
+def _hf_card(meta: dict[str, Any], n_params: int, dtype: str, name: str, builtin: list[str]) -> str:
+    remote = ", trust_remote_code=True" if builtin else ""
+    kind = (f"our own `picochat` model type (`modeling_picochat.py`, needed for: {', '.join(builtin)})" if builtin
+            else "transformers' built-in `nanochat` model type (no remote code)")
+    return "\n".join([
+        f"# {name}", "",
+        f"A picochat model ({n_params:,} parameters, {dtype}): stage `{meta.get('stage')}` of run `{meta.get('run')}`, "
+        f"step {meta.get('step')}, in Hugging Face transformers format as {kind}.", "",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})',
+        f'tok = AutoTokenizer.from_pretrained("{name}")',
+        'ids = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,',
+        '                              return_tensors="pt", return_dict=True)',
+        "out = model.generate(**ids, max_new_tokens=64, do_sample=False)",
+        'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
+        f"picochat loads the folder too: `picochat chat --checkpoint {name}`.", ""])
+
+
+def _check_tokenizer(tok: Tokenizer, payload: str) -> None:
+    """The exported tokenizer.json must give picochat's ids: checked on fixed samples before anything is written."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf_tok = HFTokenizer.from_str(payload)
+    hf_tok.encode_special_tokens = True  # special-token text is plain text, as in picochat's encode
+    for text in [*EVAL_SAMPLES.values(), "naïve café 東京 🤗  \t\n\r\n 12345 <|bos|>"]:
+        got, want = hf_tok.encode(text, add_special_tokens=False).ids, tok.encode(text)
+        if got != want:
+            raise RuntimeError(f"export: tokenizer.json encodes {text[:40]!r} differently from picochat "
+                               f"({got[:8]} vs {want[:8]}); this is a bug in picochat's exporter")
+
+
+def _run_hf(cfg: ExportConfig, out: Path, ckpt: Path, meta: dict[str, Any], state: dict[str, torch.Tensor],
+            tok_dir: Path) -> dict[str, Any]:
+    """--format hf: the transformers folder described in hf.py, written atomically like the picochat format."""
+    mcfg = GPTConfig.from_saved(meta["model_config"])
+    tok = Tokenizer.load(tok_dir, expect_vocab_size=mcfg.vocab_size)
+    blockers = hf.builtin_blockers(mcfg, state)
+    tensors = {k: (v.to(DTYPES[cfg.dtype]) if v.is_floating_point() else v).contiguous().clone()
+               for k, v in hf.to_hf_state(mcfg, state, builtin=not blockers).items()}
+    n_params = sum(v.numel() for v in tensors.values())
+    tok_payload = hf.tokenizer_json(tok, str(tok_dir / "tokenizer.json"))
+    _check_tokenizer(tok, tok_payload)
+    info = _shareable(dict(meta, format="hf", dtype=cfg.dtype, picochat_version=__version__,
+                           hf_model_type=hf.BUILTIN_TYPE if not blockers else hf.REMOTE_TYPE))
+    info.pop("tokenizer_dir", None)
+    files = {"config.json": json.dumps(hf.hf_config(mcfg, tok, not blockers, cfg.dtype), indent=2),
+             "generation_config.json": json.dumps(hf.generation_config(tok), indent=2),
+             "tokenizer.json": tok_payload,
+             "tokenizer_config.json": json.dumps(hf.tokenizer_config(mcfg), indent=2),
+             "chat_template.jinja": hf.CHAT_TEMPLATE,
+             "picochat.json": json.dumps(info, indent=2, default=str),
+             "README.md": _hf_card(info, n_params, cfg.dtype, out.name, blockers)}
+    with atomic_path(out, directory=True) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if blockers:
+            for name in hf.REMOTE_FILES:
+                shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
+    return {"export": str(out), "checkpoint": str(ckpt), "stage": meta.get("stage"), "step": meta.get("step"),
+            "params": n_params, "dtype": cfg.dtype, "bytes": (out / "model.safetensors").stat().st_size,
+            "format": "hf", "hf_model_type": info["hf_model_type"], "remote_code_for": blockers}
+
+
 def cli_main(args: argparse.Namespace) -> int:
     res = run(config_from_args(ExportConfig, args))
     print(f"[export] {res['checkpoint']} -> {res['export']} ({res['params']:,} params, {res['dtype']}, "
           f"{res['bytes'] / 1e6:.1f} MB); load it with --checkpoint {res['export']}")
+    if res.get("format") == "hf":
+        remote = (f", trust_remote_code=True (needed for {', '.join(res['remote_code_for'])})"
+                  if res["remote_code_for"] else " (built-in nanochat type)")
+        print(f"[export] transformers: AutoModelForCausalLM.from_pretrained({res['export']!r}{remote})")
     print(json.dumps(res))
     return 0
