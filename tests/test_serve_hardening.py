@@ -224,6 +224,14 @@ def test_allow_host_flag_is_repeatable():
     assert config_from_args(ServeConfig, parser.parse_args([])).allow_host == []
 
 
+def test_bad_allow_host_is_one_line_before_loading_a_model(capsys):
+    from picochat import cli
+
+    assert cli.main(["serve", "--allow-host", "http://chat.example/"]) == 2  # no checkpoint exists: never reached
+    err = capsys.readouterr().err.strip()
+    assert "--allow-host 'http://chat.example/'" in err and "\n" not in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # /health with a key set
 

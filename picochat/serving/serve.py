@@ -76,10 +76,10 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     # "extend" so that `--allow-host a --allow-host b` and `--allow-host a b` both mean both; SUPPRESS keeps an unset
     # flag out of the namespace, so the dataclass default applies
     parser.add_argument("--allow-host", dest="allow_host", action="extend", nargs="+", default=argparse.SUPPRESS,
-                        metavar="NAME", help=dataclass_help(ServeConfig, "allow_host"))
+                        metavar="NAME", help=_field_help(ServeConfig, "allow_host"))
 
 
-def dataclass_help(cls: type, name: str) -> str:
+def _field_help(cls: type, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
