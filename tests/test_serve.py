@@ -190,7 +190,7 @@ def test_api_key_enforced(locked_server):
 
 def test_disconnect_stops_generation(locked_server):
     url, auth = locked_server.url, {"Authorization": "Bearer sekret"}
-    before = httpx.get(url + "/health").json()
+    before = httpx.get(url + "/health", headers=auth).json()  # with a key set, /health details need the key
     body = {"messages": MSG, "max_tokens": 300, "stream": True}  # ~6 s at 20 ms/step if nobody stopped it
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=30) as r:
         assert r.status_code == 200
@@ -201,7 +201,7 @@ def test_disconnect_stops_generation(locked_server):
                 break  # leaving the block closes the connection mid-stream
     deadline = time.time() + 5
     while True:
-        h = httpx.get(url + "/health").json()
+        h = httpx.get(url + "/health", headers=auth).json()
         if h["active"] == 0 and h["cancelled"] > before["cancelled"]:
             break
         assert time.time() < deadline, f"generation still running after disconnect: {h}"

@@ -5,6 +5,14 @@
 Routes: `GET /` (the chat page, no CDN assets), `POST /v1/chat/completions` (stream or not), `GET /v1/models`,
 `GET /health`. Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "none")`.
 
+Every request passes one guard (`_Guard`) before routing, so a hostile one costs little: a Host header this server was
+not addressed by is refused while it is bound to loopback (DNS rebinding: a page on evil.example re-resolves its name
+to 127.0.0.1 and its requests then carry `Host: evil.example`; `--allow-host` adds names); POST bodies must be
+`application/json` (a cross-site form can only send text/plain, urlencoded or multipart without a CORS preflight);
+a body over the limit is refused by its Content-Length before it is read, and a chunked one as soon as it passes the
+limit; the API key is checked. JSON that is malformed or nested deeper than MAX_JSON_DEPTH is a 400, and so is an
+OpenAI parameter this server does not implement (CHAT_PARAMS), so no client believes it got what it asked for.
+
 Concurrency: one model replica per device (`--devices N`), each driven by its own worker thread; requests wait in one
 FIFO queue and the first free replica takes the oldest. The asyncio event loop only parses, validates and relays
 text, so it never blocks on the model. A request whose client disconnects is cancelled: queued, it is skipped;
@@ -20,13 +28,14 @@ functions.
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +66,21 @@ class ServeConfig:
     max_total_chars: int = field(default=32000, metadata={"help": "most characters per request"})
     max_n: int = field(default=8, metadata={"help": "most choices (n) per request"})
     model_name: str | None = field(default=None, metadata={"help": "model id shown by /v1/models"})
+    allow_host: list[str] = field(default_factory=list, metadata={
+        "help": "host name clients may address besides localhost/127.0.0.1/[::1] and --host (repeatable; '*' = "
+                "any). Checked while bound to loopback, or whenever set"})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, ServeConfig)
+    add_config_args(parser, ServeConfig, skip=("allow_host",))
+    # "extend" so that `--allow-host a --allow-host b` and `--allow-host a b` both mean both; SUPPRESS keeps an unset
+    # flag out of the namespace, so the dataclass default applies
+    parser.add_argument("--allow-host", dest="allow_host", action="extend", nargs="+", default=argparse.SUPPRESS,
+                        metavar="NAME", help=_field_help(ServeConfig, "allow_host"))
+
+
+def _field_help(cls: type, name: str) -> str:
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
 def _require_server_deps() -> None:
@@ -86,6 +106,71 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# The request parameters /v1/chat/completions implements (parse_request reads each one). A parameter outside this set
+# and NEUTRAL_PARAMS is refused with a 400 naming it rather than ignored: a client asking for logprobs, tools or a
+# JSON mode must not receive plain text as if it had been honoured. Implementing one means adding its name here.
+CHAT_PARAMS = frozenset({"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                         "n", "seed", "stop", "stream", "stream_options", "user"})
+
+# Parameters accepted only at the values that ask for what this server does anyway; SDK wrappers send some of them
+# by default. Any other value is refused like an unknown parameter. A null value anywhere means "not given".
+NEUTRAL_PARAMS: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,), "logit_bias": ({},), "tools": ([],),
+    "parallel_tool_calls": (True, False), "store": (False,), "response_format": ({"type": "text"},),
+}
+
+# Deepest JSON nesting a request may use. A chat request needs 5 (body > messages > message > content parts >
+# part); the rest is slack. Deeper bodies are refused before anything walks them.
+MAX_JSON_DEPTH = 32
+
+
+def check_params(body: dict, supported: frozenset[str], neutral: dict[str, tuple] = NEUTRAL_PARAMS) -> None:
+    """Raise a 400 naming the first parameter of `body` that is neither supported nor at a neutral value."""
+    for name, value in body.items():
+        if value is None or name in supported:
+            continue
+        ok = neutral.get(name, ())
+        if any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in ok):
+            continue
+        accepted = f" (accepted only as {' or '.join(json.dumps(v) for v in ok)})" if ok else ""
+        raise APIError(400, f"parameter '{name}' is not supported by this server{accepted}", name,
+                       "unsupported_parameter")
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion (a scalar is 0, `[]` is 1)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:  # one level past the limit is enough to refuse
+                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON, or a one-line 400: malformed, not UTF-8, NaN/Infinity, too deep."""
+    if not raw.strip():
+        raise APIError(400, "the request body is empty: send a JSON object", None, "invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # the C decoder stops at the interpreter's recursion limit
+        body, depth = None, MAX_JSON_DEPTH + 1
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        msg = "a number has too many digits" if "digits" in str(e) else " ".join(str(e).split())
+        raise APIError(400, f"malformed JSON body: {msg}", None, "invalid_json") from None
+    else:
+        depth = _json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+    return body
 
 
 @dataclass
@@ -118,6 +203,10 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
     """Validate a /v1/chat/completions body against the limits; raise APIError (4xx) naming the bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", None, "invalid_json")
+    check_params(body, CHAT_PARAMS)
+    for name in ("model", "user"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise APIError(400, f"'{name}' must be a string", name, "invalid_type")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", "messages", "invalid_value")
@@ -169,6 +258,9 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", "stream", "invalid_type")
     opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), (bool, type(None))):
+        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options",
+                       "invalid_type")
     top_k = _num(body, "top_k", int, 0, 1000, cfg.top_k)
     top_p = _num(body, "top_p", float, 0.0, 1.0, 1.0)
     if top_p <= 0:
@@ -178,7 +270,7 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
                                                                            cfg.temperature),
                   top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, n=_num(body, "n", int, 1, cfg.max_n, 1),
                   seed=(seed if seed is not None else secrets.randbits(31)) % (2**63), stop=stop, stream=stream,
-                  include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")))
+                  include_usage=bool(opts.get("include_usage")))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,6 +427,129 @@ class Pool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The guard in front of every route
+
+
+def max_body_bytes(cfg: ServeConfig) -> int:
+    """Largest body a valid request can need: a character may take 12 bytes as an escaped surrogate pair (what
+    `json.dumps` writes by default for an emoji), plus each message's keys and quotes, plus the other parameters."""
+    return 12 * cfg.max_total_chars + 64 * cfg.max_messages + 65536
+
+
+def host_name(value: str) -> str:
+    """A Host header or host flag as a bare lower-case name: "[::1]:8000" -> "::1", "LocalHost.:80" -> "localhost"."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        v = v[1:v.find("]")] if "]" in v else v[1:]
+    elif v.count(":") == 1:  # name:port; a bare IPv6 address has several colons
+        v = v.split(":")[0]
+    return v.rstrip(".")
+
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(cfg: ServeConfig) -> frozenset[str] | None:
+    """Host names requests may address, or None for any: bound to all interfaces with no --allow-host, the server
+    is reached by whatever name the operator gave it, and --api-key is the protection there."""
+    for h in cfg.allow_host:
+        if not h.strip() or any(c in h for c in "/ \t@?#"):
+            raise UserError(f"--allow-host {h!r}: give a bare host name such as chat.example.com (no scheme, path, "
+                            f"user or spaces), or '*' for any")
+    extra = {host_name(h) for h in cfg.allow_host}
+    if "*" in extra or not (_is_loopback(host_name(cfg.host)) or extra):
+        return None
+    return frozenset({"localhost", "127.0.0.1", "::1", host_name(cfg.host)} | extra)
+
+
+def authorized(api_key: str | None, headers) -> bool:
+    given = headers.get("authorization", "")
+    return not api_key or secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+
+class _BodyTooLarge(APIError):
+    def __init__(self, limit: int, size: int | None = None):
+        got = f"request body of {size} bytes" if size is not None else "request body"
+        super().__init__(413, f"{got} is over this server's limit of {limit} bytes", None, "request_too_large")
+
+
+class _Guard:
+    """ASGI middleware run before routing: Host, API key, Content-Type and body size, each refused with one JSON
+    error line and `Connection: close` (so the server does not go on reading a body it refused)."""
+
+    def __init__(self, app, hosts: frozenset[str] | None, api_key: str | None, max_body: int):
+        self.app, self.hosts, self.api_key, self.max_body = app, hosts, api_key, max_body
+
+    def check(self, scope, headers) -> None:
+        host = headers.get("host")
+        # No Host at all is an HTTP/1.0 client, never a browser, so it cannot be a rebinding page
+        if self.hosts is not None and host is not None:
+            name = host_name(host)
+            if name not in self.hosts and not _is_loopback(name):
+                raise APIError(421, f"Host {host!r} is not served here: this server answers to "
+                                    f"{', '.join(sorted(self.hosts))}; start it with --allow-host {name} to add it",
+                               None, "host_not_allowed")
+        if scope["path"].startswith("/v1/") and not authorized(self.api_key, headers):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key", type="authentication_error")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise APIError(415, f"request body must be sent as 'Content-Type: application/json', "
+                                    f"not {ctype or 'none'!r}", None, "unsupported_media_type")
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                raise _BodyTooLarge(self.max_body, int(length))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        try:
+            self.check(scope, Headers(scope=scope))
+        except APIError as e:
+            return await error_response(e, close=True)(scope, receive, send)
+        seen = 0
+
+        async def capped_receive():
+            # counted as chunks arrive, so a chunked body without Content-Length is stopped at the limit too
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge(self.max_body)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+def error_response(e: APIError, close: bool = False):
+    from fastapi.responses import JSONResponse
+
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    if close or e.status == 413:
+        headers["Connection"] = "close"
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _until_disconnect(receive, job: "Job") -> None:
+    """Wait for the client to go away (the body is already read, so the next message is the disconnect), then stop
+    its job: queued, the worker skips it; running, generation stops at the next token."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+    job.events.put_nowait(("end", "disconnected"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -342,9 +557,10 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     """Build the FastAPI app. `engines` (one per replica) are loaded from the checkpoint when not given."""
     _require_server_deps()
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    hosts = allowed_hosts(cfg)  # a bad --allow-host is reported before the model loads
     if engines is None:
         engines, model_name = load_replicas(cfg)
     model_name = cfg.model_name or model_name or "picochat"
@@ -352,6 +568,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     pool = Pool(engines)
     tok = engines[0].tokenizer
     context = engines[0].max_context
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -359,38 +576,29 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
 
     app = FastAPI(title="picochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
-
-    def error(e: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    app.add_middleware(_Guard, hosts=hosts, api_key=api_key, max_body=max_body_bytes(cfg))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error(e)
+        return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error(APIError(e.status_code, str(e.detail), None, "not_found" if e.status_code == 404 else None))
+        code = "not_found" if e.status_code == 404 else None
+        return error_response(APIError(e.status_code, str(e.detail), None, code))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return error(APIError(500, f"internal error: {type(e).__name__}", None, None, type="server_error"))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                      None, "invalid_api_key", type="authentication_error"))
-        return await call_next(request)
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", None, None, type="server_error"))
 
     @app.get("/")
     async def index():
         return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not authorized(api_key, request.headers):  # alive, and nothing about the model or load to strangers
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "replicas": len(engines), "queued": pool.jobs.qsize(),
                 "auth": bool(api_key), "context": context, **pool.stats}
 
@@ -401,14 +609,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
-        raw = await request.body()
-        if len(raw) > 4 * cfg.max_total_chars + 65536:
-            raise APIError(413, f"request body of {len(raw)} bytes is too large", None, "request_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}", None, "invalid_json") from None
-        p = parse_request(body, cfg)
+        p = parse_request(parse_json(await request.body()), cfg)  # the guard caps the body as it arrives
         prompt = render_for_completion(tok, {"messages": p.messages}, where="messages")
         if len(prompt) >= context:
             raise APIError(400, f"the conversation is {len(prompt)} tokens; this model's context is {context}",
@@ -426,20 +627,18 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
         if p.stream:
             return StreamingResponse(_stream(job, cid, created, model_name, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(_until_disconnect(request.receive, job))
         try:
             while True:
-                try:
-                    kind, data = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    continue
+                kind, data = await job.events.get()
                 if kind == "error":
                     raise APIError(500, f"generation failed: {data}", None, None, type="server_error")
+                if kind == "end" and data == "disconnected":
+                    return Response(status_code=499)  # nobody is left to read it
                 if kind == "end":
                     break
         finally:
+            watcher.cancel()
             job.cancelled.set()  # no-op when finished; stops the worker if this handler was cancelled
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
