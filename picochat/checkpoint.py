@@ -78,11 +78,16 @@ class _HashingWriter:
 
     def __init__(self, f: Any):
         self.f, self.name, self.h, self.size = f, f.name, hashlib.new(HASH), 0
+        self.error: OSError | None = None
 
     def write(self, b: Any) -> int:
         self.h.update(b)
         self.size += len(memoryview(b))
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:  # torch's zip writer turns it into a RuntimeError; _save_hashed raises it as it was
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -92,7 +97,12 @@ def _save_hashed(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path` atomically; returns {"bytes", "digest"} of what was written."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         w = _HashingWriter(f)
-        torch.save(obj, w)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
         f.flush()
     return {"bytes": w.size, "digest": w.h.hexdigest()}
 
@@ -149,7 +159,10 @@ def verify_checkpoint(ckpt: str | Path, names: set[str] | None = None) -> list[s
     if sums is None:
         return _verify_legacy(ckpt, names)
     try:
-        if meta.get("meta_checksum") != _meta_digest(meta):
+        if "meta_checksum" not in meta:
+            _warn_once(f"unsealed:{ckpt}", f"[checkpoint] WARNING: {ckpt}/meta.json has no meta_checksum (edited by "
+                                           f"hand?); its other files are still verified")
+        elif meta["meta_checksum"] != _meta_digest(meta):
             return ["meta.json: content does not match its meta_checksum (corrupted or edited; after a deliberate "
                     "edit, delete the meta_checksum line)"]
         algorithm, problems = sums.get("algorithm", HASH), []
@@ -363,7 +376,7 @@ def _sizes_match(ckpt: Path) -> bool:
         sums = meta.get("checksums")
         if sums is None:
             return True
-        return meta.get("meta_checksum") == _meta_digest(meta) and all(
+        return meta.get("meta_checksum", _meta_digest(meta)) == _meta_digest(meta) and all(
             (ckpt / n).is_file() and (ckpt / n).stat().st_size == r["bytes"] for n, r in sums["files"].items())
     except (UserError, OSError, AttributeError, KeyError, TypeError):
         return False
