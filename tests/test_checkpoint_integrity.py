@@ -446,3 +446,66 @@ def test_a_tokenizer_outside_picochat_home_stays_absolute(tmp_path):
     ck, _ = _tiny_model_checkpoint(checkpoints_dir("abs", "base"), tok_dir=tok_dir)
     assert json.loads((ck / "meta.json").read_text())["tokenizer_dir"] == str(tok_dir)
     assert read_meta(ck)["tokenizer_dir"] == str(tok_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chat stages (midtrain, SFT, RL) share the same opener, saves and resume
+
+
+def _chat_base(run_name: str):
+    from picochat.config import to_dict
+
+    tok = Tokenizer.train(["hello there, how are you? fine thanks. " * 50], vocab_size=300)
+    tok.save(default_tokenizer_dir())
+    cfg = GPTConfig(sequence_len=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    meta = {"stage": "base", "run": run_name, "model_config": to_dict(cfg), "tokenizer_dir": str(default_tokenizer_dir()),
+            "config": {"data_dir": "", "total_batch_size": 32, "device_batch_size": 2, "max_seq_len": 16}}
+    save_checkpoint(checkpoints_dir(run_name, "base"), 1, build_model(cfg).state_dict(), None, meta, None)
+
+
+def _chat_train(cfg, stop_at: int = 0):
+    """Open the SFT stage on the base and train 4 deterministic next-token steps (stopping after `stop_at`)."""
+    from functools import partial
+
+    from picochat.stages import chat
+
+    def step(st, stop_at=0):
+        x = torch.randint(0, st.tok.vocab_size, (2, 17), generator=torch.Generator().manual_seed(st.step))
+        loss = st.train_model(x[:, :-1], x[:, 1:])
+        st.opt.arm(True)
+        loss.backward()
+        if stop_at and st.step + 1 == stop_at:
+            st.stop.requested = True
+        return chat.StepOut(loss.detach(), 32, "", {})
+
+    with chat.open_stage("sft", cfg, source="base", source_order=("base",), shape_of=partial(chat.inherit, cfg),
+                         setup=lambda st: (4, {})) as st:
+        resumed = st.resume_from
+        chat.train_loop(st, step_fn=partial(step, stop_at=stop_at), evaluate=lambda st, at: {"val": 0.0},
+                        lr_at=lambda s, total: 1.0, doing="training", oom_shape=(2, 16, 32))
+        return resumed, {k: v.clone() for k, v in st.model.state_dict().items()}
+
+
+def test_a_chat_stage_skips_a_damaged_checkpoint_and_refuses_resume_never():
+    from dataclasses import replace
+
+    from picochat.stages import sft
+
+    for name in ("lone", "cut"):
+        _chat_base(name)
+    cfg = sft.SFTConfig(device="cpu", dtype="float32", eval_every=0, save_every=1, keep_last=3)
+    _, lone = _chat_train(replace(cfg, run="lone"))
+    _chat_train(replace(cfg, run="cut"), stop_at=3)
+    root = checkpoints_dir("cut", "sft")
+    assert [p.name for p in list_checkpoints(root)] == ["step_000001", "step_000002", "step_000003"]
+    raw = json.loads((root / "step_000003" / "meta.json").read_text())
+    assert not os.path.isabs(raw["parent"]) and not os.path.isabs(raw["tokenizer_dir"])
+    _damage(root / "step_000003" / "optim_rank0.pt", "flip")
+    resumed, cut = _chat_train(replace(cfg, run="cut"))
+    assert resumed.name == "step_000002" and (root / "step_000003.bad").is_dir()
+    assert all(torch.equal(lone[k], cut[k]) for k in lone)  # the fallback continues exactly
+    before = _tree_digest(stage_dir("cut", "sft"))
+    with pytest.raises(UserError, match="run 'cut' stage sft.*--resume wipe"):
+        _chat_train(replace(cfg, run="cut", resume="never"))
+    assert _tree_digest(stage_dir("cut", "sft")) == before
