@@ -11,6 +11,7 @@ Standard library only: `picochat data synth` imports this without torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -63,6 +64,11 @@ def replace_dir(tmp: str | Path, path: str | Path) -> None:
     else:
         os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An exception from a write that ran out of space (ENOSPC) or quota (EDQUOT)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _remove(p: Path) -> None:

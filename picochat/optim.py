@@ -421,7 +421,7 @@ class MuonAdamW:
         for s in states:
             if s.get("format") != "picochat.MuonAdamW/1":
                 raise UserError("optimizer checkpoint: unknown format (written by another optimizer?); "
-                                "resume with --resume never to start this stage fresh")
+                                "start this stage over with --resume wipe")
         steps = {s["step"] for s in states}
         if len(steps) != 1:
             raise UserError(f"optimizer checkpoint: ranks disagree on the step count ({sorted(steps)}); the "

@@ -15,17 +15,21 @@ Nothing here knows about a particular stage. A stage uses it like this:
         print0(format_step_line(...)); metrics.log({...})
         if stop_now: save; break
 
-Resume: `find_resume_checkpoint(ckpt_root, mode)` picks the checkpoint to continue from; `capture_rng_state()` /
-`restore_rng_state()` make the continuation exact.
+Resume: `lock_stage(stage_dir, run, stage)` makes the process the stage's one trainer (rank 0 holds a flock on
+`<stage dir>/lock`), `find_resume_checkpoint(ckpt_root, mode)` picks the newest checkpoint that verifies, and
+`capture_rng_state()` / `restore_rng_state()` make the continuation exact.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -34,12 +38,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from picochat.checkpoint import latest_checkpoint, read_meta
+from picochat.checkpoint import (all_ranks, checkpoint_files, disk_full_error, quarantine, read_meta,
+                                 verify_checkpoint)
 from picochat.config import UserError, to_dict
-from picochat.files import atomic_write_text
+from picochat.files import atomic_write_bytes, atomic_write_text, is_disk_full
 from picochat.ops import attention
 from picochat.ops import fp8 as fp8_ops
-from picochat.runtime import environment_info, fused_loss_switch, gpu_memory, is_rank0, print0
+from picochat.runtime import (barrier, environment_info, fused_loss_switch, get_rank, get_world_size, gpu_memory,
+                              is_rank0, print0)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run header and metrics
@@ -50,7 +56,8 @@ def write_run_header(stage_dir: Path, config: Any, device: torch.device | None =
     """Write `run.json` (resolved config, versions, GPU, git SHA) on rank 0. Returns the header dict on every rank.
 
     `config` is a dataclass or a dict. Re-running a stage (resume) rewrites the header; the previous one is kept as
-    `run.prev.json` so a changed config stays visible.
+    `run.prev.json` so a changed config stays visible. Both are written atomically, the copy first, so a full disk
+    leaves `run.json` as it was (and raises one UserError).
     """
     cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
     header = {"config": cfg, "env": environment_info(device), **(extra or {})}
@@ -58,9 +65,15 @@ def write_run_header(stage_dir: Path, config: Any, device: torch.device | None =
         stage_dir = Path(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         path = stage_dir / "run.json"
-        if path.exists():
-            os.replace(path, stage_dir / "run.prev.json")
-        atomic_write_text(path, json.dumps(header, indent=2, default=str))
+        text = json.dumps(header, indent=2, default=str)
+        try:
+            if path.exists():
+                atomic_write_bytes(stage_dir / "run.prev.json", path.read_bytes())
+            atomic_write_text(path, text)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(e, f"{path}", stage_dir, 2 * len(text), "run.json is intact") from e
+            raise
     return header
 
 
@@ -342,24 +355,189 @@ def out_of_memory(stage: str, step: int, rows: int, seq_len: int | None, total_t
 # Resume helpers
 
 
-RESUME_MODES = ("auto", "never")
+RESUME_MODES = ("auto", "never", "wipe")
+RESUME_HELP = ("auto (the newest checkpoint of the run that verifies) | never (refuses if the run has checkpoints) | "
+               "wipe (deletes them, starts over) | a checkpoint directory")
+
+
+def _where(ckpt_root: Path) -> str:
+    """`run 'x' stage base` for `PICOCHAT_HOME/runs/x/base/checkpoints`."""
+    return f"run {ckpt_root.parent.parent.name!r} stage {ckpt_root.parent.name}"
+
+
+def _step_dirs(ckpt_root: Path) -> list[Path]:
+    """Every `step_XXXXXX` folder, oldest first, with or without its meta.json (a damaged one is named, not
+    silently passed over)."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def verify_on_all_ranks(ckpt: Path) -> list[str]:
+    """verify_checkpoint with the hashing split across ranks (rank r checks every world-th file); every rank gets
+    the same list of problems, so all ranks make the same choice."""
+    names = checkpoint_files(ckpt)
+    mine = set(names[get_rank()::get_world_size()])
+    return sorted({msg for part in all_ranks(verify_checkpoint(ckpt, mine)) for msg in part})
 
 
 def find_resume_checkpoint(ckpt_root: Path, mode: str = "auto") -> Path | None:
-    """The checkpoint to continue from: the latest complete one under `ckpt_root` for mode 'auto', else None.
+    """The checkpoint to continue from (collective: every rank calls it), or None to start fresh.
 
-    Mode 'never' starts fresh (existing checkpoints of the stage are overwritten as the new run saves). A path
-    given as `mode` resumes from that checkpoint directory.
+    'auto': the newest checkpoint that verifies; each newer one that does not is named in a warning and moved
+    aside (`step_XXXXXX.bad`, nothing deleted). 'never': start fresh, refusing (and deleting nothing) when the stage
+    already has checkpoints, which a fresh run would overwrite and prune. 'wipe': delete the stage's checkpoints,
+    then start fresh. A path: that checkpoint directory, which must verify.
     """
+    ckpt_root = Path(ckpt_root)
+    existing = _step_dirs(ckpt_root)
     if mode == "never":
+        if existing:
+            raise UserError(f"--resume never: {_where(ckpt_root)} already has {len(existing)} checkpoint(s) "
+                            f"(newest {existing[-1].name}, in {ckpt_root}); nothing was deleted. Continue it with "
+                            f"--resume auto, train under another --run NAME, or start it over with --resume wipe "
+                            f"(deletes them)")
+        return None
+    if mode == "wipe":
+        if is_rank0() and ckpt_root.is_dir():
+            shutil.rmtree(ckpt_root)
+            print0(f"[resume] --resume wipe: deleted {len(existing)} checkpoint(s) of {_where(ckpt_root)}")
+        barrier()
         return None
     if mode == "auto":
-        return latest_checkpoint(ckpt_root)
+        return _newest_verified(ckpt_root, existing)
     p = Path(mode)
     if not (p / "meta.json").exists():
-        raise UserError(f"--resume {mode!r}: expected auto, never, or a checkpoint directory holding meta.json")
+        raise UserError(f"--resume {mode!r}: expected {', '.join(RESUME_MODES)}, or a checkpoint directory holding "
+                        f"meta.json")
+    problems = verify_on_all_ranks(p)
+    if problems:
+        raise UserError(f"--resume {mode}: the checkpoint fails verification ({'; '.join(problems)}); pass "
+                        f"another checkpoint directory, or --resume auto for the newest one that verifies")
     read_meta(p)
     return p
+
+
+def _newest_verified(ckpt_root: Path, ckpts: list[Path]) -> Path | None:
+    for ck in reversed(ckpts):
+        problems = verify_on_all_ranks(ck)
+        if not problems:
+            return ck
+        moved = quarantine(ck) if is_rank0() else ck
+        barrier()
+        print0(f"[resume] WARNING: checkpoint {ck} is damaged and was skipped ({'; '.join(problems)}); moved aside "
+               f"to {moved.name} (nothing deleted); falling back to the previous checkpoint")
+    if ckpts:
+        raise UserError(f"{_where(ckpt_root)}: none of its {len(ckpts)} checkpoint(s) verifies (each named above, "
+                        f"moved aside as step_*.bad in {ckpt_root}, nothing deleted); rerun to start fresh, or "
+                        f"train under another --run NAME")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One trainer per run and stage
+
+
+_held: dict[str, int] = {}  # lock path -> descriptor, of the locks this process holds
+
+
+class StageLock:
+    """The flock on `<stage dir>/lock` (its content: host, pid, start time). The kernel drops a flock when its
+    process dies, however it dies, so a held lock means a live holder; `release()` (or process exit) frees it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        if _held.get(str(self.path)) == self.fd:
+            del _held[str(self.path)]
+            try:
+                os.ftruncate(self.fd, 0)  # empty: nobody holds it
+            except OSError:
+                pass
+            os.close(self.fd)
+        self.fd = -1
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        rec = json.loads(path.read_text() or "{}")
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def _acquire(path: Path, run: str, stage: str) -> StageLock | None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if str(path) in _held:  # an earlier stage of this process did not release it: ours to take again
+        StageLock(path, _held[str(path)]).release()
+    for attempt in range(3):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = _holder(path)
+            if who.get("host") == socket.gethostname() and not _alive(who.get("pid")) and attempt < 2:
+                # the recorded process is gone, yet its lock is held: a child it forked kept the descriptor. The run
+                # is dead; a new lock file (new inode) takes over
+                print0(f"[lock] {path}: its holder, pid {who.get('pid')}, is gone; taking the lock over")
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(f"run {run!r} stage {stage} is already being trained by pid {who.get('pid', '?')} on "
+                            f"{who.get('host', '?')} (lock {path}); wait for it to finish, stop it, or train under "
+                            f"another --run NAME") from None
+        except OSError as e:  # e.g. ENOLCK: a network file system without locks
+            os.close(fd)
+            print0(f"[lock] WARNING: cannot lock {path} ({e.strerror}); a second process on this run would not be "
+                   f"stopped")
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # unlinked by a take-over between our open and our flock: lock the new file instead
+            os.close(fd)
+            continue
+        prev = _holder(path)
+        if prev.get("pid") and (prev.get("pid"), prev.get("host")) != (os.getpid(), socket.gethostname()):
+            print0(f"[lock] took over the lock of pid {prev['pid']} on {prev.get('host')}, which ended without "
+                   f"releasing it (killed?)")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
+        _held[str(path)] = fd
+        return StageLock(path, fd)
+    raise UserError(f"{path}: could not take the run's lock (it changed hands during the attempt); rerun")
+
+
+def lock_stage(stage_dir: Path, run: str, stage: str) -> StageLock | None:
+    """Make this process the one that trains `run`'s `stage` (collective; rank 0 takes the lock, which also covers a
+    file system shared across nodes). A second process refuses on every rank with one line naming the holder."""
+    lock, err = None, None
+    if is_rank0():
+        try:
+            lock = _acquire(Path(stage_dir) / "lock", run, stage)
+        except UserError as e:
+            err = str(e)
+    errors = [e for e in all_ranks(err) if e]
+    if errors:
+        if lock is not None:
+            lock.release()
+        raise UserError(errors[0])
+    return lock
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:

@@ -34,7 +34,8 @@ import safetensors.torch
 import torch
 
 from picochat import __version__, hf
-from picochat.checkpoint import STAGES, find_run_with_stage, load_model_state, read_meta
+from picochat.checkpoint import (STAGES, check_checkpoint, file_checksums, find_run_with_stage, load_model_state,
+                                 read_meta, seal_meta)
 from picochat.config import UserError, add_config_args, config_from_args
 from picochat.files import atomic_path
 from picochat.model import GPTConfig
@@ -77,7 +78,9 @@ def _shareable(meta: dict[str, Any]) -> dict[str, Any]:
             return Path(v).name
         return v
 
-    out = {k: scrub(v) for k, v in meta.items() if k not in ("parent", "checkpoint_dir")}
+    # the training checkpoint's checksums describe its files, not the export's (which records its own)
+    dropped = ("parent", "checkpoint_dir", "checksums", "meta_checksum")
+    out = {k: scrub(v) for k, v in meta.items() if k not in dropped}
     if isinstance(out.get("env"), dict):
         out["env"] = {k: v for k, v in out["env"].items() if k not in ("hostname", "torch_path")}
     return out
@@ -115,6 +118,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     if hf.is_hf_folder(ckpt):
         raise UserError(f"--checkpoint {ckpt}: already an exported Hugging Face folder; load it directly "
                         f"(--checkpoint {ckpt}) or export from the training checkpoint")
+    check_checkpoint(ckpt, {"model.pt", "model.safetensors"})
     meta = read_meta(ckpt)
     if "model_config" not in meta or not meta.get("tokenizer_dir"):
         raise UserError(f"{ckpt}/meta.json: no model_config or tokenizer_dir; not a model checkpoint picochat "
@@ -141,7 +145,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         (tmp / "tokenizer").mkdir()
         # tokenizer.json is all that loading needs (token_bytes.pt is derived from it and is a pickle)
         shutil.copy2(tok_dir / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(exported, indent=2, default=str))
+        exported["checksums"] = file_checksums(tmp, ["model.safetensors", "tokenizer/tokenizer.json"])
+        (tmp / "meta.json").write_text(seal_meta(exported))
         (tmp / "README.md").write_text(_model_card(exported, n_params, cfg.dtype, out.name))
     size = (out / "model.safetensors").stat().st_size
     return {"export": str(out), "checkpoint": str(ckpt), "stage": meta.get("stage"), "step": meta.get("step"),

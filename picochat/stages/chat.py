@@ -43,7 +43,7 @@ class ChatStageConfig:
     run: str = field(default="", metadata={"help": "run name (default: the run that holds the source checkpoint)"})
     source: str = field(default="auto", metadata={"help": "checkpoint to start from: auto | base | mid | sft | a "
                                                           "checkpoint directory"})
-    resume: str = field(default="auto", metadata={"help": "auto (continue this stage if it has a checkpoint) | never"})
+    resume: str = field(default="auto", metadata={"help": training.RESUME_HELP})
     task_dir: str = field(default="", metadata={"help": "task data directory (default PICOCHAT_HOME/tasks)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the training mixture"})
     num_iterations: int = field(default=0, metadata={"help": "optimizer steps (0: from num_epochs)"})
@@ -380,8 +380,8 @@ def load_optimizer_shards(ckpt: Path) -> list[dict[str, Any]]:
     start or resume works across a different number of GPUs."""
     files = sorted(Path(ckpt).glob("optim_rank*.pt"), key=lambda p: int(p.stem[len("optim_rank"):]))
     if not files:
-        raise UserError(f"{ckpt}: no optimizer state saved (optim_rank*.pt); drop --load-optimizer or resume with "
-                        f"--resume never")
+        raise UserError(f"{ckpt}: no optimizer state saved (optim_rank*.pt); drop --load-optimizer or start the stage "
+                        f"over with --resume wipe")
     return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
 
@@ -472,6 +472,7 @@ class Stage:
     metrics: training.MetricsLogger | None = None
     stop: training.StopFlag | None = None
     last_ckpt: Path | None = None
+    lock: Any = None  # training.StageLock on rank 0: this process is the stage's one trainer
 
     def eval_due(self) -> bool:
         """Every `eval_every` steps, but not again at the step a resumed run starts from."""
@@ -493,7 +494,7 @@ class Stage:
         if self.resume_from is None or self.step < self.num_steps:
             return None
         print0(f"[{self.name}] {self.run} is already trained for {self.step}/{self.num_steps} steps "
-               f"({self.resume_from}); use --resume never to train it again")
+               f"({self.resume_from}); use --resume wipe to train it again")
         return {"stage": self.name, "run": self.run, "step": self.step, "checkpoint": str(self.resume_from),
                 "num_steps": self.num_steps,
                 **{k: v for k, v in (self.meta.get("metrics") or {}).items() if k != "step"}}
@@ -533,18 +534,21 @@ def open_stage(name: str, cfg: ChatStageConfig, *, source: str, source_order: Se
             st.stop.restore()
         if st.metrics is not None:
             st.metrics.close()
+        if st.lock is not None:
+            st.lock.release()
         teardown()
 
 
 def _load(st: Stage, source: str, source_order: Sequence[str], shape_of: Callable[[dict, int], dict],
           check: Callable[[Runtime], None] | None) -> None:
     cfg, rt = st.cfg, st.rt
-    require(cfg.resume in ("auto", "never") or Path(cfg.resume).exists(),
-            f"--resume {cfg.resume!r}: expected auto, never or a checkpoint directory")
+    require(cfg.resume in training.RESUME_MODES or Path(cfg.resume).exists(),
+            f"--resume {cfg.resume!r}: expected {', '.join(training.RESUME_MODES)} or a checkpoint directory")
     if check is not None:
         check(rt)
     st.run, st.src_ckpt = resolve_source(source, cfg.run, source_order)
     st.out_dir = stage_dir(st.run, st.name)
+    st.lock = training.lock_stage(st.out_dir, st.run, st.name)
     st.resume_from = training.find_resume_checkpoint(st.out_dir / "checkpoints", cfg.resume)
     st.model, st.tok, st.meta = ckpt_mod.load_model(st.resume_from or st.src_ckpt, device=rt.device, dtype=rt.dtype)
     st.src_meta = ckpt_mod.read_meta(st.src_ckpt)
@@ -560,7 +564,7 @@ def _restore(st: Stage, same_world: bool) -> None:
         saved = st.meta.get("world_size", 1)
         if rank_state is None or (same_world and int(saved) != rt.world_size):
             raise UserError(f"{ckpt}: saved by {saved} ranks, now {rt.world_size}, and its state is per rank (none "
-                            f"for rank {rt.rank}); resume with the same number of ranks or --resume never")
+                            f"for rank {rt.rank}); resume with the same number of ranks or --resume wipe")
         st.opt.load_state_dict(load_optimizer_shards(ckpt))
         if st.loader is not None:
             st.loader.load_state_dict(rank_state["loader"])

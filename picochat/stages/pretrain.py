@@ -42,9 +42,9 @@ from picochat.runtime import (default_data_dir, default_tokenizer_dir, environme
                               peak_flops, print0, stage_dir, synchronize, teardown)
 from picochat.tokenizer import Tokenizer
 from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
-                               check_finite, find_resume_checkpoint, format_step_line, freeze_gc, out_of_memory,
-                               peak_memory_gb, prepare_model, profile_step, restore_rng_state, should_compile,
-                               unfreeze_gc, write_run_header)
+                               RESUME_HELP, RESUME_MODES, check_finite, find_resume_checkpoint, format_step_line,
+                               freeze_gc, lock_stage, out_of_memory, peak_memory_gb, prepare_model, profile_step,
+                               restore_rng_state, should_compile, unfreeze_gc, write_run_header)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few-million-parameter model on the embedded corpus; minutes on 2 CPU cores
@@ -117,8 +117,7 @@ class PretrainConfig:
     core_bundle: str | None = None
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     keep_last: int = 2
-    resume: str = field(default="auto", metadata={"help": "auto (latest checkpoint of the run) | never | a "
-                                                          "checkpoint directory"})
+    resume: str = field(default="auto", metadata={"help": RESUME_HELP})
     stop_at_step: int = field(default=0, metadata={"help": "save and stop after this step (the schedules still "
                                                            "span --num-iterations); 0 = off"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model and optimizer "
@@ -398,7 +397,7 @@ def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: P
     saved_mc = GPTConfig.from_saved(meta.get("model_config", {}))
     if saved_mc != plan.model_config:
         raise UserError(f"{ckpt}: the checkpoint's model ({saved_mc}) differs from this run's "
-                        f"({plan.model_config}); use the same flags, a new --run, or --resume never")
+                        f"({plan.model_config}); use the same flags, a new --run, or --resume wipe")
     state = load_model_state(ckpt, map_location=rt.device)
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()}, strict=True)
     old_world = int(meta.get("world_size", 1))
@@ -406,7 +405,7 @@ def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: P
         optim_state, rank_state = load_rank_files(ckpt, rt.rank, map_location=rt.device)
         if optim_state is None or rank_state is None:
             raise UserError(f"{ckpt}: missing optim_rank{rt.rank}.pt or state_rank{rt.rank}.pt; the checkpoint "
-                            f"is incomplete; delete it to fall back to the previous one, or --resume never")
+                            f"is incomplete; delete it to fall back to the previous one, or --resume wipe")
         opt.load_state_dict(optim_state)
         restore_rng_state(rank_state.get("rng", {}), rt.device)
         old_batch = int(rank_state.get("loop", {}).get("device_batch_size", plan.device_batch_size))
@@ -425,7 +424,7 @@ def _load_resume(ckpt: Path, model: Any, opt: Any, loader: Any, rt: Any, plan: P
         states = [load_rank_files(ckpt, r, map_location=rt.device) for r in range(old_world)]
         if any(o is None for o, _ in states):
             raise UserError(f"{ckpt}: written by {old_world} processes but some optim_rank*.pt files are missing; "
-                            f"resume with {old_world} processes or --resume never")
+                            f"resume with {old_world} processes or --resume wipe")
         opt.load_state_dict([o for o, _ in states])
         rank_state = states[min(rt.rank, old_world - 1)][1] or {}
         loader.load_state_dict(rank_state["loader"], strict=False)
@@ -468,6 +467,7 @@ class Stage:
     peak: float | None
     fpt: float
     wandb_run: Any = None
+    lock: Any = None  # training.StageLock on rank 0: this process is the stage's one trainer
 
 
 @dataclass
@@ -498,11 +498,22 @@ def setup(cfg: PretrainConfig, preset_applied: bool = False) -> tuple[Stage, Loo
         cfg = apply_preset(cfg)
     if not cfg.run:
         cfg.run = cfg.preset or f"d{cfg.depth}"
-    require(cfg.resume in ("auto", "never") or Path(cfg.resume).exists(),
-            f"--resume {cfg.resume!r}: expected auto, never or an existing checkpoint directory")
+    require(cfg.resume in RESUME_MODES or Path(cfg.resume).exists(),
+            f"--resume {cfg.resume!r}: expected {', '.join(RESUME_MODES)} or an existing checkpoint directory")
     rt = init_runtime(cfg.device, cfg.dtype, cfg.seed)
     tok, tok_dir = _load_tokenizer(cfg)
     ckpt_root = checkpoints_dir(cfg.run, "base")
+    lock = lock_stage(stage_dir(cfg.run, "base"), cfg.run, "base")  # released by fit, or below on a failed setup
+    try:
+        return _setup_locked(cfg, rt, tok, tok_dir, ckpt_root, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, ckpt_root: Path,
+                  lock: Any) -> tuple[Stage, LoopState, Any]:
     ck = find_resume_checkpoint(ckpt_root, cfg.resume)
     resume_micro = None
     if ck is not None:
@@ -528,7 +539,7 @@ def setup(cfg: PretrainConfig, preset_applied: bool = False) -> tuple[Stage, Loo
     ctx = Stage(cfg=cfg, plan=plan, rt=rt, tok=tok, tok_dir=tok_dir, model=model, cmodel=cmodel, opt=opt,
                 loader=loader, metrics=metrics, ckpt_root=ckpt_root, info=info,
                 token_bytes=tok.token_bytes().to(rt.device), peak=peak_flops(rt.device), fpt=model.flops_per_token(),
-                wandb_run=_wandb_init(cfg, plan) if cfg.wandb and rt.master else None)
+                wandb_run=_wandb_init(cfg, plan) if cfg.wandb and rt.master else None, lock=lock)
     return ctx, state, held if held is not None else loader.next_batch()
 
 
@@ -599,6 +610,8 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
         ctx.loader.close()
         if ctx.wandb_run is not None:
             ctx.wandb_run.finish()
+        if ctx.lock is not None:
+            ctx.lock.release()
     return summarize(ctx, st, timer)
 
 
