@@ -48,6 +48,34 @@ def list_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return shards[:-1], shards[-1:]
 
 
+def check_shards(shards: Iterable[str | Path]) -> None:
+    """Raise UserError naming the first shard that the loader could not read as documents: not a parquet file, no
+    `text` column, a column that is not strings, or null rows (footer and schema only: milliseconds per file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in shards:
+        way = "rewrite it with `picochat data prepare` (or remove it from the data directory)"
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{path}: not a readable parquet shard ({e}); {way}") from None
+        schema = pf.schema_arrow
+        if "text" not in schema.names:
+            raise UserError(f"{path}: no 'text' column (columns: {schema.names}); {way}")
+        kind = schema.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: column 'text' holds {kind}, not strings; {way}")
+        meta = pf.metadata
+        col = next(i for i in range(meta.num_columns) if meta.row_group(0).column(i).path_in_schema == "text") \
+            if meta.num_row_groups else 0
+        for rg in range(meta.num_row_groups):
+            stats = meta.row_group(rg).column(col).statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                raise UserError(f"{path}: {stats.null_count} null documents in row group {rg} of column 'text'; "
+                                f"{way}")
+
+
 _END = object()  # end of the document iterator
 
 
