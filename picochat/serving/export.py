@@ -28,7 +28,7 @@ import torch
 
 from picochat import __version__
 from picochat.checkpoint import STAGES, find_run_with_stage, load_model_state, read_meta
-from picochat.config import UserError, add_config_args, config_from_args
+from picochat.config import UserError, add_config_args, check_run_name, config_from_args, require_checkpoint_dir
 from picochat.files import atomic_path
 
 FORMAT = "picochat-export-1"
@@ -95,7 +95,14 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise UserError(f"--out {out}: already exists; choose another folder or add --force to replace it")
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else find_run_with_stage(cfg.source, cfg.run)[1]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; --force replaces a folder, not a file: choose another --out")
+    if cfg.run:
+        check_run_name(cfg.run)
+    ckpt = require_checkpoint_dir(cfg.checkpoint) if cfg.checkpoint else find_run_with_stage(cfg.source, cfg.run)[1]
+    o, c = out.resolve(), Path(ckpt).resolve()
+    if o == c or o in c.parents or c in o.parents:  # --force would replace (delete) the checkpoint itself
+        raise UserError(f"--out {out}: overlaps the checkpoint being exported ({ckpt}); choose a folder outside it")
     meta = read_meta(ckpt)
     if "model_config" not in meta or not meta.get("tokenizer_dir"):
         raise UserError(f"{ckpt}/meta.json: no model_config or tokenizer_dir; not a model checkpoint picochat "
