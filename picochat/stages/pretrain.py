@@ -868,6 +868,7 @@ def bench_config(args: argparse.Namespace) -> PretrainConfig:
 
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = bench_config(args)
+    check_ranges(cfg, {**PRETRAIN_BOUNDS, "total_batch_size": (-1, None)})  # -1: one micro-batch per process
     rt = init_runtime(cfg.device, cfg.dtype, 0)
     tok, _ = _load_tokenizer(cfg)
     B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, rt.world_size, gpu_memory(rt.device),
@@ -876,6 +877,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.total_batch_size < 0:
         cfg.total_batch_size = B * cfg.seq_len * rt.world_size
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
+    check_memory(cfg, plan, rt.device, rt.world_size)
     model = build_model(plan.model_config, device=rt.device)
     cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
                                  fp8=cfg.fp8, activation_budget=cfg.activation_budget)
