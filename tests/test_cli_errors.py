@@ -136,6 +136,8 @@ CASES: list[tuple[str, str]] = [
     ("eval chat --checkpoint {file}", "--checkpoint {file}"),
     ("eval chat --num-samples 0", "--num-samples 0"),
     ("eval chat --max-new-tokens 0", "--max-new-tokens 0"),
+    ("eval chat --num-samples 4 --temperature 0", "--num-samples 4 with --temperature 0.0"),
+    ("chat --seed x", "--seed"),
     ("eval chat --synth-eval {tmp}/none.jsonl", "--synth-eval"),
     ("eval base --eval-tokens 0", "--eval-tokens 0"),
     ("eval base --step -1", "--step -1"),

@@ -400,7 +400,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.data_command == "synth":
         cfg = config_from_args(synth.SynthConfig, args)
-        check_ranges(cfg, {"n_docs": (1, None), "n_eval": (0, None), "seed": (0, None)})
+        check_ranges(cfg, {"n_docs": (1, None), "n_eval": (0, None)})
         if cfg.out is not None:
             require_dir(cfg.out, "--out", "pass a folder for the corpus (created if missing)", must_exist=False)
     elif args.data_command == "download":

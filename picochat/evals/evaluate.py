@@ -260,8 +260,11 @@ def validate_chat(cfg: ChatEvalConfig) -> None:
     """The flags of `eval chat`, one ConfigError line each, before the model is loaded."""
     check_ranges(cfg, {"step": (0, None), "max_problems": (0, None), "num_samples": (1, None),
                        "temperature": (0, None), "top_k": (0, None), "max_new_tokens": (1, None),
-                       "batch_tokens": (0, None), "seed": (0, None)})
+                       "batch_tokens": (0, None)})
     _validate_common(cfg)
+    if cfg.num_samples > 1 and cfg.temperature <= 0:
+        raise UserError(f"--num-samples {cfg.num_samples} with --temperature {cfg.temperature}: greedy samples are "
+                        f"identical; use a temperature > 0 for pass@k")
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not names:
         raise UserError(f"--tasks {cfg.tasks!r}: give at least one task of {', '.join(chat_eval.ALL_TASKS)}")

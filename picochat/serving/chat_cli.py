@@ -154,8 +154,7 @@ def chat(engine, cfg: ChatConfig, prompt: str | None = None, stdin: TextIO | Non
 
 def validate(cfg: ChatConfig) -> None:
     """The flags, one ConfigError line each, before the model is loaded."""
-    check_ranges(cfg, {"temperature": (0, None), "top_k": (0, None), "top_p": (0, 1), "max_tokens": (1, None),
-                       "seed": (0, None)})
+    check_ranges(cfg, {"temperature": (0, None), "top_k": (0, None), "top_p": (0, 1), "max_tokens": (1, None)})
     if cfg.top_p <= 0:
         raise UserError(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off)")
     if cfg.run:

@@ -88,7 +88,6 @@ STAGE_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "num_epochs": (0, None), "num_iterations": (0, None), "device_batch_size": (0, None), "matrix_lr": (0, None),
     "embedding_lr": (0, None), "unembedding_lr": (0, None), "lr_scale": (0, None), "init_lr_frac": (0, None),
     "weight_decay": (0, None), "eval_every": (0, None), "save_every": (0, None), "keep_last": (0, None),
-    "seed": (0, None),
 }
 PACKED_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "max_seq_len": (0, None), "total_batch_size": (0, None), "warmdown_frac": (0, 1), "eval_batches": (1, None),

@@ -168,7 +168,7 @@ PRETRAIN_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "lr_scale": (0, None), "ve_gate_scale": (0, None), "warmup_steps": (0, None), "warmdown_frac": (0, 1),
     "final_lr_frac": (0, 1), "eval_every": (0, None), "eval_tokens": (1, None), "sample_every": (-1, None),
     "core_every": (0, None), "save_every": (0, None), "keep_last": (0, None), "stop_at_step": (0, None),
-    "activation_budget": (0, 1), "loader_threads": (1, None), "seed": (0, None),
+    "activation_budget": (0, 1), "loader_threads": (1, None),
 }
 
 
