@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from picochat import __version__
 from picochat.config import UserError
@@ -37,6 +40,14 @@ class NotImplementedCommand(Exception):
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors (unknown flag, bad int, missing argument) on one line: argparse prints the whole
+    usage block first, which pushes the line that matters off a small terminal or out of a log's last line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _load(command: str):
     module_name, _ = COMMANDS[command]
     try:
@@ -51,7 +62,7 @@ def _load(command: str):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="picochat",
         description="Train your own small ChatGPT from scratch, end to end. `picochat speedrun` runs it all.",
     )
@@ -79,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(args.command)
+    home = os.environ.get("PICOCHAT_HOME")
+    if home and Path(home).expanduser().exists() and not Path(home).expanduser().is_dir():
+        print(f"picochat {args.command}: error: PICOCHAT_HOME={home} is a file; point PICOCHAT_HOME at a directory "
+              f"(it is created if missing)", file=sys.stderr)
+        return 2
     try:
         rc = module.cli_main(args)
     except UserError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -143,3 +144,59 @@ def require(cond: bool, message: str) -> None:
     """Validation helper: raise ConfigError(message) when cond is false. Messages should print the values."""
     if not cond:
         raise ConfigError(message)
+
+
+# Validation helpers: each raises ConfigError with one line that names the flag or file, the value, and the way out.
+
+
+def check_ranges(cfg: Any, bounds: dict[str, tuple[float | None, float | None]], hints: dict[str, str] | None = None
+                 ) -> None:
+    """Every float field of the dataclass `cfg` must be finite (argparse takes 'nan' and 'inf' as floats), and each
+    field named in `bounds` must lie in [low, high] (None: unbounded on that side). The message repeats the field's
+    help text, which says what the special values (0, -1) mean."""
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cfg)}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{flag_name(f.name)} {v}: must be a finite number")
+    for name, (low, high) in bounds.items():
+        v = getattr(cfg, name)
+        if v is None or isinstance(v, bool):
+            continue
+        if (low is not None and v < low) or (high is not None and v > high):
+            want = (f"in [{low}, {high}]" if low is not None and high is not None
+                    else f">= {low}" if low is not None else f"<= {high}")
+            note = (hints or {}).get(name) or helps.get(name, "")
+            raise ConfigError(f"{flag_name(name)} {v}: must be {want}" + (f" ({note})" if note else ""))
+
+
+def check_run_name(run: str, flag: str = "--run") -> str:
+    """A run name becomes one folder under PICOCHAT_HOME/runs: no separators, no leading dot, no control
+    characters, so no name can point outside that folder."""
+    if (not run or len(run) > 128 or run.startswith(".") or any(c in run for c in "/\\")
+            or any(ord(c) < 32 for c in run)):
+        raise ConfigError(f"{flag} {run!r}: a run name is a plain folder name such as 'tiny' or 'd20' (no '/' or "
+                          f"'\\', no leading '.', at most 128 characters)")
+    return run
+
+
+def require_dir(path: str | Path, flag: str, hint: str = "", must_exist: bool = True) -> Path:
+    """`path` (given with `flag`) is an existing directory, or (must_exist=False) nothing yet or a directory."""
+    p = Path(path).expanduser()
+    way = f"; {hint}" if hint else ""
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p}: is a file, expected a directory{way}")
+    if must_exist and not p.exists():
+        raise ConfigError(f"{flag} {p}: no such directory{way}")
+    return p
+
+
+def require_checkpoint_dir(path: str | Path, flag: str = "--checkpoint") -> Path:
+    """A directory holding meta.json (a training checkpoint, runs/<run>/<stage>/checkpoints/step_N, or an exported
+    model folder) or config.json (a Hugging Face folder)."""
+    hint = ("pass a checkpoint directory such as PICOCHAT_HOME/runs/<run>/sft/checkpoints/step_000100 or an "
+            "exported model folder, or drop --checkpoint to use the latest of --run")
+    p = require_dir(path, flag, hint)
+    if not (p / "meta.json").is_file() and not (p / "config.json").is_file():  # config.json: a Hugging Face folder
+        raise ConfigError(f"{flag} {p}: no meta.json (or config.json) there, so not a picochat checkpoint; {hint}")
+    return p

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from picochat.config import ConfigError, check_run_name
+
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
 
@@ -35,9 +37,7 @@ def picochat_home() -> Path:
 
 def run_dir(run: str) -> Path:
     """Directory of one named run: runs/<run>/{base,mid,sft,rl,eval}/..."""
-    if not run or "/" in run or run.startswith("."):
-        raise ValueError(f"--run {run!r}: a run name is a plain folder name such as 'tiny' or 'd20'")
-    return picochat_home() / "runs" / run
+    return picochat_home() / "runs" / check_run_name(run)
 
 
 def stage_dir(run: str, stage: str) -> Path:
@@ -90,7 +90,10 @@ def barrier() -> None:
 
 
 def detect_device(override: str | None = None) -> torch.device:
+    """The device to run on: `override` (--device), else PICOCHAT_DEVICE, else the best available. A device that
+    is unknown or not present is a ConfigError naming where it came from (no torch error later)."""
     name = override or os.environ.get("PICOCHAT_DEVICE") or ""
+    where = f"--device {name}" if override else f"PICOCHAT_DEVICE={name}"
     if not name:
         if torch.cuda.is_available():
             name = "cuda"
@@ -99,10 +102,12 @@ def detect_device(override: str | None = None) -> torch.device:
         else:
             name = "cpu"
     if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r} (from --device or PICOCHAT_DEVICE): expected one of cpu, cuda, mps")
+        raise ConfigError(f"{where}: unknown device; expected one of cpu, cuda, mps")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False; "
-                           "run `picochat doctor` to see why, or use --device cpu")
+        raise ConfigError(f"{where}: CUDA is not available here (torch.cuda.is_available() is False); run "
+                          f"`picochat doctor` to see why, or use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"{where}: Apple MPS is not available here; use --device cpu (or cuda on a GPU machine)")
     if name == "cuda":
         return torch.device("cuda", dist_env()[1] % max(1, torch.cuda.device_count()))
     return torch.device(name)
@@ -113,7 +118,8 @@ def compute_dtype(device: torch.device, override: str | None = None) -> torch.dt
     name = override or os.environ.get("PICOCHAT_DTYPE")
     if name:
         if name not in _DTYPES:
-            raise ValueError(f"PICOCHAT_DTYPE={name!r}: expected one of {sorted(set(_DTYPES))}")
+            where = f"--dtype {name}" if override else f"PICOCHAT_DTYPE={name}"
+            raise ConfigError(f"{where}: unknown dtype; expected one of {', '.join(sorted(set(_DTYPES)))}")
         return _DTYPES[name]
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16

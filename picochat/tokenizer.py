@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from picochat.config import UserError
-from picochat.data.shards import SHARD_RE, iter_texts, list_shards
+from picochat.data.shards import SHARD_RE, check_shards, iter_texts, list_shards
 from picochat.files import atomic_path, atomic_write_text
 from picochat.runtime import default_data_dir, default_tokenizer_dir
 
@@ -284,11 +284,31 @@ def add_cli(parser) -> None:
     p.add_argument("--max-chars", type=int, default=2_000_000, help="characters of train/val text to encode")
 
 
+def validate_args(args) -> None:
+    """The flags of `picochat tokenizer ...`, before any shard is read: one ConfigError line each."""
+    from picochat.config import require, require_dir
+
+    require(args.max_chars >= 1, f"--max-chars {args.max_chars}: must be >= 1")
+    if args.tokenizer_command == "train":
+        low = 256 + len(SPECIAL_TOKENS)
+        require(args.vocab_size >= low, f"--vocab-size {args.vocab_size}: must be at least {low} (256 bytes + "
+                                        f"{len(SPECIAL_TOKENS)} special tokens)")
+        require(args.doc_cap >= 1, f"--doc-cap {args.doc_cap}: must be >= 1")
+        require_dir(args.out, "--out", "pass a folder for the tokenizer (created if missing)", must_exist=False)
+        require_dir(args.data, "--data", "pass a shard folder (`picochat data synth|download|prepare` make one)")
+    else:
+        require_dir(args.tokenizer, "--tokenizer", "pass the folder `picochat tokenizer train --out` wrote")
+        if args.data is not None:
+            require_dir(args.data, "--data", "pass a shard folder, or drop --data")
+
+
 def cli_main(args) -> int:
     import time
 
+    validate_args(args)
     if args.tokenizer_command == "train":
         train, val = list_shards(args.data)
+        check_shards(train + val)
         t0 = time.perf_counter()
         chars = [0]
 
@@ -311,6 +331,7 @@ def cli_main(args) -> int:
         rows: list[tuple[str, list[str]]] = [(k, [v]) for k, v in EVAL_SAMPLES.items()]
         if args.data is not None:
             train, val = list_shards(args.data)
+            check_shards(train + val)
             rows = [("train", list(iter_texts(train, max_chars=args.max_chars))),
                     ("val", list(iter_texts(val, max_chars=args.max_chars)))] + rows
         others = {name: enc for name in ("gpt2", "cl100k_base") if (enc := _tiktoken_offline(name)) is not None}

@@ -48,6 +48,34 @@ def list_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return shards[:-1], shards[-1:]
 
 
+def check_shards(shards: Iterable[str | Path]) -> None:
+    """Raise UserError naming the first shard that the loader could not read as documents: not a parquet file, no
+    `text` column, a column that is not strings, or null rows (footer and schema only: milliseconds per file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in shards:
+        way = "rewrite it with `picochat data prepare` (or remove it from the data directory)"
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{path}: not a readable parquet shard ({e}); {way}") from None
+        schema = pf.schema_arrow
+        if "text" not in schema.names:
+            raise UserError(f"{path}: no 'text' column (columns: {schema.names}); {way}")
+        kind = schema.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: column 'text' holds {kind}, not strings; {way}")
+        meta = pf.metadata
+        col = next(i for i in range(meta.num_columns) if meta.row_group(0).column(i).path_in_schema == "text") \
+            if meta.num_row_groups else 0
+        for rg in range(meta.num_row_groups):
+            stats = meta.row_group(rg).column(col).statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                raise UserError(f"{path}: {stats.null_count} null documents in row group {rg} of column 'text'; "
+                                f"{way}")
+
+
 _END = object()  # end of the document iterator
 
 
@@ -365,7 +393,30 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """The flags of `picochat data ...` that the workers would only trip over later (a --workers 0 download waits
+    forever), as one ConfigError line each."""
+    from picochat.config import check_ranges, config_from_args, require, require_dir
+
+    if args.data_command == "synth":
+        cfg = config_from_args(synth.SynthConfig, args)
+        check_ranges(cfg, {"n_docs": (1, None), "n_eval": (0, None)})
+        if cfg.out is not None:
+            require_dir(cfg.out, "--out", "pass a folder for the corpus (created if missing)", must_exist=False)
+    elif args.data_command == "download":
+        for flag, value, low in (("--workers", args.workers, 1), ("--retries", args.retries, 0),
+                                 ("--val-shard", args.val_shard, 0)):
+            require(value is None or value >= low, f"{flag} {value}: must be >= {low}")
+        require_dir(args.out, "--out", "pass a folder for the shards (created if missing)", must_exist=False)
+    elif args.data_command == "prepare":
+        require(args.docs_per_shard >= 1, f"--docs-per-shard {args.docs_per_shard}: must be >= 1")
+        require(args.val_docs is None or args.val_docs >= 1, f"--val-docs {args.val_docs}: must be >= 1")
+        require(bool(args.text_field), "--text-field: must name a field or column, e.g. --text-field text")
+        require_dir(args.out, "--out", "pass a folder for the shards (created if missing)", must_exist=False)
+
+
 def cli_main(args: argparse.Namespace) -> int:
+    validate_args(args)
     if args.data_command == "synth":
         return int(synth.synth_main(args) or 0)
     if args.data_command == "download":

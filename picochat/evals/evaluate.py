@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from picochat.checkpoint import checkpoints_dir, find_run_with_stage, load_model
-from picochat.config import UserError, add_config_args, config_from_args, to_dict
+from picochat.config import (UserError, add_config_args, check_ranges, check_run_name, config_from_args,
+                             require_checkpoint_dir, require_dir, to_dict)
 from picochat.data.loader import DataLoader
 from picochat.data.shards import list_shards
 from picochat.engine import Engine, prepare_model
@@ -234,7 +235,52 @@ def _samples(model: Any, tok: Any, max_tokens: int = 32) -> list[dict[str, str]]
     return out
 
 
+def _validate_common(cfg: BaseEvalConfig | ChatEvalConfig) -> None:
+    if cfg.run:
+        check_run_name(cfg.run)
+    if cfg.checkpoint:
+        require_checkpoint_dir(cfg.checkpoint)
+
+
+def validate_base(cfg: BaseEvalConfig) -> None:
+    """The flags of `eval base`, one ConfigError line each, before the model is loaded."""
+    check_ranges(cfg, {"step": (0, None), "batch_tokens": (0, None), "eval_tokens": (1, None),
+                       "device_batch_size": (0, None), "depth": (1, None)})
+    _validate_common(cfg)
+    if cfg.bundle:
+        require_dir(cfg.bundle, "--bundle", "pass the unpacked CORE eval bundle folder, or drop --bundle to "
+                                            "download it")
+    if cfg.data:
+        require_dir(cfg.data, "--data", "pass a shard folder (`picochat data synth|download|prepare` make one)")
+    if cfg.tokenizer:
+        require_dir(cfg.tokenizer, "--tokenizer", "pass the folder `picochat tokenizer train --out` wrote")
+
+
+def validate_chat(cfg: ChatEvalConfig) -> None:
+    """The flags of `eval chat`, one ConfigError line each, before the model is loaded."""
+    check_ranges(cfg, {"step": (0, None), "max_problems": (0, None), "num_samples": (1, None),
+                       "temperature": (0, None), "top_k": (0, None), "max_new_tokens": (1, None),
+                       "batch_tokens": (0, None)})
+    _validate_common(cfg)
+    if cfg.num_samples > 1 and cfg.temperature <= 0:
+        raise UserError(f"--num-samples {cfg.num_samples} with --temperature {cfg.temperature}: greedy samples are "
+                        f"identical; use a temperature > 0 for pass@k")
+    names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    if not names:
+        raise UserError(f"--tasks {cfg.tasks!r}: give at least one task of {', '.join(chat_eval.ALL_TASKS)}")
+    unknown = [n for n in names if n not in chat_eval.ALL_TASKS]
+    if unknown:
+        raise UserError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(chat_eval.ALL_TASKS)}")
+    if cfg.task_dir:
+        require_dir(cfg.task_dir, "--task-dir", "pass a folder (task files are downloaded into it if missing)",
+                    must_exist=False)
+    if cfg.synth_eval and not Path(cfg.synth_eval).is_file():
+        raise UserError(f"--synth-eval {cfg.synth_eval}: no such file; pass the eval.jsonl `picochat data synth` "
+                        f"wrote, or drop the flag")
+
+
 def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
+    validate_base(cfg)
     rt = init_runtime(cfg.device)
     model, tok, meta, run, step = _load(cfg, rt)
     model = prepare_model(model)  # on CUDA: weights in bf16 once, instead of a cast in every forward
@@ -299,9 +345,8 @@ def run_base(cfg: BaseEvalConfig) -> dict[str, Any]:
 
 
 def run_chat(cfg: ChatEvalConfig) -> dict[str, Any]:
+    validate_chat(cfg)
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    if not names:
-        raise UserError("--tasks: give at least one task")
     rt = init_runtime(cfg.device)
     model, tok, meta, run, step = _load(cfg, rt)
     model = prepare_model(model)

@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from picochat.config import UserError, add_config_args, config_from_args
+from picochat.config import (UserError, add_config_args, check_ranges, check_run_name, config_from_args,
+                             require_checkpoint_dir)
 from picochat.conversation import render_for_completion
 
 
@@ -151,12 +152,22 @@ def chat(engine, cfg: ChatConfig, prompt: str | None = None, stdin: TextIO | Non
     return 0
 
 
+def validate(cfg: ChatConfig) -> None:
+    """The flags, one ConfigError line each, before the model is loaded."""
+    check_ranges(cfg, {"temperature": (0, None), "top_k": (0, None), "top_p": (0, 1), "max_tokens": (1, None)})
+    if cfg.top_p <= 0:
+        raise UserError(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off)")
+    if cfg.run:
+        check_run_name(cfg.run)
+    if cfg.checkpoint:
+        require_checkpoint_dir(cfg.checkpoint)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from picochat.engine import load_engine  # lazy: the engine imports torch (~2 s); --help starts without it
 
     cfg = config_from_args(ChatConfig, args)
-    if cfg.temperature < 0 or cfg.max_tokens < 1 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise UserError("--temperature must be >= 0, --max-tokens >= 1, --top-k >= 0 and --top-p in (0, 1]")
+    validate(cfg)
     engine, meta = load_engine(cfg.source, cfg.run, cfg.checkpoint, cfg.device)
     print(f"[chat] loaded {meta['checkpoint_dir']} (step {meta.get('step')})", file=sys.stderr, flush=True)
     return chat(engine, cfg, prompt=args.prompt)

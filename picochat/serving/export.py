@@ -36,7 +36,7 @@ import torch
 from picochat import __version__, hf
 from picochat.checkpoint import (STAGES, check_checkpoint, file_checksums, find_run_with_stage, load_model_state,
                                  read_meta, seal_meta)
-from picochat.config import UserError, add_config_args, config_from_args
+from picochat.config import UserError, add_config_args, check_run_name, config_from_args, require_checkpoint_dir
 from picochat.files import atomic_path
 from picochat.model import GPTConfig
 from picochat.tokenizer import EVAL_SAMPLES, Tokenizer
@@ -114,10 +114,17 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         raise UserError(f"--out {out}: already exists; choose another folder or add --force to replace it")
     if cfg.format not in FORMATS:
         raise UserError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else find_run_with_stage(cfg.source, cfg.run)[1]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; --force replaces a folder, not a file: choose another --out")
+    if cfg.run:
+        check_run_name(cfg.run)
+    ckpt = require_checkpoint_dir(cfg.checkpoint) if cfg.checkpoint else find_run_with_stage(cfg.source, cfg.run)[1]
     if hf.is_hf_folder(ckpt):
         raise UserError(f"--checkpoint {ckpt}: already an exported Hugging Face folder; load it directly "
                         f"(--checkpoint {ckpt}) or export from the training checkpoint")
+    o, c = out.resolve(), Path(ckpt).resolve()
+    if o == c or o in c.parents or c in o.parents:  # --force would replace (delete) the checkpoint itself
+        raise UserError(f"--out {out}: overlaps the checkpoint being exported ({ckpt}); choose a folder outside it")
     check_checkpoint(ckpt, {"model.pt", "model.safetensors"})
     meta = read_meta(ckpt)
     if "model_config" not in meta or not meta.get("tokenizer_dir"):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from picochat import checkpoint as ckpt_mod
 from picochat import optim, scaling, training
-from picochat.config import UserError, require, to_dict
+from picochat.config import UserError, check_ranges, check_run_name, require, require_dir, to_dict
 from picochat.conversation import RenderStats, render, render_for_completion
 from picochat.data import synth
 from picochat.data.tasks import ARC, SynthChatMC, SynthMC, Task, TaskMixture, parse_mixture
@@ -81,6 +81,41 @@ class ChatTrainConfig(ChatStageConfig):
     chat_eval_items: int = field(default=256, metadata={"help": "categorical questions per chat eval"})
     buffer_size: int = field(default=100, metadata={"help": "conversations the best-fit packer chooses from"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (variable shapes: off)"})
+
+
+# The ranges of the shared flags; a stage's own flags are checked by its `check` (RL) or `validate_stage`.
+STAGE_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "num_epochs": (0, None), "num_iterations": (0, None), "device_batch_size": (0, None), "matrix_lr": (0, None),
+    "embedding_lr": (0, None), "unembedding_lr": (0, None), "lr_scale": (0, None), "init_lr_frac": (0, None),
+    "weight_decay": (0, None), "eval_every": (0, None), "save_every": (0, None), "keep_last": (0, None),
+}
+PACKED_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "max_seq_len": (0, None), "total_batch_size": (0, None), "warmdown_frac": (0, 1), "eval_batches": (1, None),
+    "chat_eval_items": (0, None), "buffer_size": (1, None),
+}
+
+
+def validate_stage(cfg: ChatStageConfig) -> None:
+    """The flags of a chat stage, checked before anything is loaded: ranges, names and paths, one line each."""
+    packed = isinstance(cfg, ChatTrainConfig)
+    check_ranges(cfg, {**STAGE_BOUNDS, **(PACKED_BOUNDS if packed else {})})
+    require(cfg.num_epochs > 0 or cfg.num_iterations > 0,
+            f"--num-epochs {cfg.num_epochs}: must be > 0 (or set --num-iterations)")
+    if cfg.run:
+        check_run_name(cfg.run)
+    require(cfg.resume in training.RESUME_MODES or Path(cfg.resume).is_dir(),
+            f"--resume {cfg.resume!r}: expected {', '.join(training.RESUME_MODES)} or a checkpoint directory")
+    if cfg.source not in ("auto", *ckpt_mod.STAGES):
+        require_dir(cfg.source, "--source", f"pass a stage name ({', '.join(ckpt_mod.STAGES)}) or a checkpoint "
+                                            f"directory")
+    if cfg.task_dir:
+        require_dir(cfg.task_dir, "--task-dir", "pass a folder (task files are downloaded into it if missing)",
+                    must_exist=False)
+    if packed:
+        require(cfg.max_seq_len == 0 or cfg.max_seq_len >= 8,
+                f"--max-seq-len {cfg.max_seq_len}: must be >= 8 (or 0 to inherit the source's)")
+        for f in cfg.data_file:
+            require(Path(f).is_file(), f"--data-file {f}: no such file; pass a JSONL file of conversations")
 
 
 # The validation mixture of nanochat's scripts/mid_train.py and scripts/chat_sft.py, and the synthetic world's
@@ -542,8 +577,7 @@ def open_stage(name: str, cfg: ChatStageConfig, *, source: str, source_order: Se
 def _load(st: Stage, source: str, source_order: Sequence[str], shape_of: Callable[[dict, int], dict],
           check: Callable[[Runtime], None] | None) -> None:
     cfg, rt = st.cfg, st.rt
-    require(cfg.resume in training.RESUME_MODES or Path(cfg.resume).exists(),
-            f"--resume {cfg.resume!r}: expected {', '.join(training.RESUME_MODES)} or a checkpoint directory")
+    validate_stage(cfg)
     if check is not None:
         check(rt)
     st.run, st.src_ckpt = resolve_source(source, cfg.run, source_order)

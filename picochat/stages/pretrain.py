@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ import torch
 from picochat import scaling
 from picochat.checkpoint import (checkpoints_dir, load_model_state, load_rank_files, read_meta, save_checkpoint,
                                  update_meta)
-from picochat.config import UserError, add_config_args, config_from_args, require, to_dict
+from picochat.config import (UserError, add_config_args, check_ranges, check_run_name, config_from_args, require,
+                             require_dir, to_dict)
 from picochat.data.loader import DataLoader
-from picochat.data.shards import list_shards
+from picochat.data.shards import check_shards, list_shards
 from picochat.evals import core_eval
 from picochat.evals.loss_eval import doc_start_batches, evaluate_bpb
 from picochat.model import GPTConfig, build_model
@@ -151,6 +153,73 @@ def apply_preset(cfg: PretrainConfig) -> PretrainConfig:
         if values[k] == getattr(defaults, k):
             values[k] = v
     return PretrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: every flag checked before anything is allocated, loaded or written
+
+
+PRETRAIN_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "depth": (1, None), "seq_len": (8, None), "vocab_size": (2, None), "head_dim": (2, None), "n_kv_head": (0, None),
+    "aspect_ratio": (1, None), "device_batch_size": (0, None), "total_batch_size": (0, None),
+    "num_iterations": (0, None), "ratio": (0, None), "matrix_lr": (0, None), "embedding_lr": (0, None),
+    "value_embed_lr": (0, None), "unembedding_lr": (0, None), "resid_lr": (0, None), "x0_lr": (0, None),
+    "lr_scale": (0, None), "ve_gate_scale": (0, None), "warmup_steps": (0, None), "warmdown_frac": (0, 1),
+    "final_lr_frac": (0, 1), "eval_every": (0, None), "eval_tokens": (1, None), "sample_every": (-1, None),
+    "core_every": (0, None), "save_every": (0, None), "keep_last": (0, None), "stop_at_step": (0, None),
+    "activation_budget": (0, 1), "loader_threads": (1, None),
+}
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Every flag's range and kind, and the combinations that cannot work, as one ConfigError line each."""
+    check_ranges(cfg, PRETRAIN_BOUNDS)
+    check_run_name(cfg.run or "")
+    require(cfg.ratio > 0, f"--ratio {cfg.ratio}: must be > 0 (tokens per scaling parameter)")
+    require(cfg.activation_budget > 0,
+            f"--activation-budget {cfg.activation_budget}: must be in (0, 1] (1 = keep every activation)")
+    require(cfg.head_dim % 2 == 0, f"--head-dim {cfg.head_dim}: must be an even number (RoPE rotates pairs)")
+    require(cfg.window_pattern != "" and set(cfg.window_pattern.upper()) <= {"S", "L"},
+            f"--window-pattern {cfg.window_pattern!r}: use the letters S (short window) and L (long), e.g. SSSL")
+    _, _, n_head = scaling.model_dims(cfg.depth, cfg.head_dim, cfg.aspect_ratio)
+    require(not cfg.n_kv_head or n_head % cfg.n_kv_head == 0,
+            f"--n-kv-head {cfg.n_kv_head}: must divide the {n_head} query heads of depth {cfg.depth}; use a "
+            f"divisor of {n_head}, or 0 for one KV head per query head")
+    require(cfg.resume in RESUME_MODES or Path(cfg.resume).is_dir(),
+            f"--resume {cfg.resume!r}: expected {', '.join(RESUME_MODES)} or an existing checkpoint directory")
+    if cfg.data != "random":
+        data = require_dir(_data_dir(cfg), "--data", "create shards with `picochat data synth|download|prepare`, or "
+                                                     "pass --data DIR (or --data random for a smoke test)")
+        check_shards(sum(list_shards(data), []))
+        if cfg.tokenizer:
+            require_dir(cfg.tokenizer, "--tokenizer", "pass the folder `picochat tokenizer train --out` wrote")
+    if cfg.core_bundle:
+        require_dir(cfg.core_bundle, "--core-bundle", "pass the unpacked CORE eval bundle folder, or drop the flag "
+                                                      "to download it")
+
+
+def check_memory(cfg: PretrainConfig, plan: Plan, device: torch.device, world_size: int) -> None:
+    """Refuse a model that cannot train here, before allocating it: by the memory model of `scaling.py` (at least
+    the exact weights, gradients and optimizer state) for one sequence per micro-batch, against the GPU's memory
+    (CUDA) or the machine's RAM (elsewhere)."""
+    limit = gpu_memory(device)
+    where = f"the GPU ({torch.cuda.get_device_name(device)})" if limit else "this machine's RAM"
+    if limit is None:
+        try:
+            limit = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):  # no sysconf (Windows): nothing to compare against
+            return
+    else:
+        limit *= scaling.USABLE_MEMORY_FRACTION
+    vocab = plan.model_config.vocab_size
+    params = int(plan.derived["params_total"])
+    need = max(scaling.estimate_memory(cfg.depth, 1, world_size, cfg.seq_len, vocab),
+               params * (8 + 8 / max(1, world_size)))
+    if need > limit:
+        raise UserError(f"--depth {cfg.depth}: a model of {params:,} parameters needs about {need / 1e9:,.0f} GB to "
+                        f"train (picochat's memory estimate for one sequence of {cfg.seq_len} tokens per "
+                        f"micro-batch), but {where} has {limit / 1e9:,.0f} GB; use a smaller --depth or --seq-len, or "
+                        f"more GPUs (optimizer state is sharded across them)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,8 +567,7 @@ def setup(cfg: PretrainConfig, preset_applied: bool = False) -> tuple[Stage, Loo
         cfg = apply_preset(cfg)
     if not cfg.run:
         cfg.run = cfg.preset or f"d{cfg.depth}"
-    require(cfg.resume in RESUME_MODES or Path(cfg.resume).exists(),
-            f"--resume {cfg.resume!r}: expected {', '.join(RESUME_MODES)} or an existing checkpoint directory")
+    validate(cfg)
     rt = init_runtime(cfg.device, cfg.dtype, cfg.seed)
     tok, tok_dir = _load_tokenizer(cfg)
     ckpt_root = checkpoints_dir(cfg.run, "base")
@@ -519,6 +587,7 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
     if ck is not None:
         resume_micro = int((read_meta(ck).get("config") or {}).get("device_batch_size") or 0) or None
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device, resume_micro)
+    check_memory(cfg, plan, rt.device, rt.world_size)
     _print_plan(cfg, plan, rt)
 
     model = build_model(plan.model_config, device=rt.device)
@@ -812,6 +881,7 @@ def bench_config(args: argparse.Namespace) -> PretrainConfig:
 
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = bench_config(args)
+    check_ranges(cfg, {**PRETRAIN_BOUNDS, "total_batch_size": (-1, None)})  # -1: one micro-batch per process
     rt = init_runtime(cfg.device, cfg.dtype, 0)
     tok, _ = _load_tokenizer(cfg)
     B = cfg.device_batch_size or default_device_batch(cfg.depth, cfg.seq_len, rt.world_size, gpu_memory(rt.device),
@@ -820,6 +890,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.total_batch_size < 0:
         cfg.total_batch_size = B * cfg.seq_len * rt.world_size
     plan = make_plan(cfg, tok.vocab_size, rt.world_size, rt.device)
+    check_memory(cfg, plan, rt.device, rt.world_size)
     model = build_model(plan.model_config, device=rt.device)
     cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
                                  fp8=cfg.fp8, activation_budget=cfg.activation_budget)

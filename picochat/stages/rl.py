@@ -24,6 +24,7 @@ import argparse
 import hashlib
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from picochat import scaling
-from picochat.config import UserError, add_config_args, config_from_args, require
+from picochat.config import UserError, add_config_args, check_ranges, config_from_args, require
 from picochat.conversation import render_for_completion
 from picochat.data.tasks import GSM8K, NumberAnswerTask, Task, synth_arithmetic
 from picochat.engine import Engine
@@ -203,9 +204,15 @@ def _rl_shape(cfg: RLConfig, meta: dict, world_size: int) -> dict[str, Any]:
 
 
 def _check(cfg: RLConfig, rt: Runtime) -> None:
+    check_ranges(cfg, {"examples_per_step": (1, None), "max_new_tokens": (1, None), "temperature": (0, None),
+                       "top_k": (0, None), "device_batch_size": (1, None), "eval_examples": (0, None),
+                       "pass_k": (1, None)})
     require(cfg.examples_per_step % rt.world_size == 0,
             f"--examples-per-step {cfg.examples_per_step} must be divisible by the number of ranks {rt.world_size}")
     require(cfg.num_samples >= 2, f"--num-samples {cfg.num_samples}: a group needs at least 2 samples")
+    if cfg.task.startswith("jsonl:"):
+        require(Path(cfg.task[len("jsonl:"):]).is_file(),
+                f"--task {cfg.task}: no such file; pass jsonl:PATH of a JSONL file of problems, or auto, synth, gsm8k")
 
 
 def _setup_rl(job: RLJob, st: Stage) -> tuple[int, dict[str, Any]]:

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import re
+
+from picochat.config import require
 
 BENCHES = {
     "pretrain": ("picochat.stages.pretrain", "training tok/s, MFU and peak memory for a depth (compile once, time steady state)"),
@@ -32,7 +36,28 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
             mod.add_bench_args(p)
 
 
+# The smallest value of each count-like flag the benchmarks share by name (a zero --steps divides by zero)
+BENCH_MINIMUMS = {"steps": 1, "warmup": 0, "profile": 0, "prompt_tokens": 1, "new_tokens": 1, "repeats": 1,
+                  "depth": 1, "vocab_size": 2, "batch_size": 1, "seq_len": 8, "threads": 1, "doc_cap": 1}
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every benchmark's count flags, number lists and numbers, one ConfigError line each, before any work."""
+    for name, low in BENCH_MINIMUMS.items():
+        value = getattr(args, name, None)
+        require(not isinstance(value, int) or value >= low, f"--{name.replace('_', '-')} {value}: must be >= {low}")
+    seconds = getattr(args, "seconds", None)
+    require(seconds is None or (math.isfinite(seconds) and seconds > 0), f"--seconds {seconds}: must be > 0")
+    sizes = getattr(args, "batch_sizes", None)
+    require(sizes is None or re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", sizes) is not None,
+            f"--batch-sizes {sizes!r}: expected positive numbers separated by commas, e.g. 1,8,64")
+    shards = getattr(args, "shards", None)
+    require(not isinstance(shards, str) or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", shards) is not None,
+            f"--shards {shards!r}: expected shard indices such as 0-2 or 0,3")
+
+
 def cli_main(args: argparse.Namespace) -> int:
+    validate_args(args)
     try:
         mod = importlib.import_module(BENCHES[args.bench][0])
     except ModuleNotFoundError as e:

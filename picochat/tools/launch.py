@@ -336,7 +336,21 @@ def parse_launch_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """The launcher's numeric and path flags, one ConfigError line each (the stage checks its own flags)."""
+    from picochat.config import require, require_dir
+
+    require(args.master_port is None or 1 <= args.master_port <= 65535,
+            f"--master-port {args.master_port}: must be a TCP port in 1..65535")
+    require(args.node_rank is None or args.node_rank >= 0, f"--node-rank {args.node_rank}: must be >= 0")
+    require(args.max_restarts >= 0, f"--max-restarts {args.max_restarts}: must be >= 0")
+    if args.log_dir:
+        require_dir(args.log_dir, "--log-dir", "pass a folder for the worker logs (created if missing)",
+                    must_exist=False)
+
+
 def cli_main(args: argparse.Namespace) -> int:
+    validate_args(args)
     plan = plan_launch(args)
     for n in plan.notes:
         print(f"[launch] {n}", file=sys.stderr, flush=True)

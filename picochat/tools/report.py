@@ -12,6 +12,7 @@ import base64
 import datetime
 import html
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -446,6 +447,8 @@ def run(run_name: str | None = None, price: float | None = None, html_out: bool 
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.price is not None and not (math.isfinite(args.price) and args.price >= 0):
+        raise UserError(f"--price {args.price}: must be a number >= 0 ($ per GPU-hour), or drop it")
     result = run(args.run, args.price, args.html)
     print(f"[report] wrote {result['report']}")
     return 0

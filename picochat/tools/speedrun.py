@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picochat.config import UserError, fingerprint
+from picochat.config import UserError, fingerprint, require, require_dir
 from picochat.files import atomic_write_text
 
 HEARTBEAT_SECONDS = 30.0
@@ -633,7 +634,18 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="don't ask before --force-restart")
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """The orchestrator's own flags, one ConfigError line each, before any stage starts (the stages check theirs)."""
+    for flag, value, low in (("--max-steps", args.max_steps, 1), ("--nproc", args.nproc, 1),
+                             ("--price", args.price, 0)):
+        require(value is None or (math.isfinite(value) and value >= low), f"{flag} {value}: must be >= {low}")
+    if args.data_dir:
+        require_dir(args.data_dir, "--data-dir", "pass a shard folder (`picochat data download|prepare` make one), "
+                                                 "or drop --data-dir for the preset's data")
+
+
 def cli_main(args: argparse.Namespace) -> int:
+    validate_args(args)
     cfg = SpeedrunConfig(preset=args.preset, run=args.run, rl=args.rl, stages=args.stages, max_steps=args.max_steps,
                          sets=args.sets, force_restart=args.force_restart, yes=args.yes, dry_run=args.dry_run,
                          price=args.price, nproc=args.nproc, data_dir=args.data_dir)
