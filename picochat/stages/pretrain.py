@@ -571,6 +571,9 @@ def setup(cfg: PretrainConfig, preset_applied: bool = False) -> tuple[Stage, Loo
     rt = init_runtime(cfg.device, cfg.dtype, cfg.seed)
     tok, tok_dir = _load_tokenizer(cfg)
     ckpt_root = checkpoints_dir(cfg.run, "base")
+    # bad flag combinations fail here, before the lock or any folder exists (the plan is made again once the resumed
+    # checkpoint's micro-batch is known)
+    check_memory(cfg, make_plan(cfg, tok.vocab_size, rt.world_size, rt.device), rt.device, rt.world_size)
     lock = lock_stage(stage_dir(cfg.run, "base"), cfg.run, "base")  # released by fit, or below on a failed setup
     try:
         return _setup_locked(cfg, rt, tok, tok_dir, ckpt_root, lock)
