@@ -38,6 +38,7 @@ from picochat import sandbox
 from picochat.config import UserError
 from picochat.conversation import assistant_text, validate
 from picochat.data.download import download_file
+from picochat.files import publish
 from picochat.runtime import default_data_dir, picochat_home, print0
 
 LETTERS = "ABCDEFGHIJ"
@@ -615,7 +616,7 @@ def _download_words(path: Path, url: str) -> str | None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         download_file(url, tmp, validator=_check_words, retries=1, backoff=1.0, timeout=30.0, progress=False)
-        os.replace(tmp, path)
+        publish(tmp, path)
         return None
     except (UserError, OSError) as e:
         return str(e)
