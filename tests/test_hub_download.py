@@ -184,6 +184,11 @@ def test_climbmix_default_checked_pinned_and_usable(hub, tmp_path):
     assert s["downloaded"] == 0 and s["skipped"] == 3 and s["revision"] == commit
     assert not [p for _, p in hub.log[n:] if p.startswith("/cdn/")]
     assert verify(out) == []
+    # the pinned commit vanished from the hub (history rewritten): the error says how to move on
+    hub.repos[CLIMBMIX]["commits"]["e" * 40] = hub.repos[CLIMBMIX]["commits"].pop(commit)
+    with pytest.raises(UserError, match=r"pinned in .*manifest\.json; pass --revision main"):
+        download(2, **FAST)
+    hub.repos[CLIMBMIX]["commits"][commit] = hub.repos[CLIMBMIX]["commits"].pop("e" * 40)
     # --revision main moves it: every file differs, so all are fetched again and the manifest follows
     s = download(2, revision="main", **FAST)
     assert s["downloaded"] == 3 and s["revision"] == "f" * 40
@@ -272,6 +277,8 @@ def test_bad_input_is_one_line(hub, tmp_path, capsys):
     with pytest.raises(UserError, match=r"dataset someone/missing@main: HTTP 404 .*no such dataset"):
         download(1, tmp_path / "a", source="hf:someone/missing", **FAST)
     climbmix(hub)
+    with pytest.raises(UserError, match=r"--shards 0: must be >= 1"):
+        download(0, tmp_path / "a", **FAST)
     with pytest.raises(UserError, match=r"--shards 6543: climbmix has 6542 train shards"):
         download(6543, tmp_path / "a", **FAST)
     with pytest.raises(UserError, match=r"has no shard_00003\.parquet"):

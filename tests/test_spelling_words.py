@@ -136,3 +136,23 @@ def test_unreadable_word_file_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"words_alpha\.txt: not UTF-8 text at byte 0; delete it"):
         SpellingBee(size=5, task_dir=tmp_path / "tasks")
     T._words_cache.clear()
+
+
+def test_ranks_starting_together_share_one_download(words_server, tmp_path):
+    """Several loaders at once (ranks of one node): each writes its own temp file, one complete list results."""
+    errors = []
+
+    def load():
+        try:
+            T._download_words(tmp_path / "tasks" / "w.txt", words_server.url)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    (tmp_path / "tasks").mkdir()
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and (tmp_path / "tasks" / "w.txt").read_bytes() == words_server.body
+    assert [p.name for p in (tmp_path / "tasks").iterdir()] == ["w.txt"]

@@ -361,7 +361,13 @@ def download(shards: int, out: Path | None = None, source: str = DEFAULT_SOURCE,
         if old.get("revision") not in (None, commit) and any((out / n).exists() for n in old["files"]):
             print(f"[download] {out}: moving from {repo}@{old['revision'][:12]} to @{commit[:12]}; files that "
                   f"differ are fetched again", flush=True)
-    plan = _plan(source, repo, val_shard, shards, commit, **kw)
+    try:
+        plan = _plan(source, repo, val_shard, shards, commit, **kw)
+    except UserError as e:
+        if revision is None and commit == old.get("revision"):
+            raise UserError(f"{e} (commit {commit[:12]} is the one pinned in {out / MANIFEST}; pass --revision main "
+                            f"to move to the current one)") from None
+        raise
 
     out.mkdir(parents=True, exist_ok=True)
     known = old.get("files", {}) if old.get("revision") == commit else {}

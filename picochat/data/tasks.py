@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -611,9 +612,9 @@ def _check_words(path: Path) -> None:
 
 
 def _download_words(path: Path, url: str) -> str | None:
-    """Fetch the word list to `path`; None on success, else why not. Every process downloads to its own temp name
-    and renames it into place, so ranks starting together never write one file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    """Fetch the word list to `path`; None on success, else why not. Every process (and thread) downloads to its own
+    temp name and renames it into place, so ranks starting together never write one file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         download_file(url, tmp, validator=_check_words, retries=1, backoff=1.0, timeout=30.0, progress=False)
         publish(tmp, path)
