@@ -627,8 +627,8 @@ def _download_words(path: Path, url: str) -> str | None:
 
 
 def shard_words(data_root: Path, max_chars: int = SHARD_WORD_CHARS, limit: int = 100_000) -> tuple[list[str], str]:
-    """The words of the local pretraining shards (every `data_root/*/shard_*.parquet` folder, train shards first):
-    lowercase alphabetic words of 2-24 letters seen at least twice in the first `max_chars` characters, the
+    """The words of the local pretraining shards (the `shard_*.parquet` files of every folder under `data_root`, in
+    name order): lowercase alphabetic words of 2-24 letters seen at least twice in the first `max_chars` characters, the
     `limit` most frequent. Returns (words, the folders read)."""
     from collections import Counter
 
@@ -662,8 +662,11 @@ def load_words(task_dir: str | Path | None = None) -> list[str]:
         return _words_cache[key]
     why = "PICOCHAT_WORDS_URL is empty"
     if not path.exists() and url:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        why = _download_words(path, url) or ""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            why = _download_words(path, url) or ""
+        except OSError as e:  # a read-only --task-dir: fall back like offline
+            why = f"cannot write there: {e.strerror}"
     words: list[str] = []
     if path.exists():
         try:
