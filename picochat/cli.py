@@ -19,7 +19,7 @@ from picochat.config import UserError
 # command -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("picochat.tools.doctor", "probe hardware and software, and recommend settings"),
-    "data": ("picochat.data.shards", "synth | download | prepare pretraining shards"),
+    "data": ("picochat.data.shards", "synth | download | verify | prepare pretraining shards"),
     "tokenizer": ("picochat.tokenizer", "train | eval the BPE tokenizer"),
     "pretrain": ("picochat.stages.pretrain", "pretrain the base model"),
     "midtrain": ("picochat.stages.midtrain", "midtrain the base model on the conversation mixture"),

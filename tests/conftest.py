@@ -7,6 +7,7 @@ import pytest
 
 os.environ.setdefault("PICOCHAT_DEVICE", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("PICOCHAT_WORDS_URL", "")  # no word-list download: tests use local fallbacks or a local server
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

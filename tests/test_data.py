@@ -1,9 +1,6 @@
-"""`picochat data prepare/download`, shard helpers."""
+"""`picochat data prepare`, shard helpers (`data download` and `data verify`: test_hub_download.py)."""
 
 import json
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +8,7 @@ import pytest
 
 from picochat import cli
 from picochat.config import UserError
-from picochat.data.shards import check_parquet, download, iter_texts, list_shards, prepare, write_shards
+from picochat.data.shards import check_parquet, iter_texts, list_shards, prepare, write_shards
 
 
 def _texts(path):
@@ -109,38 +106,6 @@ def test_prepare_cli(tmp_path, capsys):
     assert len(_texts(list_shards(tmp_path / "o")[1][0])) == 5
     assert cli.main(["data", "prepare", str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "o9")]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_download_shards_manifest_and_skip(tmp_path):
-    host = tmp_path / "host"
-    host.mkdir()
-    for i in range(4):
-        pq.write_table(pa.table({"text": [f"shard {i} doc {j}" for j in range(10)]}), host / f"s{i}.parquet")
-    (host / "s3.parquet").write_bytes((host / "s3.parquet").read_bytes()[:-50])  # truncated on the host
-    handler = partial(SimpleHTTPRequestHandler, directory=str(host))
-    handler.log_message = lambda *a: None
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
-        out = tmp_path / "data"
-        s = download(2, out, source=url, pattern="s{i}.parquet", val_shard=2, workers=2, progress=False, backoff=0)
-        assert s["downloaded"] == 3 and s["skipped"] == 0
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert set(manifest["files"]) == {"s0.parquet", "s1.parquet", "s2.parquet"}
-        assert manifest["files"]["s0.parquet"]["size"] == (host / "s0.parquet").stat().st_size
-        assert len(manifest["files"]["s0.parquet"]["sha256"]) == 64
-        s = download(2, out, source=url, pattern="s{i}.parquet", val_shard=2, workers=2, progress=False)
-        assert s["downloaded"] == 0 and s["skipped"] == 3  # idempotent
-        with pytest.raises(UserError, match=r"s3\.parquet: download failed.*invalid file"):
-            download(1, out, source=url, pattern="s{i}.parquet", val_shard=3, progress=False, retries=1, backoff=0)
-        assert not (out / "s3.parquet").exists()
-        assert "s3.parquet" not in json.loads((out / "manifest.json").read_text())["files"]
-        with pytest.raises(UserError, match="--shards 3"):
-            download(3, out, source=url, pattern="s{i}.parquet", val_shard=2, progress=False)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_check_parquet(tmp_path):

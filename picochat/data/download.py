@@ -1,6 +1,7 @@
-"""Robust HTTP downloads with the standard library only: retries, Range resume, atomic rename, checksums.
+"""Robust HTTP downloads with the standard library only: retries, Range resume, atomic rename, checksums; and the
+Hugging Face Hub's file listing, which gives the expected checksum of every file before it is fetched.
 
-Used for pretraining shards (`picochat data download`) and later for eval bundles and task files.
+Used for pretraining shards (`picochat data download`), eval bundles and task files.
 
 Rules every download follows:
 - Bytes go to `<dest>.part`; the final name appears only via `files.publish` (fsync, rename) after the size, the
@@ -10,6 +11,8 @@ Rules every download follows:
   A `.part` left by a dropped connection (or by an earlier, interrupted run) is resumed with an HTTP Range request;
   a server that ignores Range (answers 200) makes us restart from byte 0.
 - HTTP 4xx (other than 408/429), a full disk and exhausted retries raise `UserError` naming the URL and the next step.
+- An expected sha256 that does not match deletes the bytes and fetches the file once more; a second mismatch is a
+  `UserError` (a host serving other bytes than its listing promises is not a transient fault).
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import json
+import os
 import random
+import re
 import socket
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -42,6 +49,10 @@ class _Retry(Exception):
 
 class _Restart(Exception):
     """The .part is unusable (bad checksum/validation, server ignored Range): delete it and try again."""
+
+
+class _Mismatch(_Restart):
+    """The complete .part has another sha256 than expected."""
 
 
 def sha256_file(path: str | Path, chunk: int = CHUNK) -> str:
@@ -119,7 +130,7 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, retr
                   headers: dict[str, str] | None = None) -> Path:
     """Download `url` to `dest` robustly (see the module docstring) and return `dest`.
 
-    sha256: expected hex digest; a mismatch discards the download and retries, then fails.
+    sha256: expected hex digest; a mismatch discards the download and fetches it once more, then fails.
     retries: extra attempts after the first; sleeps backoff * 2**k (with jitter) between attempts.
     progress: True/False for a tqdm bar (None: only when stderr is a terminal), or a callable taking byte counts.
     validator: called with the complete `.part` before the rename; raise (any exception) to reject the file.
@@ -143,6 +154,7 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, retr
     else:
         callback = None
     last_error = "no attempt made"
+    mismatches = 0
     try:
         for attempt in range(retries + 1):
             if attempt:
@@ -150,12 +162,23 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, retr
                 time.sleep(delay)
             try:
                 _fetch_once(url, part, timeout, callback, headers)
-                problem = _valid(part, sha256, validator)
+                try:
+                    problem = _valid(part, sha256, validator)
+                except UserError:
+                    part.unlink(missing_ok=True)
+                    raise
                 if problem is not None:
-                    raise _Restart(problem)
+                    raise (_Mismatch if problem.startswith("sha256") else _Restart)(problem)
                 publish(part, dest)
                 return dest
             except _Retry as e:
+                last_error = str(e)
+            except _Mismatch as e:
+                part.unlink(missing_ok=True)
+                mismatches += 1
+                if mismatches >= 2:
+                    raise UserError(f"{url}: {e} on two downloads; the bytes were deleted. The host serves another "
+                                    f"file than expected: check the source and its revision, then rerun") from None
                 last_error = str(e)
             except _Restart as e:
                 last_error = str(e)
@@ -181,6 +204,8 @@ def _valid(path: Path, sha256: str | None, validator: Callable[[Path], None] | N
     if validator is not None:
         try:
             validator(path)
+        except UserError:
+            raise  # final (e.g. a file of the wrong schema): no retry
         except Exception as e:  # noqa: BLE001 - any validator failure means "reject this file"
             return f"invalid file ({e})"
     return None
@@ -231,3 +256,129 @@ def download_many(items: Iterable[tuple], workers: int = 4, progress: bool | Non
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise UserError(f"{len(errors)} of {len(items)} downloads failed: {errors[0]}{more}")
     return [results[i] for i in range(len(items))]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Hugging Face Hub's file listing: the expected checksum of every file of a dataset repository, before download.
+#
+# `GET {endpoint}/api/datasets/{repo}/revision/{rev}` gives the commit (`sha`) a branch points at, so a manifest can
+# be pinned to it; `GET .../tree/{commit}?recursive=true&expand=false` lists the files (paginated through the
+# `Link: <...>; rel="next"` header) and `POST .../paths-info/{commit}` (form `paths=...`) lists chosen ones. Each file
+# entry is {"type": "file", "path", "size", "oid": git blob sha1, "lfs": {"oid": sha256 of the content, "size"}};
+# "lfs" is absent for files stored in git itself, whose checksum is then the git blob sha1.
+
+HF_ENDPOINT = "https://huggingface.co"
+
+
+def hf_endpoint() -> str:
+    """The hub's base URL: PICOCHAT_HF_ENDPOINT, else HF_ENDPOINT (the huggingface_hub variable, set for mirrors)."""
+    return (os.environ.get("PICOCHAT_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
+
+
+def git_blob_sha1(path: str | Path) -> str:
+    """Git's object id of a file's bytes: sha1(b"blob <size>\\0" + bytes); the hub's checksum of non-LFS files."""
+    path = Path(path)
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hub_request(url: str, data: bytes | None, what: str, retries: int, backoff: float, timeout: float
+                 ) -> tuple[object, str | None]:
+    """(parsed JSON, Link header) of one hub API call, with the downloader's retry rules."""
+    last = "no attempt made"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * (2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
+        req = urllib.request.Request(url, data=data, headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body, link = resp.read(), resp.headers.get("Link")
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code in RETRYABLE_STATUS or 500 <= e.code < 600:
+                last = f"HTTP {e.code} {e.reason}"
+                continue
+            hint = ("no such dataset or revision (or it is private or gated)" if e.code in (401, 403, 404)
+                    else "check the name and your access to it")
+            raise UserError(f"{what}: HTTP {e.code} from {url}: {hint}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
+            last = f"cannot connect ({getattr(e, 'reason', e)})"
+            continue
+        try:
+            return json.loads(body), link
+        except ValueError:
+            raise UserError(f"{what}: {url} did not answer JSON; is {hf_endpoint()} a Hugging Face Hub "
+                            f"(PICOCHAT_HF_ENDPOINT)?") from None
+    raise UserError(f"{what}: {url} failed after {retries + 1} attempts (last error: {last}); check your network "
+                    f"(or PICOCHAT_HF_ENDPOINT), then rerun")
+
+
+def _repo_url(repo: str) -> str:
+    return f"{hf_endpoint()}/api/datasets/{repo}"
+
+
+def hub_commit(repo: str, revision: str = "main", *, retries: int = 5, backoff: float = 2.0,
+               timeout: float = 60.0) -> str:
+    """The commit sha a revision (branch, tag or sha) of dataset `repo` points at."""
+    url = f"{_repo_url(repo)}/revision/{urllib.parse.quote(revision, safe='')}"
+    info, _ = _hub_request(url, None, f"dataset {repo}@{revision}", retries, backoff, timeout)
+    sha = info.get("sha") if isinstance(info, dict) else None
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
+        raise UserError(f"dataset {repo}@{revision}: the hub's answer names no commit sha; check the revision")
+    return sha
+
+
+def _entries(raw: object, where: str) -> dict[str, dict]:
+    """path -> {"size", "sha256"} (LFS) or {"size", "git_sha1"} from a listing's JSON; folders are skipped."""
+    if not isinstance(raw, list):
+        raise UserError(f"{where}: the hub's file listing is not a JSON array")
+    out: dict[str, dict] = {}
+    for e in raw:
+        if not isinstance(e, dict) or e.get("type") != "file" or not isinstance(e.get("path"), str):
+            continue
+        lfs = e.get("lfs")
+        if isinstance(lfs, dict) and isinstance(lfs.get("oid"), str) and re.fullmatch(r"[0-9a-f]{64}", lfs["oid"]):
+            out[e["path"]] = {"size": int(lfs.get("size", e.get("size", -1))), "sha256": lfs["oid"]}
+        elif isinstance(e.get("oid"), str) and re.fullmatch(r"[0-9a-f]{40}", e["oid"]):
+            out[e["path"]] = {"size": int(e.get("size", -1)), "git_sha1": e["oid"]}
+        else:
+            raise UserError(f"{where}: the listing gives no checksum for {e['path']}")
+    return out
+
+
+def hub_tree(repo: str, commit: str, *, retries: int = 5, backoff: float = 2.0, timeout: float = 60.0
+             ) -> dict[str, dict]:
+    """Every file of dataset `repo` at `commit` with its size and checksum (see `_entries`)."""
+    url: str | None = (f"{_repo_url(repo)}/tree/{urllib.parse.quote(commit, safe='')}"
+                       f"?recursive=true&expand=false")
+    out: dict[str, dict] = {}
+    pages = 0
+    while url:
+        raw, link = _hub_request(url, None, f"listing of {repo}@{commit[:12]}", retries, backoff, timeout)
+        out.update(_entries(raw, f"{repo}@{commit[:12]}"))
+        m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link or "")
+        url = urllib.parse.urljoin(url, m.group(1)) if m else None
+        pages += 1
+        if pages > 10_000:
+            raise UserError(f"listing of {repo}: more than 10,000 pages; the hub's pagination does not end")
+    return out
+
+
+def hub_paths_info(repo: str, commit: str, paths: Sequence[str], *, retries: int = 5, backoff: float = 2.0,
+                   timeout: float = 60.0, batch: int = 500) -> dict[str, dict]:
+    """Size and checksum of chosen files of dataset `repo` at `commit`; paths the repository lacks are absent."""
+    url = f"{_repo_url(repo)}/paths-info/{urllib.parse.quote(commit, safe='')}"
+    out: dict[str, dict] = {}
+    for i in range(0, len(paths), batch):
+        form = urllib.parse.urlencode([("paths", p) for p in paths[i:i + batch]] + [("expand", "false")]).encode()
+        raw, _ = _hub_request(url, form, f"listing of {repo}@{commit[:12]}", retries, backoff, timeout)
+        out.update(_entries(raw, f"{repo}@{commit[:12]}"))
+    return out
+
+
+def hub_file_url(repo: str, commit: str, path: str) -> str:
+    return (f"{hf_endpoint()}/datasets/{repo}/resolve/{urllib.parse.quote(commit, safe='')}/"
+            f"{urllib.parse.quote(path)}")

@@ -1,4 +1,4 @@
-"""Pretraining shards: `picochat data synth | download | prepare`, and the shard helpers other modules use.
+"""Pretraining shards: `picochat data synth | download | verify | prepare`, and the shard helpers other modules use.
 
 A data directory holds `shard_XXXXX.parquet` files with one string column `text` (one document per row), zstd,
 row groups of 1,024 documents. Files sort by name; the LAST one is the validation shard, all others train.
@@ -10,9 +10,10 @@ import argparse
 import itertools
 import json
 import re
-import threading
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from picochat.config import UserError
@@ -22,11 +23,6 @@ from picochat.files import atomic_path, atomic_write_text
 
 ROW_GROUP = 1024
 SHARD_RE = re.compile(r"^shard_\d+\.parquet$")
-
-# nanochat's public pre-shuffled FineWeb-Edu-100B host: shard_00000 .. shard_01822 (~100 MB each, ~250M chars).
-FINEWEB_SOURCE = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-FINEWEB_PATTERN = "shard_{i:05d}.parquet"
-FINEWEB_LAST_SHARD = 1822
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,77 +275,206 @@ def prepare(inputs: list[Path], out: Path, val_docs: int | None = None, docs_per
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# download: a public shard host -> local shards
+# download: a Hugging Face dataset -> local shards, each checked against the hub's own sha256
 
 
-def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str = FINEWEB_PATTERN,
-             val_shard: int | None = None, workers: int = 4, retries: int = 5, progress: bool | None = None,
-             backoff: float = 2.0, timeout: float = 60.0) -> dict:
-    """Download train shards 0..shards-1 and the val shard into `out`, keeping `manifest.json` (size + sha256).
+# name -> (dataset repository, index of its val shard). Both are nanochat's pre-shuffled shard sets of
+# `shard_{i:05d}.parquet` files with a `text` column (~100 MB, ~250M characters each); the host's last shard is val.
+SOURCES = {
+    "climbmix": ("karpathy/climbmix-400b-shuffle", 6542),       # NVIDIA ClimbMix, nanochat's default since 2026
+    "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1822),  # FineWeb-Edu-100B, nanochat's earlier default
+}
+DEFAULT_SOURCE = "climbmix"
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MANIFEST = "manifest.json"
 
-    Val rule: the source's designated val shard is always fetched too. For the default FineWeb-Edu host it is the
-    host's last shard (01822), which also sorts last locally, so `list_shards` picks it as val no matter how many
-    train shards were downloaded. For another --source pass --val-shard IDX; without it, the last of the N
-    downloaded shards serves as val (so N must be >= 2).
-    Already-present files that match the manifest (size) and have a valid parquet footer are skipped."""
 
+def parse_source(source: str) -> tuple[str, int | None]:
+    """(dataset repository, val shard index or None) of a --source: a name of SOURCES or hf:OWNER/NAME."""
+    if source in SOURCES:
+        return SOURCES[source]
+    if source.startswith("hf:"):
+        repo = source[3:]
+        if _REPO_RE.match(repo) and ".." not in repo:
+            return repo, None
+        raise UserError(f"--source {source}: expected hf:OWNER/NAME, a Hugging Face dataset (e.g. hf:karpathy/"
+                        f"climbmix-400b-shuffle)")
+    raise UserError(f"--source {source}: expected {', '.join(SOURCES)} or hf:OWNER/NAME")
+
+
+def default_download_dir(source: str = DEFAULT_SOURCE) -> Path:
+    from picochat.runtime import default_data_dir  # lazy: runtime imports torch (~2 s); `picochat data` needs none
+
+    name = source[3:].replace("/", "--") if source.startswith("hf:") else source
+    return default_data_dir(name)
+
+
+def _read_manifest(out: Path) -> dict:
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # rebuilt: files already here are checked against the hub's listing, not against this file
+    return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else {}
+
+
+def _plan(source: str, repo: str, val_shard: int | None, shards: int, commit: str, retries: int, backoff: float,
+          timeout: float) -> dict[str, dict]:
+    """local shard name -> {"path": path in the repository, "size", "sha256" | "git_sha1"} to download."""
+    from picochat.data.download import hub_paths_info, hub_tree
+
+    if val_shard is not None:  # a named source: the file names are known, ask for just those
+        names = [f"shard_{i:05d}.parquet" for i in list(range(shards)) + [val_shard]]
+        info = hub_paths_info(repo, commit, names, retries=retries, backoff=backoff, timeout=timeout)
+        missing = [n for n in names if n not in info]
+        if missing:
+            raise UserError(f"--source {source}: {repo}@{commit[:12]} has no {missing[0]}"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; check --revision")
+        return {n: {"path": n, **info[n]} for n in names}
+    # Any dataset: its .parquet files in path order; the first N train, the last one is val (it sorts last here too).
+    tree = hub_tree(repo, commit, retries=retries, backoff=backoff, timeout=timeout)
+    files = sorted(p for p in tree if p.endswith(".parquet"))
+    if len(files) < 2:
+        raise UserError(f"--source {source}: {repo}@{commit[:12]} has {len(files)} .parquet file(s); need at least "
+                        f"2 (the last is validation)")
+    if shards > len(files) - 1:
+        raise UserError(f"--shards {shards}: {repo} has {len(files) - 1} train .parquet file(s) besides its last "
+                        f"(val); ask for at most {len(files) - 1}")
+    chosen = list(range(shards)) + [len(files) - 1]
+    return {f"shard_{i:05d}.parquet": {"path": files[i], **tree[files[i]]} for i in chosen}
+
+
+def _has_text(path: Path) -> None:
+    """Validator of downloaded shards: a complete parquet file with a `text` column (what the loader reads)."""
+    try:
+        check_parquet(path)
+    except ValueError as e:
+        if "no 'text' column" not in str(e):
+            raise
+        raise UserError(f"{e}: the loader reads a `text` column; convert the dataset's files with `picochat data "
+                        f"prepare FILES --text-field COLUMN --out DIR`") from None
+
+
+def download(shards: int, out: Path | None = None, source: str = DEFAULT_SOURCE, revision: str | None = None,
+             workers: int = 4, retries: int = 5, progress: bool | None = None, backoff: float = 2.0,
+             timeout: float = 60.0) -> dict:
+    """Download train shards 0..N-1 and the val shard of --source into --out, each checked against the sha256 the
+    Hugging Face Hub lists for it.
+
+    --source: climbmix (default), fineweb-edu, or hf:OWNER/NAME for any dataset of parquet files with a `text`
+    column (its files in path order; the last one is val). The revision (default main) is resolved to a commit once
+    and pinned in `manifest.json`, so a later run (or a re-upload) cannot mix files of two versions; pass --revision
+    to move. A file whose bytes differ from the listing is deleted and fetched again; a second mismatch is an error.
+    Files already present that match the listing are kept. `picochat data verify` re-checks a folder later."""
+    from picochat.data.download import git_blob_sha1, hub_commit, hub_file_url
+
+    repo, val_shard = parse_source(source)
     if shards < 1:
         raise UserError(f"--shards {shards}: must be >= 1")
-    if val_shard is None and source.rstrip("/") == FINEWEB_SOURCE:
-        val_shard = FINEWEB_LAST_SHARD
-    if val_shard is None and shards < 2:
-        raise UserError(f"--shards {shards}: with --source {source} and no --val-shard, the last downloaded shard is "
-                        f"val, so download at least 2 (or pass --val-shard IDX)")
     if val_shard is not None and shards > val_shard:
-        raise UserError(f"--shards {shards}: the source's val shard is index {val_shard}; ask for at most {val_shard}")
-    indices = list(range(shards)) + ([val_shard] if val_shard is not None else [])
-    out = Path(out)
+        raise UserError(f"--shards {shards}: {source} has {val_shard} train shards (index {val_shard} is val); ask "
+                        f"for at most {val_shard}")
+    out = Path(out) if out is not None else default_download_dir(source)
+    old = _read_manifest(out)
+    if old.get("repo") not in (None, repo):
+        raise UserError(f"{out}: holds shards of {old['repo']}, not {repo}; choose another --out (mixing two "
+                        f"datasets in one folder would train on both)")
+    kw = dict(retries=retries, backoff=backoff, timeout=timeout)
+    if revision is None and isinstance(old.get("revision"), str):
+        commit = old["revision"]  # pinned by an earlier run
+    else:
+        commit = hub_commit(repo, revision or "main", **kw)
+        if old.get("revision") not in (None, commit) and any((out / n).exists() for n in old["files"]):
+            print(f"[download] {out}: moving from {repo}@{old['revision'][:12]} to @{commit[:12]}; files that "
+                  f"differ are fetched again", flush=True)
+    try:
+        plan = _plan(source, repo, val_shard, shards, commit, **kw)
+    except UserError as e:
+        if revision is None and commit == old.get("revision"):
+            raise UserError(f"{e} (commit {commit[:12]} is the one pinned in {out / MANIFEST}; pass --revision main "
+                            f"to move to the current one)") from None
+        raise
+
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    manifest = {"source": source, "pattern": pattern, "val_shard": val_shard, "files": {}}
-    if manifest_path.exists():
-        try:
-            manifest["files"] = json.loads(manifest_path.read_text()).get("files", {})
-        except json.JSONDecodeError:
-            pass  # a corrupt manifest is rebuilt from the files
-    base = source.rstrip("/")
+    known = old.get("files", {}) if old.get("revision") == commit else {}
+    manifest = {"source": source, "repo": repo, "revision": commit, "files": {}}
+    def matches(name: str) -> bool:
+        # Always re-hashed (in parallel threads, hashlib releases the GIL): a file that rotted or was edited since
+        # it was written must not pass on the manifest's word.
+        dest, want = out / name, plan[name]
+        if not dest.exists() or dest.stat().st_size != want["size"]:
+            return False
+        return (sha256_file(dest) == want["sha256"]) if "sha256" in want else git_blob_sha1(dest) == want["git_sha1"]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        present = dict(zip(plan, pool.map(matches, plan)))
     todo, skipped = [], 0
-    for i in indices:
-        name = pattern.format(i=i)
+    for name, want in plan.items():
         dest = out / name
-        entry = manifest["files"].get(name)
-        if dest.exists() and (entry is None or entry.get("size") == dest.stat().st_size):
-            try:
-                check_parquet(dest)
-                if entry is None:  # a valid file put here by hand or by an older run: adopt it
-                    manifest["files"][name] = {"size": dest.stat().st_size, "sha256": sha256_file(dest)}
-                skipped += 1
-                continue
-            except (ValueError, OSError):
-                pass
+        if present[name]:
+            manifest["files"][name] = want
+            skipped += 1
+            continue
         if dest.exists():
-            dest.unlink()  # unknown or invalid file under the final name: fetch it again
-        todo.append((f"{base}/{name}", dest))
+            dest.unlink()  # not the listed bytes: fetch it again
+        todo.append((hub_file_url(repo, commit, want["path"]), dest, want.get("sha256")))
 
-    lock = threading.Lock()
-
-    def record(path: Path) -> None:
-        # Called in the worker thread by the validator, after the footer check; sha256 of the complete .part.
-        check_parquet(path)
-        digest = sha256_file(path)
-        with lock:
-            manifest["files"][path.name.removesuffix(".part")] = {"size": path.stat().st_size, "sha256": digest}
+    def validator(path: Path) -> None:
+        name = path.name.removesuffix(".part")
+        want = plan[name]
+        if "git_sha1" in want and git_blob_sha1(path) != want["git_sha1"]:
+            raise ValueError(f"git blob sha1 mismatch (expected {want['git_sha1']})")
+        _has_text(path)
 
     try:
         if todo:
-            download_many(todo, workers=workers, progress=progress, validator=record, retries=retries,
-                          backoff=backoff, timeout=timeout)
+            download_many(todo, workers=workers, progress=progress, validator=validator, **kw)
     finally:
-        # Keep entries only for files that made it to their final name (a rejected .part is not recorded as done).
-        manifest["files"] = {k: v for k, v in manifest["files"].items() if (out / k).exists()}
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
-    return {"out": str(out), "downloaded": len(todo), "skipped": skipped, "files": len(indices),
+        # Record only files that made it to their final name (a rejected .part is not recorded as done); entries
+        # of files outside this plan stay (same revision only), so asking for fewer shards does not forget others.
+        for name, entry in known.items():
+            if name not in plan and (out / name).exists():
+                manifest["files"][name] = entry
+        for name, want in plan.items():
+            if (out / name).exists():
+                manifest["files"][name] = want
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return {"out": str(out), "downloaded": len(todo), "skipped": skipped, "files": len(plan), "revision": commit,
             "bytes": sum(v["size"] for v in manifest["files"].values())}
+
+
+def verify(data_dir: Path | None = None) -> list[str]:
+    """Re-hash every shard of a downloaded folder against its manifest. Returns one line per bad file (empty: all
+    good): a file that is missing, has another size or checksum, or is a shard the manifest does not list."""
+    from picochat.data.download import git_blob_sha1
+
+    data_dir = Path(data_dir) if data_dir is not None else default_download_dir()
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: no such folder; pass the folder `picochat data download --out` wrote")
+    m = _read_manifest(data_dir)
+    if not m.get("files"):
+        raise UserError(f"{data_dir}: no readable {MANIFEST} listing files; only folders written by `picochat data "
+                        f"download` can be verified (rerun it to rebuild the manifest)")
+    again = f"`picochat data download --source {m.get('source', DEFAULT_SOURCE)} --out {data_dir}` fetches it again"
+    bad = []
+    for name, want in sorted(m["files"].items()):
+        path = data_dir / name
+        if not isinstance(want, dict) or not ("sha256" in want or "git_sha1" in want):
+            bad.append(f"{path}: the manifest gives no checksum for it; {again}")
+        elif not path.exists():
+            bad.append(f"{path}: missing; {again}")
+        elif path.stat().st_size != want.get("size"):
+            bad.append(f"{path}: {path.stat().st_size} bytes, the listing says {want.get('size')}; {again}")
+        elif "sha256" in want and (got := sha256_file(path)) != want["sha256"]:
+            bad.append(f"{path}: sha256 {got}, the listing says {want['sha256']}; {again}")
+        elif "sha256" not in want and (got := git_blob_sha1(path)) != want["git_sha1"]:
+            bad.append(f"{path}: git sha1 {got}, the listing says {want['git_sha1']}; {again}")
+    for path in sorted(data_dir.iterdir()):
+        if SHARD_RE.match(path.name) and path.name not in m["files"]:
+            bad.append(f"{path}: a shard the manifest does not list (training would read it); move it away")
+    return bad
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -359,23 +484,28 @@ def download(shards: int, out: Path, source: str = FINEWEB_SOURCE, pattern: str 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     from picochat.runtime import default_data_dir  # lazy: runtime imports torch (~2 s); `picochat data` needs none
 
-    sub = parser.add_subparsers(dest="data_command", metavar="{synth,download,prepare}", required=True)
+    sub = parser.add_subparsers(dest="data_command", metavar="{synth,download,verify,prepare}", required=True)
 
     p = sub.add_parser("synth", help="write the embedded synthetic corpus (pretraining shards, chats, eval set)",
                        description="Write the embedded synthetic corpus deterministically from a seed.")
     synth.add_synth_args(p)
 
-    p = sub.add_parser("download", help="download pre-shuffled pretraining shards (FineWeb-Edu by default)",
+    p = sub.add_parser("download", help="download pre-shuffled pretraining shards (ClimbMix by default), checksummed",
                        description=download.__doc__)
     p.add_argument("--shards", type=int, required=True, help="number of train shards (indices 0..N-1)")
-    p.add_argument("--source", default=FINEWEB_SOURCE, help="base URL of the shard host (default: %(default)s)")
-    p.add_argument("--pattern", default=FINEWEB_PATTERN,
-                   help="file name pattern under --source, with {i} the shard index (default: %(default)s)")
-    p.add_argument("--val-shard", type=int, default=None,
-                   help=f"index of the source's val shard (default: {FINEWEB_LAST_SHARD} for the default source)")
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help=f"{', '.join(SOURCES)} or hf:OWNER/NAME (default: %(default)s)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of the dataset (default: the commit pinned in --out, else main)")
     p.add_argument("--workers", type=int, default=4, help="parallel downloads (default: %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="retries per file (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=default_data_dir("fineweb"), help="output dir (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output dir (default: {default_data_dir('<source>')}, e.g. .../{DEFAULT_SOURCE})")
+
+    p = sub.add_parser("verify", help="re-check downloaded shards against their manifest's sha256",
+                       description=verify.__doc__)
+    p.add_argument("dir", type=Path, nargs="?", default=None,
+                   help=f"a folder written by `data download` (default: {default_data_dir(DEFAULT_SOURCE)})")
 
     p = sub.add_parser("prepare", help="convert .txt/.jsonl/.parquet files into shards",
                        description="Convert .txt (one doc per file, or --split-blank-lines), .jsonl (a text field) and "
@@ -420,10 +550,19 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         return int(synth.synth_main(args) or 0)
     if args.data_command == "download":
-        summary = download(args.shards, args.out, source=args.source, pattern=args.pattern,
-                           val_shard=args.val_shard, workers=args.workers, retries=args.retries)
+        summary = download(args.shards, args.out, source=args.source, revision=args.revision, workers=args.workers,
+                           retries=args.retries)
         print(f"data download: {summary['downloaded']} downloaded, {summary['skipped']} already present, "
-              f"{summary['bytes'] / 1e9:.2f} GB in {summary['out']}")
+              f"{summary['bytes'] / 1e9:.2f} GB in {summary['out']} (sha256 checked, revision "
+              f"{summary['revision'][:12]})")
+        return 0
+    if args.data_command == "verify":
+        bad = verify(args.dir)
+        for line in bad:
+            print(line, file=sys.stderr)
+        if bad:
+            return 2
+        print(f"data verify: every file in {args.dir or default_download_dir()} matches its manifest")
         return 0
     if args.data_command == "prepare":
         s = prepare(args.inputs, args.out, val_docs=args.val_docs, docs_per_shard=args.docs_per_shard,

@@ -14,7 +14,8 @@ Sources and where they are read from (`task_dir`, default `PICOCHAT_HOME/tasks`,
 | arc_easy / _challenge | arc/arc_{easy,challenge}_{split}.jsonl or .parquet | huggingface allenai/ai2_arc (parquet) |
 | smoltalk        | smoltalk/{train,test}.parquet               | huggingface HuggingFaceTB/smol-smoltalk         |
 | synth           | PICOCHAT_HOME/data/synth/chat_{train,val}.jsonl | `picochat data synth` makes it              |
-| spelling_bee, simple_spelling, identity | generated here from a seed (no data needed)             |
+| spelling_bee, simple_spelling | words/words_alpha.txt (offline: words of the local shards) | github dwyl/english-words |
+| identity        | generated here from a seed (no data needed)                                                  |
 | jsonl:PATH      | any file of {"messages": [...]} lines (`--data-file`)                         |
 
 A folder with the jsonl layout above, passed as `--task-dir DIR`, works offline.
@@ -25,9 +26,12 @@ Mixtures are written as a spec string, e.g. `"smoltalk,mmlu:auxiliary_train,gsm8
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import random
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -35,7 +39,8 @@ from picochat import sandbox
 from picochat.config import UserError
 from picochat.conversation import assistant_text, validate
 from picochat.data.download import download_file
-from picochat.runtime import default_data_dir, picochat_home
+from picochat.files import publish
+from picochat.runtime import default_data_dir, picochat_home, print0
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -573,7 +578,11 @@ def extract_code(text: str) -> str:
 # Generated tasks: spelling, counting letters, identity (no downloads)
 
 
-# Built in so the generators work offline; `words` can also come from the synthetic world's vocabulary.
+# The word list of SpellingBee and SimpleSpelling: dwyl/english-words' words_alpha.txt (~370K lowercase words, the list
+# nanochat used), cached under task_dir. Offline, the words of the local pretraining shards stand in; failing those,
+# this small built-in list.
+WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
+WORDS_FILE = "words/words_alpha.txt"
 BUILTIN_WORDS = """
 apple banana cherry orange grape lemon melon peach pear plum strawberry blueberry raspberry mango papaya
 table chair window garden kitchen bottle pencil notebook computer keyboard monitor library mountain river
@@ -585,20 +594,131 @@ tomorrow yesterday calendar february wednesday september thursday afternoon midn
 purple yellow silver golden crimson scarlet violet emerald turquoise lavender
 hello world python picochat language model letter spelling counting question answer problem number
 """.split()
+TEST_WORD_PERCENT = 10     # share of the words (by a stable hash) that only the test split ever uses
+SHARD_WORD_CHARS = 20_000_000  # characters of pretraining text read for the offline word list
+_words_cache: dict[tuple, list[str]] = {}
 
 
-def _word_list(words: Sequence[str] | None) -> list[str]:
-    ws = sorted({w.lower() for w in (words or BUILTIN_WORDS) if w.isalpha()})
-    if not ws:
-        raise UserError("spelling tasks need at least one alphabetic word")
-    return ws
+def _word_list(words: Sequence[str]) -> list[str]:
+    return sorted({w.lower() for w in words if w.isalpha()})
+
+
+def _check_words(path: Path) -> None:
+    """Validator of a downloaded word list: rejects an HTML error page or a truncated file before it is kept."""
+    words = path.read_bytes().decode("utf-8").split()
+    alpha = sum(w.isalpha() for w in words)
+    if len(words) < 1000 or alpha < 0.9 * len(words):
+        raise ValueError(f"not a word list ({len(words)} lines, {alpha} alphabetic)")
+
+
+def _download_words(path: Path, url: str) -> str | None:
+    """Fetch the word list to `path`; None on success, else why not. Every process (and thread) downloads to its own
+    temp name and renames it into place, so ranks starting together never write one file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        download_file(url, tmp, validator=_check_words, retries=1, backoff=1.0, timeout=30.0, progress=False)
+        publish(tmp, path)
+        return None
+    except (UserError, OSError) as e:
+        return str(e)
+    finally:
+        for junk in (tmp, tmp.with_name(tmp.name + ".part")):
+            junk.unlink(missing_ok=True)
+
+
+def shard_words(data_root: Path, max_chars: int = SHARD_WORD_CHARS, limit: int = 100_000) -> tuple[list[str], str]:
+    """The words of the local pretraining shards (the `shard_*.parquet` files of every folder under `data_root`, in
+    name order): lowercase alphabetic words of 2-24 letters seen at least twice in the first `max_chars` characters, the
+    `limit` most frequent. Returns (words, the folders read)."""
+    from collections import Counter
+
+    from picochat.data.shards import SHARD_RE, iter_texts
+
+    if not data_root.is_dir():
+        return [], ""
+    folders = [d for d in sorted(data_root.iterdir()) if d.is_dir()]
+    shards = [p for d in folders for p in sorted(d.iterdir()) if SHARD_RE.match(p.name)]
+    if not shards:
+        return [], ""
+    counts: Counter = Counter()
+    try:
+        for text in iter_texts(shards, max_chars=max_chars):
+            counts.update(w.lower() for w in re.findall(r"[A-Za-z]{2,24}", text))
+    except Exception:  # noqa: BLE001 - an unreadable shard: use what was read so far
+        pass
+    common = sorted((w for w, n in counts.items() if n >= 2), key=lambda w: (-counts[w], w))[:limit]
+    return sorted(common), ", ".join(sorted({str(p.parent) for p in shards}))
+
+
+def load_words(task_dir: str | Path | None = None) -> list[str]:
+    """The spelling tasks' word list: task_dir/words/words_alpha.txt, downloaded there when missing (from
+    PICOCHAT_WORDS_URL, default WORDS_URL; set it empty to skip the download); offline, the words of the local
+    pretraining shards, and failing those BUILTIN_WORDS. Each fallback says so in one line."""
+    path = resolve_task_dir(task_dir) / WORDS_FILE
+    url = os.environ.get("PICOCHAT_WORDS_URL", WORDS_URL)
+    data_root = picochat_home() / "data"
+    key = (str(path), url, str(data_root))
+    if key in _words_cache:
+        return _words_cache[key]
+    why = "PICOCHAT_WORDS_URL is empty"
+    if not path.exists() and url:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            why = _download_words(path, url) or ""
+        except OSError as e:  # a read-only --task-dir: fall back like offline
+            why = f"cannot write there: {e.strerror}"
+    words: list[str] = []
+    if path.exists():
+        try:
+            words = _word_list(path.read_bytes().decode("utf-8").split())
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text at byte {e.start}; delete it to download the list again, or "
+                            f"put one word per line there") from None
+        if not words:
+            raise UserError(f"{path}: no alphabetic words; delete it to download the list again")
+    else:
+        words, where = shard_words(data_root)
+        fix = f"put a word list (one word per line) at {path}"
+        if len(words) >= 100:
+            print0(f"[tasks] spelling word list: no {path} ({why}); using {len(words)} words of the pretraining "
+                   f"shards in {where}; {fix}")
+        else:
+            words = _word_list(BUILTIN_WORDS)
+            print0(f"[tasks] spelling word list: no {path} ({why}) and no pretraining shards; using the "
+                   f"{len(words)} built-in words; {fix}")
+    _words_cache[key] = words
+    return words
+
+
+def _template_words(*templates: str) -> frozenset[str]:
+    return frozenset(w.lower() for t in templates for w in re.findall(r"[A-Za-z]+", t.replace("{W}", " ")))
+
+
+def is_test_word(word: str) -> bool:
+    """Whether `word` belongs to the spelling tasks' test split: a stable hash of the word (the same on every
+    machine and Python), so a word is in exactly one split whatever list it comes from. Words the task templates
+    themselves use, and words of fewer than 3 letters (which also occur as the letter asked about), stay in train,
+    so a test word never appears in a training example at all."""
+    if len(word) < 3 or word in _SPELLING_TEMPLATE_WORDS:
+        return False
+    return int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "big") % 100 < TEST_WORD_PERCENT
+
+
+def split_words(words: Sequence[str], split: str, task: str) -> list[str]:
+    """The words of `split` ("test", or anything else for train) of a word list; disjoint by construction."""
+    test = split == "test"
+    out = [w for w in words if is_test_word(w) == test]
+    if not out:
+        raise UserError(f"{task}: none of the {len(words)} words falls in the {'test' if test else 'train'} split "
+                        f"(a stable hash sends about {TEST_WORD_PERCENT}% of the words to test); give more words")
+    return out
 
 
 class SpellingBee(Task):
     """"How many 'r' are in 'strawberry'?": spell it out with a running count, check with a python call, `#### n`.
 
-    Item i is generated from `random.Random(seed_base + i)`, so any index is reproducible on its own; train and
-    test use disjoint seed ranges.
+    Item i is generated from `random.Random(seed_base + i)`, so any index is reproducible on its own. Train and test
+    draw from disjoint words (`is_test_word`), so the test score measures spelling, not memorised answers.
     """
 
     _USER = [
@@ -608,10 +728,16 @@ class SpellingBee(Task):
         "Can you tell me how many {L}s the word '{W}' has?", "Number of '{L}' in {W}?",
     ]
 
-    def __init__(self, size: int = 1000, split: str = "train", words: Sequence[str] | None = None, **kw: Any):
+    _SPELL = "Let me spell {W} and count the letter {L}:"
+    _TOTAL = "That gives {N}. Let me double check with python:"
+    _FINAL = "The letter {L} appears {N} times in {W}."
+
+    def __init__(self, size: int = 1000, split: str = "train", words: Sequence[str] | None = None,
+                 task_dir: str | Path | None = None, **kw: Any):
         super().__init__(**kw)
-        self.size, self.split, self.words = size, split, _word_list(words)
         self.name = f"spelling_bee:{split}"
+        all_words = _word_list(words) if words is not None else load_words(task_dir)
+        self.size, self.split, self.words = size, split, split_words(all_words, split, self.name)
         self.seed_base = 10_000_000 if split == "test" else 0
 
     def num_examples(self) -> int:
@@ -633,13 +759,13 @@ class SpellingBee(Task):
                 lines.append(f"{ch} ({running})")
             else:
                 lines.append(ch)
-        text = (f"Let me spell {word} and count the letter {letter}:\n" + ", ".join(lines) +
-                f"\nThat gives {count}. Let me double check with python:\n")
+        text = (self._SPELL.format(W=word, L=letter) + "\n" + ", ".join(lines) + "\n" +
+                self._TOTAL.format(N=count) + "\n")
         parts = [
             {"type": "text", "text": text},
             {"type": "python", "text": f"'{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\nThe letter {letter} appears {count} times in {word}.\n#### {count}"},
+            {"type": "text", "text": "\n" + self._FINAL.format(L=letter, N=count, W=word) + f"\n#### {count}"},
         ]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": str(count)}
@@ -651,10 +777,14 @@ class SpellingBee(Task):
 class SimpleSpelling(Task):
     """"Spell the word X" -> "X: x,-,..."; teaches the model what letters its tokens are made of."""
 
-    def __init__(self, size: int = 1000, split: str = "train", words: Sequence[str] | None = None, **kw: Any):
+    _ASK = ["Spell the word: {W}", "spell {W}", "How do you spell {W}?", "Spell out \"{W}\"."]
+
+    def __init__(self, size: int = 1000, split: str = "train", words: Sequence[str] | None = None,
+                 task_dir: str | Path | None = None, **kw: Any):
         super().__init__(**kw)
-        self.size, self.words = size, _word_list(words)
         self.name = f"simple_spelling:{split}"
+        all_words = _word_list(words) if words is not None else load_words(task_dir)
+        self.size, self.words = size, split_words(all_words, split, self.name)
         self.seed_base = 20_000_000 if split == "test" else 30_000_000
 
     def num_examples(self) -> int:
@@ -663,13 +793,17 @@ class SimpleSpelling(Task):
     def get_example(self, index: int) -> dict:
         rng = random.Random(self.seed_base + index)
         word = rng.choice(self.words)
-        ask = rng.choice(["Spell the word: {W}", "spell {W}", "How do you spell {W}?", "Spell out \"{W}\"."])
+        ask = rng.choice(self._ASK)
         return {"messages": [{"role": "user", "content": ask.format(W=word)},
                              {"role": "assistant", "content": f"{word}: {','.join(word)}"}],
                 "answer": ",".join(word)}
 
     def evaluate(self, conv: dict, response: str) -> bool:
         return conv["answer"] in response
+
+
+_SPELLING_TEMPLATE_WORDS = _template_words(*SpellingBee._USER, SpellingBee._SPELL, SpellingBee._TOTAL,
+                                           SpellingBee._FINAL, *SimpleSpelling._ASK)
 
 
 class Identity(Task):
@@ -884,9 +1018,9 @@ def build_task(name: str, split: str | None = None, task_dir: str | Path | None 
     if name == "synth_chat_mc":
         return SynthChatMC(split or "val")
     if name == "spelling_bee":
-        return SpellingBee(size=size or 1000, split=split or "train", words=words)
+        return SpellingBee(size=size or 1000, split=split or "train", words=words, task_dir=task_dir)
     if name == "simple_spelling":
-        return SimpleSpelling(size=size or 1000, split=split or "train", words=words)
+        return SimpleSpelling(size=size or 1000, split=split or "train", words=words, task_dir=task_dir)
     if name == "identity":
         return Identity(size=size or 1000)
     raise UserError(f"unknown task {name!r}: expected one of smoltalk, mmlu, arc_easy, arc_challenge, gsm8k, "

@@ -121,7 +121,7 @@ def load_tasks(names: Sequence[str], task_dir: str | Path | None = None, synth_p
                 continue
             t = HumanEval(task_dir=task_dir)
         elif name == "spellingbee":
-            t = SpellingBee(size=SPELLINGBEE_SIZE, split="test")
+            t = SpellingBee(size=SPELLINGBEE_SIZE, split="test", task_dir=task_dir)
         elif name == "synth":
             out += synth_tasks(synth_path)
             continue

@@ -189,7 +189,7 @@ def build_plan(cfg: SpeedrunConfig, preset: Preset, run: str, nproc: int) -> lis
     elif preset.data == "synth":
         data_dir = default_data_dir("synth")
     else:
-        data_dir = default_data_dir("fineweb")
+        data_dir = default_data_dir("climbmix")
     tok_dir = rdir / "tokenizer"
 
     def args_for(stage: str) -> dict[str, Any]:
@@ -579,7 +579,7 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
             from picochat.runtime import default_data_dir  # lazy: torch (~2 s); only the stages need it
 
             cmd = [sys.executable, "-m", "picochat", "data", "download", "--shards", str(preset.shards),
-                   "--out", str(default_data_dir("fineweb"))]
+                   "--out", str(default_data_dir("climbmix"))]
             print(f"[speedrun] background: {' '.join(cmd[2:])} (log: {rdir / 'logs' / 'download.log'})")
             bg = subprocess.Popen(cmd, stdout=open(rdir / "logs" / "download.log", "a"), stderr=subprocess.STDOUT,
                                   env=env)
