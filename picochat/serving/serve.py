@@ -2,8 +2,17 @@
 
     picochat serve [--host 127.0.0.1 --port 8000] [--run NAME] [--source sft] [--api-key KEY] [--devices N]
 
-Routes: `GET /` (the chat page, no CDN assets), `POST /v1/chat/completions` (stream or not), `GET /v1/models`,
-`GET /health`. Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "none")`.
+Routes: `GET /` (the chat page, no CDN assets), `POST /v1/chat/completions` and `POST /v1/completions` (stream or
+not), `GET /v1/models`, `GET /health`. Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1",
+api_key=KEY or "none")`.
+
+`/v1/completions` is the legacy API with no chat template, for base models and eval harnesses: `prompt` as text, texts,
+token ids or lists of them; `echo` with `max_tokens` 0 scores a prompt. The model reads every prompt after <|bos|>,
+as it was trained (the server adds it unless token ids start with it); the echoed text and logprob arrays cover only
+what the client sent. `logprobs` on both endpoints are the model's raw distribution: log_softmax of the fp32
+softcapped logits, before temperature, top-k or top-p, as OpenAI reports them; prompt tokens come from one forward
+over the prompt, generated ones from the decode step that sampled them. Special tokens appear by name in completions'
+text; a completion's logprobs include the end-of-text token that stopped it (chat's do not: it is not content).
 
 Every request passes one guard (`_Guard`) before routing, so a hostile one costs little: a Host header this server was
 not addressed by is refused while it is bound to loopback (DNS rebinding: a page on evil.example re-resolves its name
@@ -376,8 +385,9 @@ def parse_completion(body: Any, cfg: ServeConfig, tok) -> tuple[list[Prompt], Pa
 
 class TokenStrings:
     """A token id as the API shows it: (string, UTF-8 bytes or None). A token that is not whole UTF-8 on its own
-    (byte-level BPE splits characters) is written as OpenAI's legacy API writes it, `bytes:` and a `\\xNN` escape per
-    byte; its `bytes` are the real ones. A special token is its name, with no bytes."""
+    (byte-level BPE splits characters) is written as OpenAI's API writes it: `bytes:` then the bytes, printable ASCII
+    as itself and any other byte as `\\xNN` (b" \\xf0" -> "bytes: \\xf0"); `bytes` holds the real ones. A special
+    token is its name, with no bytes."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -394,7 +404,8 @@ class TokenStrings:
                 try:
                     got = (b.decode("utf-8"), list(b))
                 except UnicodeDecodeError:
-                    got = ("bytes:" + "".join(f"\\x{x:02x}" for x in b), list(b))
+                    got = ("bytes:" + "".join(chr(x) if 32 <= x < 127 and x != 92 else f"\\x{x:02x}" for x in b),
+                           list(b))
             self.cache[token] = got
         return got
 
