@@ -246,3 +246,25 @@ def test_openai_client_sees_bad_request_and_the_server_goes_on(server):
         c.completions.create(model="tiny", prompt=[[1, 2, 10**6]])
     assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices[0].finish_reason == "length"
     assert json.loads(httpx.get(server.url + "/health").text)["errors"] == 0
+
+
+def test_odd_but_valid_prompts(server, engine):
+    c = client(server)
+    # an empty text is <|bos|> alone: nothing to echo, and sampling starts a document
+    r = c.completions.create(model="tiny", prompt="", max_tokens=3, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and lp.text_offset[0] == 0 and r.usage.prompt_tokens == 1
+    # <|bos|> alone as token ids, scored only: one null entry
+    r = c.completions.create(model="tiny", prompt=[engine.bos], max_tokens=0, echo=True, logprobs=1)
+    assert r.choices[0].logprobs.token_logprobs == [None] and r.choices[0].text == "<|bos|>"
+    # a lone surrogate (valid JSON, not encodable UTF-8) is read as U+FFFD, as the tokenizer does everywhere
+    body = '{"prompt": "a\\ud800b", "max_tokens": 0, "echo": true, "logprobs": 0}'
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "a\ufffdb"
+    # a prompt that fills the context exactly may be scored, not continued
+    full = [engine.bos] + [5] * (engine.max_context - 1)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": full, "max_tokens": 0, "echo": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == engine.max_context
+    for prompt, max_tokens in ((full, 1), (full[1:] + [5], 0)):  # no room to generate; no room for the <|bos|>
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "echo": True})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
