@@ -720,6 +720,8 @@ class Engine:
             raise ValueError(f"score: {ids.shape[1]} tokens exceed the model's context ({self.max_context})")
         if ids.shape[1] < 2:
             return []
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # per thread, as in generate
         lp = torch.log_softmax(self.model(ids)[0, :-1].float(), dim=-1)
         chosen = lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
         k = min(int(top), lp.size(-1))
