@@ -615,13 +615,17 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt_tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 42,
-                 stop: Iterable[int] | None = None, *, ignore_eos: bool = False
-                 ) -> Iterator[tuple[list[int], list[int]]]:
+                 stop: Iterable[int] | None = None, *, ignore_eos: bool = False, logprobs: int | None = None
+                 ) -> Iterator[tuple]:
         """Yield (token_column, mask_column) per step: one token per row; mask 1 = sampled, 0 = forced tool output.
 
         A row completes on `<|assistant_end|>`, `<|bos|>` or a token in `stop` (that token is yielded); generation
         ends when every row has completed or after `max_tokens` steps. Completed rows keep receiving (ignored)
         tokens until then. `ignore_eos` (benchmarks) never completes a row.
+
+        `logprobs=K` (K >= 0) adds a third item per step, one `(logprob, [(id, logprob)] * K)` per row: the
+        log-probability of the row's token and the K most likely tokens, from the raw distribution (log_softmax
+        of the fp32 softcapped logits, before temperature, top-k or top-p). Without it nothing extra is computed.
         """
         prompt = [int(t) for t in prompt_tokens]
         if not prompt:
@@ -649,6 +653,10 @@ class Engine:
         # on CUDA without top-k/top-p: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches)
         fast = dev.type == "cuda" and top_k is None and (top_p is None or top_p >= 1.0) and _fused_kernels_on()
         scratch = torch.zeros(2, B, dtype=torch.long, device=dev) if fast else None  # the sampler's, reused
+        if logprobs is not None:  # host buffers the scores are copied into with this step's tokens
+            k = min(int(logprobs), logits.size(-1))
+            lp_host = torch.empty(B, 1 + k, dtype=torch.float32, pin_memory=pinned)
+            ids_host = torch.empty(B, k, dtype=torch.long, pin_memory=pinned)
         for step in range(max_tokens):
             if fast:
                 col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step,
@@ -662,6 +670,12 @@ class Engine:
                 col_dev = col_dev.index_put((rows_idx,), torch.tensor([t for _, t in forced], device=dev))
                 for i, _ in forced:
                     mask[i] = 0
+            if logprobs is not None:
+                # before the next step is launched: on CUDA it overwrites `logits` in place (the graph's buffer)
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                top_lp, top_ids = torch.topk(lp, k, dim=-1)
+                lp_host.copy_(torch.cat([lp.gather(1, col_dev.view(-1, 1)), top_lp], dim=1), non_blocking=pinned)
+                ids_host.copy_(top_ids, non_blocking=pinned)
             host.copy_(col_dev, non_blocking=pinned)
             ready = torch.cuda.Event() if pinned else None
             if ready is not None:
@@ -689,9 +703,30 @@ class Engine:
                     row.python_tokens.append(tok)
             if calls:
                 self._run_tools(calls)
-            yield col, mask
+            if logprobs is None:
+                yield col, mask
+            else:
+                vals, ids = lp_host.tolist(), ids_host.tolist()
+                yield col, mask, [(v[0], list(zip(i, v[1:]))) for v, i in zip(vals, ids)]
             if all(r.done for r in rows):
                 return
+
+    @torch.no_grad()
+    def score(self, tokens: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each of tokens[1:]: its log-probability given the tokens before it and the `top` most likely tokens
+        there, from one forward over `tokens` (the same raw distribution as `generate(logprobs=...)`)."""
+        ids = torch.tensor([[int(t) for t in tokens]], dtype=torch.long, device=self.device)
+        if ids.shape[1] > self.max_context:
+            raise ValueError(f"score: {ids.shape[1]} tokens exceed the model's context ({self.max_context})")
+        if ids.shape[1] < 2:
+            return []
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # per thread, as in generate
+        lp = torch.log_softmax(self.model(ids)[0, :-1].float(), dim=-1)
+        chosen = lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        k = min(int(top), lp.size(-1))
+        top_lp, top_ids = torch.topk(lp, k, dim=-1)
+        return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_ids.tolist(), top_lp.tolist())]
 
     def generate_batch(self, prompt_tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

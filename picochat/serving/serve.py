@@ -2,8 +2,17 @@
 
     picochat serve [--host 127.0.0.1 --port 8000] [--run NAME] [--source sft] [--api-key KEY] [--devices N]
 
-Routes: `GET /` (the chat page, no CDN assets), `POST /v1/chat/completions` (stream or not), `GET /v1/models`,
-`GET /health`. Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "none")`.
+Routes: `GET /` (the chat page, no CDN assets), `POST /v1/chat/completions` and `POST /v1/completions` (stream or
+not), `GET /v1/models`, `GET /health`. Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1",
+api_key=KEY or "none")`.
+
+`/v1/completions` is the legacy API with no chat template, for base models and eval harnesses: `prompt` as text, texts,
+token ids or lists of them; `echo` with `max_tokens` 0 scores a prompt. The model reads every prompt after <|bos|>,
+as it was trained (the server adds it unless token ids start with it); the echoed text and logprob arrays cover only
+what the client sent. `logprobs` on both endpoints are the model's raw distribution: log_softmax of the fp32
+softcapped logits, before temperature, top-k or top-p, as OpenAI reports them; prompt tokens come from one forward
+over the prompt, generated ones from the decode step that sampled them. Special tokens appear by name in completions'
+text; a completion's logprobs include the end-of-text token that stopped it (chat's do not: it is not content).
 
 Every request passes one guard (`_Guard`) before routing, so a hostile one costs little: a Host header this server was
 not addressed by is refused while it is bound to loopback (DNS rebinding: a page on evil.example re-resolves its name
@@ -35,7 +44,7 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +118,33 @@ class APIError(Exception):
 
 
 # The request parameters /v1/chat/completions implements (parse_request reads each one). A parameter outside this set
-# and NEUTRAL_PARAMS is refused with a 400 naming it rather than ignored: a client asking for logprobs, tools or a
-# JSON mode must not receive plain text as if it had been honoured. Implementing one means adding its name here.
+# and NEUTRAL_PARAMS is refused with a 400 naming it rather than ignored: a client asking for tools or a JSON mode
+# must not receive plain text as if it had been honoured. Implementing one means adding its name here.
 CHAT_PARAMS = frozenset({"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                         "n", "seed", "stop", "stream", "stream_options", "user"})
+                         "n", "seed", "stop", "stream", "stream_options", "user", "logprobs", "top_logprobs"})
 
 # Parameters accepted only at the values that ask for what this server does anyway; SDK wrappers send some of them
 # by default. Any other value is refused like an unknown parameter. A null value anywhere means "not given".
 NEUTRAL_PARAMS: dict[str, tuple] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,), "logit_bias": ({},), "tools": ([],),
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "tools": ([],),
     "parallel_tool_calls": (True, False), "store": (False,), "response_format": ({"type": "text"},),
 }
+
+# The same two lists for /v1/completions (parse_completion reads each one). `best_of` 1 and an empty `suffix` are
+# what the server does anyway.
+COMPLETION_PARAMS = frozenset({"prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop",
+                               "stream", "stream_options", "user", "echo", "logprobs"})
+COMPLETION_NEUTRAL: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,), "suffix": ("",),
+}
+
+# Most alternatives per position a request may ask for (`logprobs` on /v1/completions, `top_logprobs` on chat): 20
+# is chat's documented maximum (the legacy completions API says 5; harnesses ask for 1).
+MAX_LOGPROBS = 20
+# Most prompts in one /v1/completions request (each becomes its own job; the body size limit also applies).
+MAX_PROMPTS = 128
+# Most stop strings on /v1/completions: OpenAI allows 4, but eval harnesses send every task's stop sequences.
+MAX_COMPLETION_STOPS = 16
 
 # Deepest JSON nesting a request may use. A chat request needs 5 (body > messages > message > content parts >
 # part); the rest is slack. Deeper bodies are refused before anything walks them.
@@ -175,7 +200,7 @@ def parse_json(raw: bytes) -> Any:
 
 @dataclass
 class Params:
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]]  # chat only
     max_tokens: int
     temperature: float
     top_k: int | None
@@ -185,6 +210,8 @@ class Params:
     stop: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # alternatives per position; None = no logprobs at all
+    echo: bool = False  # completions: the prompt (and its logprobs) starts each choice
 
 
 def _num(body: dict, name: str, kind: type, lo: float, hi: float, default: Any) -> Any:
@@ -247,13 +274,26 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
         raise APIError(400, str(e), "messages", "invalid_value") from None
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _num({"max_tokens": max_tokens}, "max_tokens", int, 1, cfg.max_tokens_limit, cfg.default_max_tokens)
+    logprobs = body.get("logprobs")
+    if not isinstance(logprobs, (bool, type(None))):
+        raise APIError(400, "'logprobs' must be a boolean", "logprobs", "invalid_type")
+    top = _num(body, "top_logprobs", int, 0, MAX_LOGPROBS, None)
+    if top is not None and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return _sampling(body, cfg, messages=clean, max_tokens=max_tokens, max_stops=4,
+                     logprobs=(top or 0) if logprobs else None)
+
+
+def _sampling(body: dict, cfg: ServeConfig, max_stops: int, **fields) -> Params:
+    """The parameters both endpoints share (stop, stream, sampling, n, seed), checked, into Params with `fields`."""
     stop = body.get("stop")
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, "'stop' must be a non-empty string or an array of at most 4", "stop", "invalid_value")
+    if not (isinstance(stop, list) and len(stop) <= max_stops and all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, f"'stop' must be a non-empty string or an array of at most {max_stops}", "stop",
+                       "invalid_value")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", "stream", "invalid_type")
@@ -266,30 +306,144 @@ def parse_request(body: Any, cfg: ServeConfig) -> Params:
     if top_p <= 0:
         raise APIError(400, "'top_p' must be > 0", "top_p", "invalid_value")
     seed = _num(body, "seed", int, -(2**63), 2**63 - 1, None)
-    return Params(messages=clean, max_tokens=max_tokens, temperature=_num(body, "temperature", float, 0.0, 2.0,
-                                                                           cfg.temperature),
+    return Params(temperature=_num(body, "temperature", float, 0.0, 2.0, cfg.temperature),
                   top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, n=_num(body, "n", int, 1, cfg.max_n, 1),
                   seed=(seed if seed is not None else secrets.randbits(31)) % (2**63), stop=stop, stream=stream,
-                  include_usage=bool(opts.get("include_usage")))
+                  include_usage=bool(opts.get("include_usage")), **fields)
+
+
+@dataclass
+class Prompt:
+    """One /v1/completions prompt: the tokens the model reads and how many of them the client did not send."""
+
+    tokens: list[int]
+    added: int  # 1 when the server put <|bos|> in front, else 0
+
+
+_PROMPT_SHAPES = "a string, an array of strings, an array of token ids, or an array of token-id arrays"
+
+
+def parse_prompts(value: Any, tok, cfg: ServeConfig) -> list[Prompt]:
+    """`prompt` in any of OpenAI's four shapes -> Prompts, each read after <|bos|> as base models were trained (and
+    CORE scores them): text is tokenized as plain text (special-token names stay text) behind a <|bos|> the server
+    adds; token ids are used as given, behind an added <|bos|> unless they already start with it."""
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, f"'prompt' must be {_PROMPT_SHAPES}, and not empty", "prompt", "invalid_value")
+    if len(value) > MAX_PROMPTS:
+        raise APIError(400, f"too many prompts: {len(value)} > {MAX_PROMPTS}", "prompt", "invalid_value")
+    texts = [v for v in value if isinstance(v, str)]
+    if texts and len(texts) != len(value):
+        raise APIError(400, f"'prompt' must be {_PROMPT_SHAPES}, not a mix", "prompt", "invalid_value")
+    if sum(map(len, texts)) > cfg.max_total_chars:
+        raise APIError(400, f"prompts total {sum(map(len, texts))} characters > {cfg.max_total_chars}", "prompt",
+                       "request_too_long")
+    bos, vocab = tok.bos_id, tok.vocab_size
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, str):
+            out.append(Prompt([bos, *tok.encode(v)], 1))
+            continue
+        if not (isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)):
+            raise APIError(400, f"prompt[{i}] must be a non-empty array of token ids ('prompt' must be "
+                                f"{_PROMPT_SHAPES})", "prompt", "invalid_value")
+        bad = next((t for t in v if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt[{i}] has token id {bad}, outside this model's vocabulary (0..{vocab - 1})",
+                           "prompt", "invalid_value")
+        out.append(Prompt(list(v), 0) if v[0] == bos else Prompt([bos, *v], 1))
+    return out
+
+
+def parse_completion(body: Any, cfg: ServeConfig, tok) -> tuple[list[Prompt], Params]:
+    """Validate a /v1/completions body; raise APIError (4xx) naming the bad field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object", None, "invalid_json")
+    check_params(body, COMPLETION_PARAMS, COMPLETION_NEUTRAL)
+    for name in ("model", "user"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise APIError(400, f"'{name}' must be a string", name, "invalid_type")
+    echo = body.get("echo", False)
+    if not isinstance(echo, (bool, type(None))):
+        raise APIError(400, "'echo' must be a boolean", "echo", "invalid_type")
+    max_tokens = _num(body, "max_tokens", int, 0, cfg.max_tokens_limit, 16)  # OpenAI's default
+    if max_tokens == 0 and not echo:
+        raise APIError(400, "'max_tokens' 0 asks for nothing: use it with 'echo': true to score the prompt",
+                       "max_tokens", "invalid_value")
+    prompts = parse_prompts(body.get("prompt"), tok, cfg)
+    p = _sampling(body, cfg, messages=[], max_tokens=max_tokens, max_stops=MAX_COMPLETION_STOPS,
+                  logprobs=_num(body, "logprobs", int, 0, MAX_LOGPROBS, None), echo=bool(echo))
+    return prompts, p
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Text per choice: UTF-8 safe, tool calls readable, stop strings honoured (text that may start one is held back)
 
 
+class TokenStrings:
+    """A token id as the API shows it: (string, UTF-8 bytes or None). A token that is not whole UTF-8 on its own
+    (byte-level BPE splits characters) is written as OpenAI's API writes it: `bytes:` then the bytes, printable ASCII
+    as itself and any other byte as `\\xNN` (b" \\xf0" -> "bytes: \\xf0"); `bytes` holds the real ones. A special
+    token is its name, with no bytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.names = {v: k for k, v in tokenizer.special_tokens.items()}
+        self.cache: dict[int, tuple[str, list[int] | None]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int] | None]:
+        got = self.cache.get(token)
+        if got is None:
+            if token in self.names:
+                got = (self.names[token], None)
+            else:
+                b = self.tokenizer.id_to_bytes(token)
+                try:
+                    got = (b.decode("utf-8"), list(b))
+                except UnicodeDecodeError:
+                    got = ("bytes:" + "".join(chr(x) if 32 <= x < 127 and x != 92 else f"\\x{x:02x}" for x in b),
+                           list(b))
+            self.cache[token] = got
+        return got
+
+
+def _finite(lp: float) -> float:
+    # OpenAI's "very unlikely" value; JSON has no -Infinity
+    return lp if lp > -9999.0 else -9999.0
+
+
+# One logprob entry, the same for both endpoints (each writes its own shape from it):
+# (token string, bytes, logprob or None, [(string, bytes, logprob)] or None, text offset)
+Entry = tuple[str, "list[int] | None", "float | None", "list[tuple[str, list[int] | None, float]] | None", int]
+
+
 class ChoiceText:
-    def __init__(self, tokenizer, stop: list[str]):
+    """The text of one choice, token by token. `raw` (completions: no chat template) writes special tokens by name
+    and tool calls as their tokens; otherwise specials are dropped and a tool call reads `<<expr=result>>`.
+    `entries` collects the logprob entries when the request asked for them."""
+
+    def __init__(self, tokenizer, stop: list[str], raw: bool = False, strings: TokenStrings | None = None):
         from picochat.engine import StreamDecoder  # lazy: the engine imports torch (~2 s); --help starts without it
 
-        self.dec = StreamDecoder(tokenizer)
+        self.dec = StreamDecoder(tokenizer, skip_special=not raw)
         sp = tokenizer.special_tokens
-        self.marks = {sp["<|python_start|>"]: "<<", sp["<|python_end|>"]: "=", sp["<|output_end|>"]: ">>"}
+        self.marks = {} if raw else {sp["<|python_start|>"]: "<<", sp["<|python_end|>"]: "=",
+                                     sp["<|output_end|>"]: ">>"}
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.pending = ""
         self.text = ""  # everything emitted
         self.finish: str | None = None
         self.tokens = 0
+        self.strings = strings
+        self.entries: list[Entry] = []
+
+    def offset(self) -> int:
+        """Where the next token's text starts in `text` (held-back text counts: it precedes the next token)."""
+        return len(self.text) + len(self.pending)
 
     def push(self, token: int) -> str:
         t = self.dec.push(token)
@@ -299,6 +453,25 @@ class ChoiceText:
 
     def end(self) -> str:
         return self._emit(self.dec.flush(), final=True)
+
+    def echo(self, tokens: list[int], scores: list | None) -> tuple[str, list[Entry]]:
+        """The prompt as the choice's first text, never matched against stop strings; with logprobs (`scores`: one
+        per token, None where nothing conditions it) its entries too."""
+        text, entries = "", []
+        for j, t in enumerate(tokens):
+            off = len(self.text) + len(text)
+            text += self.dec.push(t)
+            if scores is not None:
+                entries.append(self.entry(t, *(scores[j] or (None, None)), off))
+        self.text += text
+        return text, entries
+
+    def entry(self, token: int, lp: float | None, top: list | None, offset: int) -> Entry:
+        s, b = self.strings(token)
+        e = (s, b, None if lp is None else _finite(lp),
+             None if top is None else [(*self.strings(t), _finite(v)) for t, v in top], offset)
+        self.entries.append(e)
+        return e
 
     def _emit(self, t: str, final: bool) -> str:
         self.pending += t
@@ -321,10 +494,19 @@ class ChoiceText:
 
 @dataclass
 class Job:
+    """One generation request: a prompt and its parameters, answered as choices `index0 .. index0 + n - 1`.
+
+    Each endpoint builds its jobs in one function (chat_job, completion_jobs); the worker only reads these fields.
+    Events go to `events` on `loop`, which the jobs of one HTTP request share: ("delta", [(index, text, finish,
+    entries)]), then one ("end", why) or ("error", message) per job."""
+
     prompt: list[int]
     params: Params
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    index0: int = 0
+    raw: bool = False  # completions: no chat template, specials by name (ChoiceText)
+    echo_from: int = 0  # with echo: the prompt tokens from here on are the client's (before: the server's <|bos|>)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     choices: list[ChoiceText] = field(default_factory=list)
 
@@ -349,10 +531,13 @@ class Pool:
         for t in self.threads:
             t.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, jobs: list[Job], loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
+        """Queue the jobs of one HTTP request; their events all go to `events`."""
         with self._lock:
             self.stats["requests"] += 1
-        self.jobs.put(job)
+        for job in jobs:
+            job.loop, job.events = loop, events
+            self.jobs.put(job)
 
     def close(self) -> None:
         for _ in self.threads:
@@ -363,6 +548,7 @@ class Pool:
             self.stats[key] += n
 
     def _worker(self, engine) -> None:
+        strings = TokenStrings(engine.tokenizer)
         while True:
             job = self.jobs.get()
             if job is None:
@@ -373,53 +559,65 @@ class Pool:
                 continue
             self._count("active")
             try:
-                self._run(engine, job)
+                self._run(engine, job, strings)
             except Exception as e:  # report to this client, keep serving the others
                 self._count("errors")
                 job.send(("error", f"{type(e).__name__}: {e}"))
             finally:
                 self._count("active", -1)
 
-    def _run(self, engine, job: Job) -> None:
+    def _run(self, engine, job: Job, strings: TokenStrings) -> None:
         p = job.params
         tok = engine.tokenizer
-        job.choices = [ChoiceText(tok, p.stop) for _ in range(p.n)]
+        job.choices = [ChoiceText(tok, p.stop, raw=job.raw, strings=strings) for _ in range(p.n)]
+        if p.echo:
+            scores = None
+            if p.logprobs is not None:  # one forward over the prompt; its first token has nothing before it
+                scores = [None, *engine.score(job.prompt, p.logprobs)][job.echo_from:]
+            echoed = [c.echo(job.prompt[job.echo_from:], scores) for c in job.choices]
+            job.send(("delta", [(job.index0 + i, text, None, entries) for i, (text, entries) in enumerate(echoed)]))
         terminal = {engine.assistant_end, engine.bos}
+        scored = p.logprobs is not None
         gen = engine.generate(job.prompt, num_samples=p.n, max_tokens=p.max_tokens, temperature=p.temperature,
-                              top_k=p.top_k, top_p=p.top_p, seed=p.seed)
-        steps = 0
+                              top_k=p.top_k, top_p=p.top_p, seed=p.seed,
+                              **({"logprobs": p.logprobs} if scored else {})) if p.max_tokens > 0 else iter(())
         try:
-            for col, mask in gen:
+            for col, mask, *lps in gen:
                 if job.cancelled.is_set():
                     self._count("cancelled")
                     job.send(("end", "cancelled"))
                     return
-                steps += 1
                 deltas = []
                 for i, (t, m) in enumerate(zip(col, mask)):
                     c = job.choices[i]
                     if c.finish is not None:
                         continue
                     c.tokens += 1
+                    off, before = c.offset(), len(c.entries)
                     if m == 1 and t in terminal:
                         c.finish = "stop"
                         text = c.end()
+                        if scored and job.raw:  # the end-of-text token belongs to a completion's likelihood
+                            c.entry(t, *lps[0][i], off)
                     else:
                         text = c.push(t)
-                    if text or c.finish:
-                        deltas.append((i, text, c.finish))
+                        if scored:
+                            c.entry(t, *lps[0][i], off)
+                    if text or c.finish or len(c.entries) > before:
+                        deltas.append((job.index0 + i, text, c.finish, c.entries[before:]))
                 self._count("tokens_generated", p.n)
                 if deltas:
                     job.send(("delta", deltas))
                 if all(c.finish for c in job.choices):
                     break
         finally:
-            gen.close()
+            if hasattr(gen, "close"):
+                gen.close()
         tail = []
         for i, c in enumerate(job.choices):
             if c.finish is None:
                 c.finish = "length"
-                tail.append((i, c.end(), "length"))
+                tail.append((job.index0 + i, c.end(), "length", []))
         if tail:
             job.send(("delta", tail))
         self._count("completed")
@@ -540,13 +738,143 @@ def error_response(e: APIError, close: bool = False):
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def _until_disconnect(receive, job: "Job") -> None:
+async def _until_disconnect(receive, jobs: list[Job], events: asyncio.Queue) -> None:
     """Wait for the client to go away (the body is already read, so the next message is the disconnect), then stop
-    its job: queued, the worker skips it; running, generation stops at the next token."""
+    its jobs: queued, the worker skips them; running, generation stops at the next token."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    job.cancelled.set()
-    job.events.put_nowait(("end", "disconnected"))
+    for job in jobs:
+        job.cancelled.set()
+    events.put_nowait(("end", "disconnected"))
+
+
+class _GenerationFailed(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _deltas(jobs: list[Job], events: asyncio.Queue):
+    """(index, text, finish, entries) as the jobs of one request report them, until every job has ended."""
+    ended = 0
+    while ended < len(jobs):
+        kind, data = await events.get()
+        if kind == "delta":
+            for d in data:
+                yield d
+        elif kind == "error":
+            raise _GenerationFailed(data)
+        elif data == "disconnected":
+            raise _Disconnected
+        else:
+            ended += 1
+
+
+async def _finish(jobs: list[Job], events: asyncio.Queue, receive) -> bool:
+    """Wait for every job of a non-streaming request (the worker leaves the results in job.choices); False when the
+    client left first."""
+    watcher = asyncio.create_task(_until_disconnect(receive, jobs, events))
+    try:
+        async for _ in _deltas(jobs, events):
+            pass
+    except _GenerationFailed as e:
+        raise APIError(500, f"generation failed: {e}", None, None, type="server_error") from None
+    except _Disconnected:
+        return False
+    finally:
+        watcher.cancel()
+        for job in jobs:
+            job.cancelled.set()  # no-op when finished; stops the workers if this handler was cancelled
+    return True
+
+
+def usage(jobs: list[Job]) -> dict[str, int]:
+    """Token counts: the prompt as the model read it (with the <|bos|> it starts with), every generated token."""
+    prompt = sum(len(j.prompt) for j in jobs)
+    done = sum(c.tokens for j in jobs for c in j.choices)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def chat_logprobs(entries: list[Entry]) -> dict[str, Any]:
+    """Entries in chat's shape: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    return {"content": [{"token": s, "logprob": lp, "bytes": b,
+                         "top_logprobs": [{"token": ts, "logprob": tlp, "bytes": tb} for ts, tb, tlp in top or ()]}
+                        for s, b, lp, top, _ in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[Entry]) -> dict[str, list]:
+    """Entries in the legacy completions' shape: parallel arrays; each top_logprobs dict also holds the token itself
+    (so up to N + 1 keys), null where nothing conditions the token."""
+    tops = []
+    for s, _, lp, top, _ in entries:
+        d = None
+        if top is not None:
+            d = {ts: tlp for ts, _, tlp in top}
+            d.setdefault(s, lp)
+        tops.append(d)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[2] for e in entries], "top_logprobs": tops,
+            "text_offset": [e[4] for e in entries]}
+
+
+async def _sse(jobs: list[Job], events: asyncio.Queue, chunk, choice, first: list[dict], include_usage: bool):
+    """Server-sent events for one request: `first` choices, then one chunk per choice delta (`choice` shapes it),
+    usage when asked, `[DONE]`. Leaving early (the client disconnected) cancels the jobs."""
+    try:
+        if first:
+            yield chunk(first)
+        try:
+            async for d in _deltas(jobs, events):
+                yield chunk([choice(*d)])
+        except _GenerationFailed as e:
+            yield "data: " + json.dumps({"error": {"message": f"generation failed: {e}", "type": "server_error",
+                                                   "param": None, "code": None}}) + "\n\n"
+        else:
+            if include_usage:
+                yield chunk([], usage=usage(jobs))
+        yield "data: [DONE]\n\n"
+    finally:
+        for job in jobs:
+            job.cancelled.set()
+
+
+def _chunker(obj: str, cid: str, created: int, model: str):
+    def chunk(choices: list[dict], **extra) -> str:
+        return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                      "choices": choices, **extra}) + "\n\n"
+
+    return chunk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request -> jobs, one function per endpoint
+
+
+def chat_job(body: Any, cfg: ServeConfig, tok, context: int) -> Job:
+    """A /v1/chat/completions body as one Job: the conversation rendered up to the assistant's turn."""
+    p = parse_request(body, cfg)
+    prompt = render_for_completion(tok, {"messages": p.messages}, where="messages")
+    if len(prompt) >= context:
+        raise APIError(400, f"the conversation is {len(prompt)} tokens; this model's context is {context}",
+                       "messages", "context_length_exceeded")
+    p.max_tokens = min(p.max_tokens, context - len(prompt) + 1)
+    return Job(prompt=prompt, params=p)
+
+
+def completion_jobs(body: Any, cfg: ServeConfig, tok, context: int) -> list[Job]:
+    """A /v1/completions body as one Job per prompt (choices prompt * n + j, as OpenAI numbers them), no template."""
+    prompts, p = parse_completion(body, cfg, tok)
+    jobs = []
+    for i, pr in enumerate(prompts):
+        n = len(pr.tokens)
+        if n > context or (n == context and p.max_tokens > 0):
+            raise APIError(400, f"prompt[{i}] is {n} tokens (with <|bos|>); this model's context is {context}"
+                                + (" (with max_tokens 0 and echo it may fill it)" if n <= context else ""),
+                           "prompt", "context_length_exceeded")
+        q = replace(p, max_tokens=min(p.max_tokens, context - n + 1))
+        jobs.append(Job(prompt=pr.tokens, params=q, index0=i * p.n, raw=True, echo_from=pr.added))
+    return jobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,7 +885,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     """Build the FastAPI app. `engines` (one per replica) are loaded from the checkpoint when not given."""
     _require_server_deps()
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, Response, StreamingResponse
+    from fastapi.responses import FileResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     hosts = allowed_hosts(cfg)  # a bad --allow-host is reported before the model loads
@@ -608,71 +936,61 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
                                             "owned_by": "picochat"}]}
 
     @app.post("/v1/chat/completions")
-    async def completions(request: Request):
-        p = parse_request(parse_json(await request.body()), cfg)  # the guard caps the body as it arrives
-        prompt = render_for_completion(tok, {"messages": p.messages}, where="messages")
-        if len(prompt) >= context:
-            raise APIError(400, f"the conversation is {len(prompt)} tokens; this model's context is {context}",
-                           "messages", "context_length_exceeded")
-        p.max_tokens = min(p.max_tokens, context - len(prompt) + 1)
-        loop = asyncio.get_running_loop()
-        job = Job(prompt=prompt, params=p, loop=loop, events=asyncio.Queue())
-        pool.submit(job)
+    async def chat_completions(request: Request):
+        job = chat_job(parse_json(await request.body()), cfg, tok, context)  # the guard caps the body as it arrives
+        jobs, p, events = [job], job.params, asyncio.Queue()
+        pool.submit(jobs, asyncio.get_running_loop(), events)
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-
-        def usage() -> dict[str, int]:
-            done = sum(c.tokens for c in job.choices)
-            return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
-
+        scored = p.logprobs is not None
         if p.stream:
-            return StreamingResponse(_stream(job, cid, created, model_name, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(_until_disconnect(request.receive, job))
-        try:
-            while True:
-                kind, data = await job.events.get()
-                if kind == "error":
-                    raise APIError(500, f"generation failed: {data}", None, None, type="server_error")
-                if kind == "end" and data == "disconnected":
-                    return Response(status_code=499)  # nobody is left to read it
-                if kind == "end":
-                    break
-        finally:
-            watcher.cancel()
-            job.cancelled.set()  # no-op when finished; stops the worker if this handler was cancelled
+            def choice(i: int, text: str, finish: str | None, entries: list) -> dict:
+                c = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                if scored:
+                    c["logprobs"] = chat_logprobs(entries)
+                return c
+
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(p.n)]
+            return _event_stream(_sse(jobs, events, _chunker("chat.completion.chunk", cid, created, model_name),
+                                      choice, first, p.include_usage))
+        if not await _finish(jobs, events, request.receive):
+            return Response(status_code=499)  # nobody is left to read it
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish, "logprobs": None} for i, c in enumerate(job.choices)],
-                "usage": usage()}
+                             "finish_reason": c.finish, "logprobs": chat_logprobs(c.entries) if scored else None}
+                            for i, c in enumerate(job.choices)],
+                "usage": usage(jobs)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        jobs = completion_jobs(parse_json(await request.body()), cfg, tok, context)
+        p, events = jobs[0].params, asyncio.Queue()
+        pool.submit(jobs, asyncio.get_running_loop(), events)
+        cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        scored = p.logprobs is not None
+        if p.stream:
+            def choice(i: int, text: str, finish: str | None, entries: list) -> dict:
+                return {"index": i, "text": text, "logprobs": completion_logprobs(entries) if scored else None,
+                        "finish_reason": finish}
+
+            return _event_stream(_sse(jobs, events, _chunker("text_completion", cid, created, model_name),
+                                      choice, [], p.include_usage))
+        if not await _finish(jobs, events, request.receive):
+            return Response(status_code=499)
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": j.index0 + i, "text": c.text, "finish_reason": c.finish,
+                             "logprobs": completion_logprobs(c.entries) if scored else None}
+                            for j in jobs for i, c in enumerate(j.choices)],
+                "usage": usage(jobs)}
 
     return app
 
 
-async def _stream(job: Job, cid: str, created: int, model: str, usage):
-    def chunk(choices: list[dict], **extra) -> str:
-        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                      "model": model, "choices": choices, **extra}) + "\n\n"
+def _event_stream(gen):
+    from fastapi.responses import StreamingResponse
 
-    try:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(job.params.n)])
-        while True:
-            kind, data = await job.events.get()
-            if kind == "delta":
-                for i, text, finish in data:
-                    delta = {"content": text} if text else {}
-                    yield chunk([{"index": i, "delta": delta, "finish_reason": finish}])
-            elif kind == "error":
-                yield "data: " + json.dumps({"error": {"message": f"generation failed: {data}",
-                                                       "type": "server_error", "param": None, "code": None}}) + "\n\n"
-                break
-            else:
-                if job.params.include_usage:
-                    yield chunk([], usage=usage())
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()  # the client disconnected (this generator was cancelled) or the stream ended
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def load_replicas(cfg: ServeConfig) -> tuple[list, str]:
