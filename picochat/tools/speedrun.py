@@ -524,7 +524,7 @@ def target_hardware(hw: dict[str, Any], nproc: int, gpus: str | None, preset: Pr
 def allreduce_seconds(params: int, n: int, busbw: float | None) -> float:
     """One step's gradient all-reduce on a ring of n GPUs: each sends and receives 2(n-1)/n of the fp32 gradient
     bytes (Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC 2009; the
-    same factor converts NCCL's algorithm bandwidth to its bus bandwidth, nccl-tests doc/PERFORMANCE.md). Our
+    same factor converts NCCL's algorithm bandwidth to its bus bandwidth in github.com/NVIDIA/nccl-tests). Our
     sharded optimizer moves the same bytes as a reduce-scatter of the gradients plus an all-gather of the updated
     weights. Counted as not overlapped with compute, so an upper bound: the optimizer overlaps part of it."""
     if n <= 1 or not busbw:
