@@ -160,8 +160,9 @@ def format_duration(seconds: float) -> str:
 
 def format_step_line(step: int, total: int, loss: float, lrm: float, dt: float, tokens_per_s: float,
                      mfu: float | None = None, eta_s: float | None = None, peak_mem_gb: float | None = None,
-                     extra: str = "") -> str:
-    """`step 00123/01000 | loss 3.1234 | lrm 1.00 | dt 812ms | tok/s 645,123 | mfu 52.1% | eta 11m52s | mem 41.2GB`"""
+                     extra: str = "", cost: str = "") -> str:
+    """`step 00123/01000 | loss 3.1234 | lrm 1.00 | dt 812ms | tok/s 645,123 | mfu 52.1% | eta 11m52s | mem 41.2GB`
+    and, when `picochat speedrun --price` runs the stage, `| $1.23 spent, ~$4.56 projected` (`cost`)."""
     width = len(str(total))
     parts = [f"step {step:0{width}d}/{total}", f"loss {loss:.4f}", f"lrm {lrm:.2f}", f"dt {dt * 1000:.0f}ms",
              f"tok/s {tokens_per_s:,.0f}"]
@@ -171,6 +172,8 @@ def format_step_line(step: int, total: int, loss: float, lrm: float, dt: float, 
         parts.append(f"eta {format_duration(eta_s)}")
     if peak_mem_gb is not None:
         parts.append(f"mem {peak_mem_gb:.1f}GB")
+    if cost:
+        parts.append(cost)
     if extra:
         parts.append(extra)
     return " | ".join(parts)
@@ -222,8 +225,8 @@ class Heartbeat:
     `what` may be updated on the fly. Rank 0 only; a daemon thread, so it never keeps the process alive.
     """
 
-    def __init__(self, stage: str, what: str, interval: float = 30.0):
-        self.stage, self.what, self.interval = stage, what, interval
+    def __init__(self, stage: str, what: str, interval: float = 30.0, meter: "CostMeter | None" = None):
+        self.stage, self.what, self.interval, self.meter = stage, what, interval, meter
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
@@ -238,7 +241,8 @@ class Heartbeat:
         while not self._stop.wait(min(1.0, self.interval / 4)):
             now = time.monotonic()
             if now - self._last >= self.interval:
-                print0(f"[heartbeat] {self.stage} alive, {self.what} for {now - self._t0:.0f}s")
+                cost = f" | {self.meter.text()}" if self.meter is not None else ""
+                print0(f"[heartbeat] {self.stage} alive, {self.what} for {now - self._t0:.0f}s{cost}")
                 self._last = now
 
     def __enter__(self) -> "Heartbeat":
@@ -252,6 +256,96 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dollars: spent, projected, and the budget stop
+
+
+COST_ENV = "PICOCHAT_COST"
+
+
+class CostMeter:
+    """Dollars spent and projected while a stage runs, and the `--budget` stop, from PICOCHAT_COST.
+
+    `picochat speedrun --price` sets PICOCHAT_COST for each stage it starts, as JSON: `rate` ($ per hour of the whole
+    job: price x GPUs), `spent` ($ when it was written) and `at` (that moment, Unix time, so the stage's own start-up
+    is counted), `later` (the estimated $ of the stages after this one, for the projection) and, with --budget,
+    `budget` ($ for the whole run) and `ledger` (a file this stage writes when it stops for the budget, so the
+    speedrun knows the stage stopped rather than finished). Machines are billed by wall time, so
+    spent = spent + rate x (now - at), whatever the stage is doing.
+    """
+
+    def __init__(self, rate: float, spent: float = 0.0, at: float | None = None, budget: float | None = None,
+                 later: float = 0.0, ledger: str | None = None):
+        self.rate, self.spent0, self.at = float(rate), float(spent), time.time() if at is None else float(at)
+        self.budget = None if budget is None else float(budget)
+        self.later, self.ledger = float(later), ledger
+        self._mark = time.monotonic()
+        self._step_s = 0.0   # wall time of the last loop iteration (a step with whatever eval or save it did)
+        self._save_s = 0.0   # the longest checkpoint save so far
+        self._eta_s: float | None = None
+        self._eta_at = 0.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "CostMeter | None":
+        text = (os.environ if env is None else env).get(COST_ENV, "")
+        if not text:
+            return None
+        try:
+            d = json.loads(text)
+            meter = cls(d["rate"], d.get("spent", 0.0), d.get("at"), d.get("budget"), d.get("later", 0.0),
+                        d.get("ledger"))
+            ok = all(math.isfinite(v) and v >= 0 for v in (meter.rate, meter.spent0, meter.later)) and (
+                meter.budget is None or (math.isfinite(meter.budget) and meter.budget > 0))
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise UserError(f"{COST_ENV}={text[:80]!r}: expected the JSON `picochat speedrun --price` writes "
+                            f'(e.g. {{"rate": 24.0, "spent": 0.0}}); unset it to train without cost tracking')
+        return meter
+
+    def spent(self) -> float:
+        return self.spent0 + self.rate * max(0.0, time.time() - self.at) / 3600
+
+    def projected(self) -> float:
+        """Spent, plus this stage's remaining time (its last ETA, counted down) and the later stages' estimate."""
+        left = 0.0 if self._eta_s is None else max(0.0, self._eta_s - (time.monotonic() - self._eta_at))
+        return self.spent() + self.rate * left / 3600 + self.later
+
+    def text(self, eta_s: float | None = None) -> str:
+        if eta_s is not None:
+            self._eta_s, self._eta_at = eta_s, time.monotonic()
+        budget = f" (budget ${self.budget:,.2f})" if self.budget is not None else ""
+        return f"${self.spent():,.2f} spent, ~${self.projected():,.2f} projected{budget}"
+
+    # seconds held back for a checkpoint save before one has been timed, and for the process to exit after it
+    FIRST_SAVE_S = 2.0
+    EXIT_S = 5.0
+
+    def budget_due(self) -> bool:
+        """Called once per step, before the step's sync: True when finishing this step, one more, a checkpoint and
+        the process exit could pass the budget, so the loop saves and stops now, under it. The times are the last
+        loop iteration's, the longest save seen (FIRST_SAVE_S before the first) and EXIT_S."""
+        now = time.monotonic()
+        self._step_s, self._mark = now - self._mark, now
+        if self.budget is None:
+            return False
+        save_s = self._save_s or max(self._step_s, self.FIRST_SAVE_S)
+        reserve_s = 2 * self._step_s + save_s + self.EXIT_S
+        return self.spent() + self.rate * reserve_s / 3600 >= self.budget
+
+    def saved(self, seconds: float) -> None:
+        self._save_s = max(self._save_s, seconds)
+
+    def record_stop(self, stage: str, step: int, checkpoint: Path | None) -> str:
+        """Rank 0 writes the ledger (the speedrun reads it); returns the line to print."""
+        spent = self.spent()
+        if self.ledger and is_rank0():
+            atomic_write_text(Path(self.ledger), json.dumps({"stage": stage, "step": step, "spent": spent,
+                                                             "budget": self.budget, "checkpoint": str(checkpoint)}))
+        return (f"[{stage}] stopping at step {step} for the budget: ${spent:,.2f} spent of ${self.budget:,.2f}; "
+                f"checkpoint {checkpoint}; re-run with a larger --budget to continue from it")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """launch/modal_app.py offline: the app and its functions are defined without credentials; the Modal-independent
-logic (GPU validation, commands, streaming with heartbeat and commit triggers, task bodies) runs locally on CPU."""
+logic (GPU validation, commands, the plan and its confirmation, streaming with heartbeat and commit triggers,
+wipe-once, the run lock, continuation past the time limit, task bodies) runs locally on CPU."""
 
 import importlib.util
 import os
@@ -35,13 +36,14 @@ def test_app_image_and_functions_defined_offline(m):
     import modal
 
     assert isinstance(m.app, modal.App) and isinstance(m.image, modal.Image)
-    for name in ("prepare", "train", "smoke", "doctor", "pipeline", "serve", "main"):
+    for name in ("prepare", "plan", "train", "smoke", "doctor", "pipeline", "serve", "main"):
         assert getattr(m, name) is not None
     assert isinstance(m.volume, modal.Volume)
     spec = getattr(m.train, "_spec_", None)  # private in modal 1.x; checked only when present
     if spec is not None:
         assert spec.gpus == "H100:8" and "/vol" in spec.volumes
         assert getattr(m.prepare, "_spec_").gpus is None  # downloads and tokenizer training bill no GPU
+        assert getattr(m.plan, "_spec_").gpus is None  # the plan is printed before any GPU starts
     reqs = m.project_requirements()
     assert m.TORCH_SPEC in reqs and any(r.startswith("tiktoken") for r in reqs)
     assert any(r.startswith("fastapi") for r in reqs)  # serve extra is in the image
@@ -54,7 +56,7 @@ def test_modal_cli_help_offline(m):
     out = subprocess.run(["modal", "run", str(APP_FILE), "--help"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    for opt in ("--task", "--preset", "--gpu", "--force-restart", "--max-steps", "--run"):
+    for opt in ("--task", "--preset", "--gpu", "--force-restart", "--max-steps", "--run", "--yes", "--price"):
         assert opt in out.stdout
 
 
@@ -77,9 +79,20 @@ def test_commands(m):
     cmd = m.speedrun_command("d20", "d20", force_restart=True, max_steps=5)
     assert cmd[:3] == [sys.executable, "-m", "picochat"]
     assert cmd[3:] == ["speedrun", "--preset", "d20", "--run", "d20", "--max-steps", "5", "--force-restart", "--yes"]
-    smoke = m.smoke_command("d12", "smoke-d12")
+    fetch, smoke = m.smoke_commands("d32", "smoke-d32", "/vol")
+    # one shard (plus the validation shard), never the preset's dataset; a small tokenizer trained on a few MB
+    assert fetch[3:] == ["data", "download", "--shards", "1", "--out", "/vol/data/fineweb"]
     assert "--max-steps" in smoke and smoke[smoke.index("--max-steps") + 1] == "10"
-    assert smoke[smoke.index("--stages") + 1] == "data,tokenizer,pretrain"
+    assert smoke[smoke.index("--stages") + 1] == "tokenizer,pretrain"  # no data stage: no background download
+    assert smoke[smoke.index("--data-dir") + 1] == "/vol/data/fineweb"
+    assert f"tokenizer.vocab-size={m.SMOKE_VOCAB}" in smoke
+    assert f"tokenizer.max-chars={m.SMOKE_TOKENIZER_CHARS}" in smoke
+    (tiny,) = m.smoke_commands("tiny", "smoke-tiny", "/vol")
+    assert tiny[tiny.index("--stages") + 1] == "data,tokenizer,pretrain"  # the embedded corpus
+    plan = m.plan_command("d20", "d20", "H100!:8")
+    assert plan[3:] == ["speedrun", "--dry-run", "--preset", "d20", "--run", "d20", "--gpus", "H100:8", "--price",
+                        "3.95"]
+    assert m.plan_command("d20", "d20", "L4:2", price=1.5)[-2:] == ["--price", "1.5"]
     with pytest.raises(m.ModalAppError):
         m.speedrun_command("d99", "x")
     with pytest.raises(m.ModalAppError):
@@ -95,10 +108,114 @@ def test_container_env_puts_everything_on_the_volume(m, tmp_path):
     assert "torch-" in env["TRITON_CACHE_DIR"] and "h100" in env["TRITON_CACHE_DIR"]
 
 
-def test_force_restart_only_on_the_first_attempt(m, tmp_path):
-    assert m.force_restart_once(str(tmp_path), "d20", "in-abc") is True
-    assert m.force_restart_once(str(tmp_path), "d20", "in-abc") is False   # Modal retry of the same input
-    assert m.force_restart_once(str(tmp_path), "d20", "in-def") is True    # a new call
+def test_force_restart_wipes_once_per_top_level_invocation(m, tmp_path):
+    vol, commits = str(tmp_path), []
+    run = tmp_path / "runs" / "d20"
+    (run / "base").mkdir(parents=True)
+    (run / "old.txt").write_text("from before")
+    other = tmp_path / "runs" / "d12"
+    other.mkdir(parents=True)
+    assert m.wipe_once(vol, "d20", "inv-1", commit=lambda: commits.append(1)) is True
+    assert not run.exists() and other.exists() and commits == [1]
+    run.mkdir(parents=True)
+    (run / "new-checkpoint").write_text("trained since the wipe")
+    # a retry, a restarted pipeline or a continuation call: same invocation, the checkpoints stay
+    assert m.wipe_once(vol, "d20", "inv-1") is False and (run / "new-checkpoint").exists()
+    assert m.wipe_once(vol, "d20", "inv-2") is True and not run.exists()  # the next top-level `modal run`
+    assert m.new_invocation_id() != m.new_invocation_id()
+
+
+def test_run_lock_one_trainer_per_run(m, tmp_path):
+    vol = str(tmp_path)
+    a = m.RunLock(vol, "d20", "inv-1", owner="container-a", beat_s=0.1).acquire()
+    with pytest.raises(m.RunLocked, match="container-a"):
+        m.RunLock(vol, "d20", "inv-2", owner="container-b").acquire()
+    time.sleep(0.35)  # heartbeats keep it fresh
+    with pytest.raises(m.RunLocked):
+        m.RunLock(vol, "d20", "inv-2", owner="container-b", stale_s=0.3).acquire()
+    with m.RunLock(vol, "d12", "inv-2", owner="container-b"):  # another run is free
+        pass
+    a.release()
+    assert not a.path.exists()
+    with m.RunLock(vol, "d20", "inv-2", owner="container-b") as b:
+        assert b.holder()["owner"] == "container-b"
+    # a container that died holding the lock: stale after stale_s, taken over
+    dead = m.RunLock(vol, "d20", "inv-3", owner="container-dead")
+    dead._write()
+    time.sleep(0.3)
+    with m.RunLock(vol, "d20", "inv-4", owner="container-c", stale_s=0.2) as c:
+        assert c.holder()["owner"] == "container-c"
+        dead.release()  # releasing a lock it no longer owns removes nothing
+        assert c.holder()["owner"] == "container-c"
+    # a garbled lock file (a container killed mid-write would leave a temp file, not this) is not a live lock
+    a.path.write_text("{not json")
+    with m.RunLock(vol, "d20", "inv-5", owner="container-d"):
+        pass
+
+
+def test_lock_race_check_after_write(m, tmp_path):
+    """Two containers writing at once: after commit + reload, the one whose write did not stick gives up."""
+    reloads = []
+
+    def reload():  # the first reload sees a free run; by the second, the other container's write has landed
+        reloads.append(1)
+        if len(reloads) == 2:
+            other._write()
+
+    lock = m.RunLock(str(tmp_path), "d20", "inv-1", owner="me", settle_s=0.01, reload=reload)
+    other = m.RunLock(str(tmp_path), "d20", "inv-9", owner="them")
+    with pytest.raises(m.RunLocked, match="same moment"):
+        lock.acquire()
+
+
+def test_confirm_before_gpus(m):
+    assert m.confirm("start?", yes=True, interactive=False)
+    with pytest.raises(m.ModalAppError, match="--yes"):
+        m.confirm("start?", yes=False, interactive=False)
+    assert m.confirm("start?", yes=False, ask=lambda q: "y", interactive=True)
+    assert not m.confirm("start?", yes=False, ask=lambda q: "", interactive=True)
+
+
+def test_plan_body_prints_every_stage_with_dollars(m, tmp_path):
+    text = m.plan_body("d12", "d12", "H100:8", str(tmp_path))
+    for stage in ("data", "tokenizer", "pretrain", "base_eval", "midtrain", "sft", "chat_eval"):
+        assert f"\n  {stage} " in text, stage
+    assert "8 x H100" in text and "$3.95/GPU-hour" in text and "all-reduce" in text
+
+
+MICRO = ("--set", "pretrain.data=random", "--set", "pretrain.vocab-size=128", "--set", "pretrain.depth=2",
+         "--set", "pretrain.aspect-ratio=32", "--set", "pretrain.head-dim=16", "--set", "pretrain.seq-len=32",
+         "--set", "pretrain.device-batch-size=2", "--set", "pretrain.total-batch-size=64",
+         "--set", "pretrain.num-iterations=1500", "--set", "pretrain.eval-every=0", "--set", "pretrain.save-every=0",
+         "--set", "pretrain.sample-every=-1")
+
+
+def test_a_call_past_its_time_limit_continues_in_the_next_without_a_second_wipe(m, tmp_path, monkeypatch):
+    vol = tmp_path / "vol"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (vol / "runs" / "r" / "stale").mkdir(parents=True)
+    first = m.train_body("tiny", "r", str(vol), force_restart=True, stages="pretrain", invocation="inv-1",
+                         time_left_s=12, margin_s=0, extra=MICRO, heartbeat_s=5)
+    assert first == "continue"
+    assert not (vol / "runs" / "r" / "stale").exists()  # wiped by the first call
+    ckpts = sorted((vol / "runs" / "r" / "base" / "checkpoints").glob("step_*"))
+    assert ckpts, "the first call stopped without a checkpoint"
+    stopped_at = int(ckpts[-1].name.split("_")[1])
+    assert 0 < stopped_at < 1500
+    assert not (vol / ".modal" / "locks" / "r.json").exists()  # released for the next call
+    second = m.train_body("tiny", "r", str(vol), force_restart=True, stages="pretrain", invocation="inv-1",
+                          time_left_s=600, margin_s=0, extra=MICRO, heartbeat_s=5)
+    assert second == "done"
+    metrics = (vol / "runs" / "r" / "base" / "metrics.jsonl").read_text()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in metrics.splitlines() if '"loss"' in line]
+    assert steps == list(range(1, 1501))  # continued from the checkpoint: not wiped, nothing trained twice
+
+
+def test_train_refuses_a_run_another_container_holds(m, tmp_path):
+    m.RunLock(str(tmp_path), "r", "inv-1", owner="container-a")._write()
+    with pytest.raises(m.RunLocked, match="container-a"):
+        m.train_body("tiny", "r", str(tmp_path), force_restart=True, invocation="inv-2")
+    assert (tmp_path / ".modal" / "locks" / "r.json").exists()
 
 
 CHILD = r'''

@@ -651,8 +651,16 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
     cfg, rt = st.cfg, st.rt
     timer = training.StepTimer(skip=1)  # the first step pays for compilation and allocator warm-up
     last_eval: dict = {}
+    meter = training.CostMeter.from_env()  # dollars and the --budget stop under `picochat speedrun --price`
+
+    def save(metrics: dict) -> None:
+        t0 = time.monotonic()
+        st.save(st.step, metrics)
+        if meter is not None:
+            meter.saved(time.monotonic() - t0)
+
     try:
-        with training.Heartbeat(st.name, doing) as hb:
+        with training.Heartbeat(st.name, doing, meter=meter) as hb:
             while st.step < st.num_steps:
                 if st.eval_due():
                     last_eval = _evaluate(st, evaluate)
@@ -663,22 +671,29 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
                 st.opt.step()
                 st.model.zero_grad(set_to_none=True)
                 st.step += 1
-                loss, stop_now = training.agree_on_step(out.loss_sum * rt.world_size, st.stop.requested, rt.device)
+                wants_stop = st.stop.requested or (meter is not None and meter.budget_due())  # any rank: all stop
+                loss, stop_now = training.agree_on_step(out.loss_sum * rt.world_size, wants_stop, rt.device)
                 training.check_finite(loss, st.step, st.last_ckpt)
                 dt = timer.stop()
                 hb.beat()
+                eta = timer.eta(st.num_steps - st.step, dt)
                 print0(training.format_step_line(st.step, st.num_steps, loss, lrm, dt, out.tokens / max(dt, 1e-9),
-                                                 eta_s=timer.eta(st.num_steps - st.step, dt), extra=out.extra))
+                                                 eta_s=eta, extra=out.extra,
+                                                 cost=meter.text(eta) if meter is not None else ""))
                 st.metrics.log({"step": st.step, "loss": loss, "lrm": lrm, "dt": dt, **out.log})
-                if stop_now:
-                    st.save(st.step, last_eval)
-                    print0(f"[{st.name}] stopped by {st.stop.signame or 'signal'} at step {st.step}; "
-                           f"checkpoint {st.last_ckpt}")
+                by_budget = stop_now and not st.stop.requested and meter is not None and meter.budget is not None
+                if stop_now and not (by_budget and st.step >= st.num_steps):  # a last step goes on to its eval
+                    save(last_eval)
+                    if by_budget:
+                        print0(meter.record_stop(st.name, st.step, st.last_ckpt))
+                    else:
+                        print0(f"[{st.name}] stopped by {st.stop.signame or 'signal'} at step {st.step}; "
+                               f"checkpoint {st.last_ckpt}")
                     return None
                 if cfg.save_every and st.step % cfg.save_every == 0 and st.step < st.num_steps:
-                    st.save(st.step, last_eval)
+                    save(last_eval)
             final = _evaluate(st, evaluate)
-            st.save(st.step, final)
+            save(final)
             return final
     except torch.OutOfMemoryError as e:
         raise training.out_of_memory(st.name, st.step + 1, *oom_shape, rt.device, st.last_ckpt) from e

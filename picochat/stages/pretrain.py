@@ -43,10 +43,10 @@ from picochat.optim import build_optimizer, set_schedule
 from picochat.runtime import (default_data_dir, default_tokenizer_dir, environment_info, gpu_memory, init_runtime,
                               peak_flops, print0, stage_dir, synchronize, teardown)
 from picochat.tokenizer import Tokenizer
-from picochat.training import (Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step, capture_rng_state,
-                               RESUME_HELP, RESUME_MODES, check_finite, find_resume_checkpoint, format_step_line,
-                               freeze_gc, lock_stage, out_of_memory, peak_memory_gb, prepare_model, profile_step,
-                               restore_rng_state, should_compile, unfreeze_gc, write_run_header)
+from picochat.training import (CostMeter, Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step,
+                               capture_rng_state, RESUME_HELP, RESUME_MODES, check_finite, find_resume_checkpoint,
+                               format_step_line, freeze_gc, lock_stage, out_of_memory, peak_memory_gb, prepare_model,
+                               profile_step, restore_rng_state, should_compile, unfreeze_gc, write_run_header)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few-million-parameter model on the embedded corpus; minutes on 2 CPU cores
@@ -537,6 +537,7 @@ class Stage:
     fpt: float
     wandb_run: Any = None
     lock: Any = None  # training.StageLock on rank 0: this process is the stage's one trainer
+    meter: CostMeter | None = None  # dollars and the --budget stop, when `picochat speedrun --price` runs the stage
 
 
 @dataclass
@@ -653,13 +654,15 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
     stop = StopFlag.install()
     timer = StepTimer(skip=1)
     first = "running the first step (compiling)" if ctx.info["compiled"] else "running the first step"
+    ctx.meter = CostMeter.from_env()
     try:
-        with Heartbeat("pretrain", first) as hb:
+        with Heartbeat("pretrain", first, meter=ctx.meter) as hb:
             while st.step < plan.num_iterations:
                 lrm = apply_schedules(ctx.opt, cfg, st.step, plan.num_iterations)
                 timer.start()
                 loss_sum, batch = train_step(ctx.cmodel, ctx.opt, batch, ctx.loader.next_batch, plan.grad_accum)
-                loss, stop_now = agree_on_step(loss_sum, stop.requested, rt.device, plan.grad_accum)
+                over_budget = ctx.meter is not None and ctx.meter.budget_due()  # every rank stops with the first
+                loss, stop_now = agree_on_step(loss_sum, stop.requested or over_budget, rt.device, plan.grad_accum)
                 dt = timer.stop()
                 st.step += 1
                 if timer.n > 1:
@@ -694,7 +697,8 @@ def log_step(ctx: Stage, st: LoopState, timer: StepTimer, lrm: float, dt: float)
     mfu = ctx.fpt * tok_s / (ctx.peak * rt.world_size) if ctx.peak else None
     mem = peak_memory_gb(rt.device)
     eta = timer.eta(plan.num_iterations - st.step, dt)
-    print0(format_step_line(st.step, plan.num_iterations, st.last_loss, lrm, dt, tok_s, mfu, eta, mem))
+    cost = ctx.meter.text(eta) if ctx.meter is not None else ""
+    print0(format_step_line(st.step, plan.num_iterations, st.last_loss, lrm, dt, tok_s, mfu, eta, mem, cost=cost))
     ctx.metrics.log({"step": st.step, "loss": st.last_loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu,
                      "tokens": st.step * plan.total_batch_size, "peak_mem_gb": mem})
     if ctx.wandb_run is not None:
@@ -709,7 +713,10 @@ def after_step(ctx: Stage, st: LoopState, hb: Heartbeat, batch: Any, stop: StopF
     stop_here = stop_now or (cfg.stop_at_step > 0 and step >= cfg.stop_at_step and not final)
     if final or stop_here or (cfg.save_every > 0 and step % cfg.save_every == 0):
         hb.beat("saving a checkpoint")
+        t0 = time.monotonic()
         st.last_ckpt = save(ctx, st, batch)
+        if ctx.meter is not None:
+            ctx.meter.saved(time.monotonic() - t0)
     if final or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
         hb.beat("evaluating val bpb")
         st.val_bpb = evaluate(ctx, step)
@@ -722,9 +729,15 @@ def after_step(ctx: Stage, st: LoopState, hb: Heartbeat, batch: Any, stop: StopF
     maybe_core(ctx, step, final)
     maybe_samples(ctx, step, final)
     if stop_here:
+        by_budget = stop_now and not stop.requested and ctx.meter is not None and ctx.meter.budget is not None
+        if by_budget and final:
+            return True  # the budget check fired on the last step: the run is complete, not stopped
         st.stopped_early = True
-        why = f"signal {stop.signame}" if stop_now else f"--stop-at-step {cfg.stop_at_step}"
-        print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
+        if by_budget:
+            print0(ctx.meter.record_stop("pretrain", step, st.last_ckpt))
+        else:
+            why = f"signal {stop.signame}" if stop_now else f"--stop-at-step {cfg.stop_at_step}"
+            print0(f"[pretrain] stopping at step {step} ({why}); resume with the same command")
     return stop_here
 
 

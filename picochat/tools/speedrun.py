@@ -101,7 +101,9 @@ class SpeedrunConfig:
     force_restart: bool = False
     yes: bool = False
     dry_run: bool = False
-    price: float | None = None          # $ per GPU-hour for the cost estimate
+    price: float | None = None          # $ per GPU-hour (per machine-hour without GPUs): estimate, meter, budget
+    budget: float | None = None         # $ for the whole run: training stages checkpoint and stop before passing it
+    gpus: str | None = None             # dry run: plan for NAME:COUNT GPUs instead of this machine's
     nproc: int | None = None            # GPUs to use (default: all visible)
     data_dir: str | None = None         # use these shards instead of the preset's data source
 
@@ -255,6 +257,75 @@ class RunState:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Dollars: --price and --budget
+
+EXIT_BUDGET = 3  # the speedrun's exit code when it stopped for --budget (a checkpoint is saved; not finished)
+TRAINING_STAGES = ("pretrain", "midtrain", "sft", "rl")  # the stages that can stop at a checkpoint
+
+
+def check_money(cfg: SpeedrunConfig) -> None:
+    for flag, v in (("--price", cfg.price), ("--budget", cfg.budget)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserError(f"{flag} {v}: expected a positive number of dollars")
+    if cfg.budget is not None and cfg.price is None:
+        raise UserError("--budget needs --price (dollars per GPU-hour) to turn time into dollars")
+
+
+class Money:
+    """What this run has cost across invocations, billed by wall time: speedrun.json keeps the dollars of earlier
+    invocations (`spent`), this one adds rate x its own time. Each stage gets PICOCHAT_COST (training.CostMeter)
+    to show dollars on its step line and heartbeat and, with a budget, to stop at a checkpoint before passing it;
+    a stage that stopped for the budget writes `ledger`."""
+
+    def __init__(self, state: RunState, price: float | None, gpus: int, budget: float | None, ledger: Path):
+        self.state, self.budget, self.ledger = state, budget, ledger
+        self.rate = price * max(1, gpus) if price else 0.0  # $/hour of the whole machine
+        self.before = float(state.data.get("spent") or 0.0)
+        self.t0 = time.time()
+        ledger.unlink(missing_ok=True)  # a stop of an earlier invocation is history
+
+    def spent(self) -> float:
+        return self.before + self.rate * (time.time() - self.t0) / 3600
+
+    def save(self) -> None:
+        self.state.data["spent"] = self.spent()
+        self.state.save()
+
+    def stage_env(self, env: dict[str, str], later: float) -> dict[str, str]:
+        out = {k: v for k, v in env.items() if k != "PICOCHAT_COST"}
+        if self.rate:
+            out["PICOCHAT_COST"] = json.dumps({"rate": self.rate, "spent": self.spent(), "at": time.time(),
+                                               "later": later, "budget": self.budget,
+                                               "ledger": str(self.ledger) if self.budget else None})
+        return out
+
+    def refuse(self, stage: str, est: float) -> str | None:
+        """Why `stage` must not start under the budget, or None. A training stage starts while any budget is left
+        (it stops itself at a checkpoint); another stage cannot stop halfway, so it needs its estimate left."""
+        if self.budget is None:
+            return None
+        spent, left = self.spent(), self.budget - self.spent()
+        if left <= 0:
+            return (f"budget reached before {stage}: ${spent:,.2f} spent of ${self.budget:,.2f}; re-run with a "
+                    f"larger --budget to continue")
+        if stage not in TRAINING_STAGES and est > left:
+            return (f"{stage} is estimated at ${est:,.2f} and ${left:,.2f} of the ${self.budget:,.2f} budget is left; "
+                    f"it cannot stop at a checkpoint, so it does not start; re-run with a larger --budget")
+        return None
+
+    def stopped_for_budget(self) -> dict[str, Any] | None:
+        """The ledger of a stage that stopped for the budget (then removed), or None."""
+        if not self.ledger.exists():
+            return None
+        try:
+            d = json.loads(self.ledger.read_text())
+        except (OSError, json.JSONDecodeError):
+            d = {}
+        self.ledger.unlink(missing_ok=True)
+        return d if isinstance(d, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Running a stage with streaming, heartbeats and clean interruption
 
 
@@ -298,10 +369,13 @@ def wait_for_previous_child(pid_file: Path, timeout_s: float = 600.0) -> None:
 
 
 def stream_child(cmd: list[str], label: str, env: dict[str, str] | None = None, log_path: Path | None = None,
-                 heartbeat_s: float = HEARTBEAT_SECONDS, pid_file: Path | None = None) -> int:
-    """Run `cmd`, copying its merged stdout/stderr line by line; print a heartbeat after each silent interval.
+                 heartbeat_s: float = HEARTBEAT_SECONDS, pid_file: Path | None = None, money: "Money | None" = None
+                 ) -> int:
+    """Run `cmd`, copying its merged stdout/stderr line by line; print a heartbeat (with the dollars spent, given
+    `money`) after each silent interval.
 
-    SIGINT/SIGTERM to the orchestrator are forwarded to the child (which saves a checkpoint and exits).
+    SIGINT/SIGTERM to the orchestrator are forwarded to the child (which saves a checkpoint and exits 0); the
+    return code is then 128 + the signal, so the stage is not taken for finished and the speedrun stops.
     """
     log = open(log_path, "a", buffering=1) if log_path else None
     # Own session: a terminal Ctrl-C reaches only us and is forwarded once. If we die (kill -9), the child gets
@@ -318,11 +392,15 @@ def stream_child(cmd: list[str], label: str, env: dict[str, str] | None = None, 
         while not done.wait(1.0):
             silent = time.monotonic() - last[0]
             if silent >= heartbeat_s:
+                cost = f", ${money.spent():,.2f} spent" if money is not None and money.rate else ""
                 print(f"[heartbeat] {label}: alive, {time.monotonic() - start:.0f}s elapsed, "
-                      f"no output for {silent:.0f}s", flush=True)
+                      f"no output for {silent:.0f}s{cost}", flush=True)
                 last[0] = time.monotonic()
 
+    forwarded: list[int] = []
+
     def forward(signum, _frame):  # let the stage checkpoint itself, then we exit with it
+        forwarded.append(signum)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -354,7 +432,8 @@ def stream_child(cmd: list[str], label: str, env: dict[str, str] | None = None, 
             print(text, flush=True)
             if log:
                 log.write(text + "\n")
-        return proc.wait()
+        rc = proc.wait()
+        return 128 + forwarded[0] if rc == 0 and forwarded else rc
     finally:
         done.set()
         for s, h in old.items():
@@ -371,7 +450,38 @@ def stage_command(sp: StagePlan, nproc: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dry run
+# Dry run: time and dollars of every stage
+#
+# Every figure is labelled: "measured" (a README Performance row, scaled as said), "computed" (exact from the
+# config: parameters, FLOPs, steps, bytes) or "assumed" (a round number we have not measured; change it here).
+
+DOWNLOAD_BPS = 100e6          # assumed: HuggingFace download rate of one machine, bytes/s
+SHARD_BYTES = 95e6            # the FineWeb-Edu parquet shard size (nanochat's dataset), bytes
+TOKENIZER_S_PER_SHARD = 3.88 / 3 * 16  # measured: 3.88 s for shards 0-2 on 16 cores (README); per shard per core
+CORE_S_D12 = 89.6             # measured: CORE, 52,400 examples, d12-size model, one H100 (README)
+CORE_EXAMPLES = 52_400
+CORE_TASKS = 22
+DECODE_TOK_S_D20 = 1_837 * 0.955  # measured: d20 decode at batch 1 on H200 (README), x 0.955 for an H100
+RING_BUSBW = {"NVLink": 360e9, "PCIe": 20e9}  # assumed: NCCL all-reduce bus bandwidth per GPU, bytes/s
+CHAT_MFU_FACTOR = 0.5         # assumed: midtrain/SFT/RL run uncompiled with variable-length rows
+TOKENS_PER_CONVERSATION = 450  # assumed: mean tokens of one conversation of the chat mixtures
+# conversations in the full mixtures (the datasets' published sizes: SmolTalk 460K, MMLU auxiliary_train 99.8K,
+# GSM8K train 7,473; identity and the spelling tasks as sized in the mixture strings of stages/midtrain.py, sft.py)
+MID_CONVERSATIONS = 460_000 + 99_800 + 7_473 + 2_000 + 200_000 + 80_000
+SFT_CONVERSATIONS = 460_000 + 3 * 99_800 + 4 * 7_473 + 2_000 + 20_000 + 8_000
+GSM8K_TRAIN = 7_473
+CHAT_EVAL_GENERATIVE = 1_319 + 164 + 256  # GSM8K test, HumanEval, SpellingBee: problems that generate
+CHAT_EVAL_CATEGORICAL = 2_376 + 1_172 + 14_042  # ARC-Easy, ARC-Challenge, MMLU test: one forward each
+NVLINK_GPUS = ("H100", "H200", "GH200", "B200", "B100", "A100")  # SXM parts in 8-GPU boxes (PCIe named apart)
+
+
+def parse_gpus(spec: str) -> tuple[str, int]:
+    """'H100:8' -> ('H100', 8): the hardware a dry run plans for instead of this machine's."""
+    name, _, count = spec.partition(":")
+    if not name.strip() or (count and not count.isdigit()) or (count and not 1 <= int(count) <= 64):
+        raise UserError(f"--gpus {spec!r}: expected NAME[:COUNT], e.g. H100:8 (a GPU name as in nvidia-smi, "
+                        f"1 to 64 of them)")
+    return name.strip(), int(count or 1)
 
 
 def resolve_pretrain(plan: list[StagePlan], preset: Preset, world: int):
@@ -381,56 +491,197 @@ def resolve_pretrain(plan: list[StagePlan], preset: Preset, world: int):
     from picochat.stages import pretrain  # lazy: torch (~2 s); only the stages need it
 
     sp = next((p for p in plan if p.name == "pretrain"), None)
-    argv = sp.argv[1:] if sp else ["--depth", str(preset.depth)]
+    argv = sp.argv[1:] if sp else ["--preset", preset.name] if preset.name in pretrain.PRESETS else \
+        ["--depth", str(preset.depth)]
     parser = argparse.ArgumentParser()
     pretrain.add_cli(parser)
     cfg = pretrain.config_from_cli(parser.parse_args(argv))
     return cfg, pretrain.make_plan(cfg, preset.vocab_size, max(1, world), torch.device("cpu"))
 
 
-def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None, plan: list[StagePlan]
-             ) -> dict[str, Any]:
-    """Model size, tokens, FLOPs, steps, time and cost of the pretraining stage (the dominant cost), from the same
-    config resolution the stage itself uses."""
+def target_hardware(hw: dict[str, Any], nproc: int, gpus: str | None, preset: Preset) -> dict[str, Any]:
+    """What the estimate is for: --gpus, else this machine's GPUs, else this CPU for the tiny preset and 8 x H100
+    (the reference the presets are sized for) for the others."""
+    from picochat.runtime import PEAK_FLOPS  # lazy: torch (~2 s); only the stages need it
+
+    if gpus:
+        name, n, where = *parse_gpus(gpus), "assumed with --gpus"
+    elif hw["gpus"]:
+        name, n, where = hw["gpu_name"] or "GPU", nproc, "this machine"
+    elif preset.data == "synth":
+        cores = max(1, hw["cpu_count"])
+        return {"name": f"CPU ({cores} cores)", "n": 0, "where": "this machine", "flops": 2.0e10 * cores,
+                "cores": cores, "busbw": None}
+    else:
+        name, n, where = "H100", 8, "the reference (no GPU here)"
+    peak = next((v for k, v in PEAK_FLOPS if k.lower() in name.lower()), None)
+    known = peak is not None
+    link = "PCIe" if "pcie" in name.lower() or not any(k.lower() in name.lower() for k in NVLINK_GPUS) else "NVLink"
+    return {"name": name, "n": n, "where": where, "peak": peak or 312e12, "peak_known": known, "link": link,
+            "busbw": RING_BUSBW[link] if n > 1 else None, "cores": 16}
+
+
+def allreduce_seconds(params: int, n: int, busbw: float | None) -> float:
+    """One step's gradient all-reduce on a ring of n GPUs: each sends and receives 2(n-1)/n of the fp32 gradient
+    bytes (Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC 2009; the
+    same factor converts NCCL's algorithm bandwidth to its bus bandwidth in github.com/NVIDIA/nccl-tests). Our
+    sharded optimizer moves the same bytes as a reduce-scatter of the gradients plus an all-gather of the updated
+    weights. Counted as not overlapped with compute, so an upper bound: the optimizer overlaps part of it."""
+    if n <= 1 or not busbw:
+        return 0.0
+    return 2 * (n - 1) / n * 4 * params / busbw
+
+
+def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None, plan: list[StagePlan],
+             gpus: str | None = None) -> dict[str, Any]:
+    """Model size, tokens, FLOPs and steps of pretraining (from the same config resolution the stage uses), and the
+    time and dollars of every planned stage on the target hardware, each figure labelled measured, computed or
+    assumed."""
     from picochat.model import flops_per_token, num_scaling_params  # lazy: torch (~2 s); only the stages need it
 
-    cfg, pplan = resolve_pretrain(plan, preset, nproc)
+    tgt = target_hardware(hw, nproc, gpus, preset)
+    n = tgt["n"]
+    cfg, pplan = resolve_pretrain(plan, preset, max(1, n))
     mc = pplan.model_config
     batch, steps = pplan.total_batch_size, pplan.num_iterations
     tokens = steps * batch
     fpt = flops_per_token(mc)
     flops = fpt * tokens
-    mfu = expected_mfu(cfg.depth)
-    ref_seconds = flops / (989e12 * mfu * 8)
-    if hw["gpus"] > 0:
-        from picochat.runtime import PEAK_FLOPS  # lazy: torch (~2 s); only the stages need it
-
-        peak = next((v for k, v in PEAK_FLOPS if hw["gpu_name"] and k in hw["gpu_name"]), 312e12)
-        seconds = flops / (peak * mfu * nproc)
-        basis = f"{mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s x {nproc} GPU(s)"
-    else:
-        cpu_flops = 2.0e10 * max(1, hw["cpu_count"])  # measured order of magnitude for fp32 matmuls per core
-        seconds = flops / cpu_flops
-        basis = f"~{cpu_flops / 1e9:.0f} GFLOP/s effective on {hw['cpu_count']} CPU cores"
-    gpu_hours = seconds / 3600 * nproc if hw["gpus"] else ref_seconds / 3600 * 8
     params = mc_params(mc)
+    mfu = expected_mfu(cfg.depth)
+    if n:
+        rate = tgt["peak"] * mfu * n
+        rate_note = (f"{mfu:.0%} MFU (measured, README Performance) of {tgt['peak'] / 1e12:.0f} TFLOP/s x {n}"
+                     + ("" if tgt["peak_known"] else " (peak assumed: GPU not in runtime.PEAK_FLOPS)"))
+    else:
+        rate = tgt["flops"]
+        rate_note = f"~{rate / 1e9:.0f} GFLOP/s (assumed: 20 per core)"
+    comm = allreduce_seconds(params, n, tgt["busbw"])
+    comm_note = (f"+ {comm * 1000:.1f} ms/step ring all-reduce of {4 * params / 1e9:.2f} GB over {tgt['link']} at "
+                 f"{tgt['busbw'] / 1e9:.0f} GB/s (assumed), not overlapped" if comm else "no communication (1 device)")
+    rows: list[dict[str, Any]] = []
+
+    def row(stage: str, seconds: float, label: str, basis: str) -> None:
+        rows.append({"stage": stage, "seconds": seconds, "label": label, "basis": basis})
+
+    names = [sp.name for sp in plan]
+    args = {sp.name: _argv_dict(sp.argv) for sp in plan}
+    if "data" in names:
+        if preset.data == "synth":
+            row("data", 30.0, "assumed", "generating the synthetic corpus (~30 s)")
+        else:
+            b = (preset.shards + 1) * SHARD_BYTES
+            row("data", b / DOWNLOAD_BPS, "assumed", f"{b / 1e9:.1f} GB of shards at {DOWNLOAD_BPS / 1e6:.0f} MB/s "
+                                                    f"(assumed; the rest downloads during the tokenizer)")
+    if "tokenizer" in names:
+        shards = preset.tokenizer_shards if preset.data == "download" else 0.3
+        row("tokenizer", TOKENIZER_S_PER_SHARD * shards / tgt["cores"], "measured",
+            f"3.88 s per 3 shards on 16 cores (README), x {shards:g} shards on {tgt['cores']} cores")
+    if "pretrain" in names:
+        row("pretrain", flops / rate + steps * comm, "measured+assumed",
+            f"{flops:.3g} FLOPs (computed) at {rate_note}; {comm_note}")
+    ref_fpt = None
+    if "base_eval" in names:
+        a = args["base_eval"]
+        fwd = fpt / 3
+        bpb_tokens = 2 * int(a.get("eval-tokens", 40 * 2**19)) if "bpb" in a else 0
+        s = bpb_tokens * fwd / rate
+        basis = f"bpb: {bpb_tokens:,} tokens forward (computed)"
+        if "core" in a:
+            ref_fpt = ref_fpt or _at_depth(12)[0]
+            per_task = int(a["max-per-task"]) if "max-per-task" in a else None
+            frac = min(1.0, CORE_TASKS * per_task / CORE_EXAMPLES) if per_task else 1.0
+            core = CORE_S_D12 * frac * fpt / ref_fpt / max(1, n) if n else CORE_S_D12 * 50 * frac * fpt / ref_fpt
+            s += core
+            basis += f"; CORE: 89.6 s at d12 on one H100 (measured), x FLOPs ratio {fpt / ref_fpt:.2f} x {frac:.2f}"
+        row("base_eval", s, "measured+computed", basis)
+    for stage, conversations in (("midtrain", MID_CONVERSATIONS), ("sft", SFT_CONVERSATIONS)):
+        if stage not in names:
+            continue
+        a = args[stage]
+        if "num-iterations" in a:
+            stage_steps = int(a["num-iterations"])
+            stage_tokens = stage_steps * batch
+            basis = f"{stage_steps} steps x {batch:,} tokens (computed)"
+        else:
+            stage_tokens = conversations * TOKENS_PER_CONVERSATION
+            stage_steps = max(1, stage_tokens // batch)
+            basis = f"{conversations:,} conversations x {TOKENS_PER_CONVERSATION} tokens (assumed)"
+        stage_rate = rate * (CHAT_MFU_FACTOR if n else 1.0)
+        row(stage, stage_tokens * fpt / stage_rate + stage_steps * comm, "assumed",
+            f"{basis} at {CHAT_MFU_FACTOR:g} x the pretrain rate (assumed: uncompiled); "
+            f"{'+ the same all-reduce per step' if comm else 'no communication'}")
+    if "rl" in names:
+        a = args["rl"]
+        per_step = int(a.get("examples-per-step", 16)) * int(a.get("num-samples", 16))
+        new_tok = int(a.get("max-new-tokens", 256)) // 2
+        rl_steps = int(a["num-iterations"]) if "num-iterations" in a else -(-GSM8K_TRAIN // int(
+            a.get("examples-per-step", 16)))
+        decode = _decode_rate(params, n, tgt)
+        gen = rl_steps * per_step * new_tok / decode
+        train = rl_steps * per_step * (new_tok + 150) * fpt / (rate * (CHAT_MFU_FACTOR if n else 1.0))
+        row("rl", gen + train + rl_steps * comm, "measured+assumed",
+            f"{rl_steps} steps x {per_step} samples x ~{new_tok} new tokens (assumed: half the cap) decoded at "
+            f"{decode:,.0f} tok/s (d20 at batch 1 measured, scaled by parameters, x8 for the batch: assumed)")
+    if "chat_eval" in names:
+        a = args["chat_eval"]
+        cap = int(a["max-problems"]) if "max-problems" in a else None
+        gen_n = min(CHAT_EVAL_GENERATIVE, 3 * cap) if cap else CHAT_EVAL_GENERATIVE
+        cat_n = min(CHAT_EVAL_CATEGORICAL, 3 * cap) if cap else CHAT_EVAL_CATEGORICAL
+        decode = _decode_rate(params, n, tgt) / 8  # one problem at a time
+        s = gen_n * 256 / decode + cat_n * 300 * fpt / 3 / rate
+        row("chat_eval", s, "measured+assumed",
+            f"{gen_n} generations x ~256 tokens (assumed) at {decode:,.0f} tok/s (d20 at batch 1 measured, scaled "
+            f"by parameters) + {cat_n} one-forward questions")
+    if "report" in names:
+        row("report", 5.0, "assumed", "plots and report.md")
+    total = sum(r["seconds"] for r in rows)
+    gpu_count = max(1, n)  # a CPU machine is priced per machine-hour
+    for r in rows:
+        r["dollars"] = r["seconds"] / 3600 * gpu_count * price if price is not None else None
     ckpt_bytes = params * 4 * 3  # fp32 weights + up to 2 optimizer moments per parameter
-    data_bytes = (preset.shards + 1) * 95e6 if preset.data == "download" else 30e6
-    n_ckpts = cfg.keep_last + sum(1 for s in ("midtrain", "sft", "rl") if s in preset.stages)
+    data_bytes = (preset.shards + 1) * SHARD_BYTES if preset.data == "download" else 30e6
+    n_ckpts = cfg.keep_last + sum(1 for s in ("midtrain", "sft", "rl") if s in names)
     return {
         "depth": cfg.depth, "params": params, "scaling_params": num_scaling_params(mc), "seq_len": cfg.seq_len,
         "total_batch_size": batch, "steps": steps, "tokens": tokens, "flops_per_token": fpt, "flops": flops,
-        "est_seconds": seconds, "basis": basis, "gpu_hours": gpu_hours, "ref_8xh100_seconds": ref_seconds,
-        "est_cost": (gpu_hours * price) if price is not None else None,
+        "target": tgt, "mfu": mfu, "comm_step_s": comm, "stages": rows, "total_seconds": total,
+        "gpu_hours": total / 3600 * max(1, n), "price": price,
+        "est_cost": total / 3600 * gpu_count * price if price is not None else None,
         "disk_bytes": data_bytes + ckpt_bytes * n_ckpts,
     }
+
+
+def _argv_dict(argv: list[str]) -> dict[str, str]:
+    """A stage's argv as {flag: value} ('' for a switch), the last occurrence winning as in argparse."""
+    out: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            out[a[2:]] = "" if nxt.startswith("--") else nxt
+    return out
+
+
+def _at_depth(depth: int) -> tuple[float, int]:
+    """(training FLOPs per token, parameters) of the default model of `depth`: the measured figures' models."""
+    from picochat.model import flops_per_token  # lazy: torch (~2 s); only the stages need it
+
+    _, p = resolve_pretrain([], Preset(name=f"d{depth}", what="", depth=depth, data="download"), 1)
+    return flops_per_token(p.model_config), mc_params(p.model_config)
+
+
+def _decode_rate(params: int, n: int, tgt: dict[str, Any]) -> float:
+    """Batched decode tokens/s on the target: the measured d20 batch-1 rate scaled by parameters (decode reads every
+    weight per token), x 8 for batching (assumed), x GPUs; on a CPU, ~1/20 of one H100 (assumed)."""
+    rate = DECODE_TOK_S_D20 * _at_depth(20)[1] / max(params, 1) * 8
+    return rate * max(1, n) if n else rate / 20
 
 
 def expected_mfu(depth: int) -> float:
     """Pretraining MFU to plan with, from the default configs measured on one H200 (README "Performance"): 51% at
     d12 (fp8 MLP and logits), 60% at d20 (fp8); linear in between and held flat outside the measured range; times
     0.955, the H100/H200 ratio measured on the same d12 code (472K against 494K tok/s), since plans are for H100s.
-    Multi-GPU communication is not in it (the sharded optimizer overlaps most of it)."""
+    Communication on several GPUs is added apart (`allreduce_seconds`)."""
     lo, hi = (12, 0.51), (20, 0.60)
     t = min(1.0, max(0.0, (depth - lo[0]) / (hi[0] - lo[0])))
     return 0.955 * (lo[1] + t * (hi[1] - lo[1]))
@@ -453,19 +704,27 @@ def _fmt_time(s: float) -> str:
 
 
 def print_plan(preset: Preset, plan: list[StagePlan], est: dict[str, Any], nproc: int, price: float | None,
-               hw: dict[str, Any]) -> None:
+               hw: dict[str, Any], budget: float | None = None) -> None:
+    tgt = est["target"]
     print(f"[speedrun] plan for preset {preset.name}: {preset.what}")
     print(f"  hardware: {hw['gpus']} x {hw['gpu_name']}" if hw["gpus"] else f"  hardware: CPU ({hw['cpu_count']} cores)")
+    where = f"{tgt['n']} x {tgt['name']}" if tgt["n"] else tgt["name"]
+    print(f"  estimates for: {where}, {tgt['where']}")
     print(f"  model: depth {est['depth']}, {est['params']:,} parameters ({est['scaling_params']:,} scaling params)")
     print(f"  pretrain: {est['steps']:,} steps x {est['total_batch_size']:,} tokens = {est['tokens']:,} tokens, "
           f"{est['flops_per_token']:.3g} FLOPs/token, {est['flops']:.3g} FLOPs")
-    print(f"  estimated pretrain time here: {_fmt_time(est['est_seconds'])} (assumes {est['basis']})")
-    print(f"  estimated pretrain time on 8xH100: {_fmt_time(est['ref_8xh100_seconds'])} "
-          f"(assumes {expected_mfu(est['depth']):.0%} MFU)")
-    if est["est_cost"] is not None:
-        where = "here" if hw["gpus"] else "on 8xH100"
-        print(f"  estimated pretrain cost {where}: ${est['est_cost']:.2f} at ${price}/GPU-hour "
-              f"({est['gpu_hours']:.2f} GPU-hours)")
+    unit = "GPU-hour" if tgt["n"] else "machine-hour"
+    print(f"  {'stage':<10} {'time':>9} {'$':>10}  basis")
+    for r in est["stages"]:
+        dollars = f"{r['dollars']:,.2f}" if r["dollars"] is not None else "-"
+        print(f"  {r['stage']:<10} {_fmt_time(r['seconds']):>9} {dollars:>10}  [{r['label']}] {r['basis']}")
+    total = f"${est['est_cost']:,.2f} at ${price:g}/{unit}" if est["est_cost"] is not None else \
+        "add --price $/GPU-hour for dollars"
+    print(f"  {'total':<10} {_fmt_time(est['total_seconds']):>9}  {total} ({est['gpu_hours']:.2f} {unit}s)")
+    print("  measured = a README Performance figure, scaled as said; computed = exact from the config; assumed = a "
+          "round number, not measured (constants at the top of the dry-run section of picochat/tools/speedrun.py)")
+    if budget is not None:
+        print(f"  budget: ${budget:,.2f}: training stages save a checkpoint and stop before passing it")
     print(f"  disk needed: ~{est['disk_bytes'] / 1e9:.1f} GB (data + checkpoints)")
     print("  stages:")
     for sp in plan:
@@ -490,15 +749,19 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
         raise UserError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     run_name = cfg.run or preset.name
-    nproc = cfg.nproc if cfg.nproc is not None else max(1, hw["gpus"])
+    check_money(cfg)
+    if cfg.gpus and not cfg.dry_run:
+        raise UserError(f"--gpus {cfg.gpus}: only for --dry-run (a real run uses this machine's GPUs; --nproc picks "
+                        f"how many)")
+    nproc = cfg.nproc if cfg.nproc is not None else (parse_gpus(cfg.gpus)[1] if cfg.gpus else max(1, hw["gpus"]))
     plan = build_plan(cfg, preset, run_name, nproc)
-    est = estimate(preset, hw, nproc if hw["gpus"] else 0, cfg.price, plan)
+    est = estimate(preset, hw, nproc if hw["gpus"] else 0, cfg.price, plan, cfg.gpus)
 
     home = picochat_home()
     home.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(home).free
     if cfg.dry_run:
-        print_plan(preset, plan, est, nproc, cfg.price, hw)
+        print_plan(preset, plan, est, nproc, cfg.price, hw, cfg.budget)
         print(f"  free disk under {home}: {free / 1e9:.1f} GB")
         if free < est["disk_bytes"]:
             print(f"  WARNING: not enough disk for this run: {free / 1e9:.1f} GB free, ~{est['disk_bytes'] / 1e9:.1f} "
@@ -526,6 +789,8 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     state.data.update(preset=name, run=run_name, hardware=hw)
     state.data.setdefault("started", time.time())
     state.save()
+    money = Money(state, cfg.price, nproc if hw["gpus"] else 1, cfg.budget, rdir / "budget_stop.json")
+    est_cost = {r["stage"]: r["seconds"] * money.rate / 3600 for r in est["stages"]}
 
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -533,7 +798,7 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     fps: dict[str, str] = {}
     summary: list[dict[str, Any]] = []
     t_total = time.time()
-    for sp in plan:
+    for i, sp in enumerate(plan):
         upstream = [fps.get(u) or state.stage(u).get("fingerprint") for u in UPSTREAM[sp.name]]
         fp = fingerprint({"argv": sp.argv, "upstream": upstream})
         fps[sp.name] = fp
@@ -551,15 +816,35 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
         if sp.name == "pretrain" and bg is not None:
             _wait_background(bg, "pretraining data download")
             bg = None
+        later = sum(est_cost.get(p.name, 0.0) for p in plan[i + 1:])
+        why_not = money.refuse(sp.name, est_cost.get(sp.name, 0.0))
+        if why_not:
+            if bg is not None:
+                bg.terminate()
+            print(f"[speedrun] ===== {why_not} =====", flush=True)
+            return {"run": run_name, "budget_stop": sp.name, "rc": EXIT_BUDGET, "stages": summary,
+                    "spent": money.spent()}
         banner = "resuming" if resumed else "starting"
         print(f"[speedrun] ===== {sp.name}: {banner} ===== picochat {' '.join(sp.argv)}", flush=True)
         st.update(status="running", fingerprint=fp, argv=sp.argv, started=time.time())
         state.save()
         t0 = time.time()
-        rc = stream_child(stage_command(sp, nproc), sp.name, env=env, log_path=rdir / "logs" / f"{sp.name}.log",
-                          pid_file=rdir / "stage.pid")
+        rc = stream_child(stage_command(sp, nproc), sp.name, env=money.stage_env(env, later),
+                          log_path=rdir / "logs" / f"{sp.name}.log", pid_file=rdir / "stage.pid", money=money)
         dt = time.time() - t0
         st["seconds"] = st.get("seconds_before", 0) + dt
+        money.save()
+        stopped = money.stopped_for_budget()
+        if rc == 0 and stopped:
+            st["seconds_before"] = st["seconds"]
+            state.save()
+            if bg is not None:
+                bg.terminate()
+            print(f"[speedrun] ===== {sp.name}: stopped for the budget at step {stopped.get('step')}: "
+                  f"${money.spent():,.2f} spent of ${cfg.budget:,.2f}; its checkpoint is saved. Re-run with a larger "
+                  f"--budget to continue from it. =====", flush=True)
+            return {"run": run_name, "budget_stop": sp.name, "rc": EXIT_BUDGET, "stages": summary,
+                    "spent": money.spent()}
         if rc != 0:
             st["seconds_before"] = st["seconds"]
             st["rc"] = rc
@@ -586,19 +871,21 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     if bg is not None:
         _wait_background(bg, "pretraining data download")
     state.data["finished"] = time.time()
-    state.save()
+    money.save()
     total = sum(s["seconds"] for s in summary)
     print("[speedrun] ===== summary =====")
     print(f"  {'stage':<10} {'status':<8} {'time':>10}")
     for s in summary:
         print(f"  {s['stage']:<10} {s['status']:<8} {_fmt_time(s['seconds']):>10}")
     print(f"  {'total':<10} {'':<8} {_fmt_time(total):>10}  (this invocation: {_fmt_time(time.time() - t_total)})")
+    if money.rate:
+        print(f"  spent: ${money.spent():,.2f} at ${money.rate:,.2f}/hour (all invocations of this run)")
     report = rdir / "report.md"
     if report.exists():
         print(f"[speedrun] report: {report}")
     print(f"[speedrun] talk to it: picochat chat --run {run_name}   or   picochat serve --run {run_name}")
     print(f"[speedrun] share it: picochat export --run {run_name} --out {run_name}-chat")
-    return {"run": run_name, "preset": name, "stages": summary, "total_seconds": total}
+    return {"run": run_name, "preset": name, "stages": summary, "total_seconds": total, "spent": money.spent()}
 
 
 def _wait_background(proc: subprocess.Popen, what: str) -> None:
@@ -629,7 +916,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="pretrain on these shards instead of the preset's data")
     parser.add_argument("--nproc", type=int, default=None, help="GPUs to use (default: all visible)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, time and cost; run nothing")
-    parser.add_argument("--price", type=float, default=None, help="$ per GPU-hour for the cost estimate")
+    parser.add_argument("--price", type=float, default=None,
+                        help="$ per GPU-hour (per machine-hour without GPUs): dollars in the dry run, on every step "
+                             "line and heartbeat")
+    parser.add_argument("--budget", type=float, default=None, metavar="DOLLARS",
+                        help="the most this run may cost (all invocations, needs --price): training stages save a "
+                             "checkpoint and stop before passing it, the speedrun exits 3; a larger budget resumes")
+    parser.add_argument("--gpus", default=None, metavar="NAME:COUNT",
+                        help="dry run: plan for these GPUs instead of this machine's, e.g. H100:8")
     parser.add_argument("--force-restart", action="store_true", help="delete the run and start over")
     parser.add_argument("--yes", action="store_true", help="don't ask before --force-restart")
 
@@ -648,9 +942,10 @@ def cli_main(args: argparse.Namespace) -> int:
     validate_args(args)
     cfg = SpeedrunConfig(preset=args.preset, run=args.run, rl=args.rl, stages=args.stages, max_steps=args.max_steps,
                          sets=args.sets, force_restart=args.force_restart, yes=args.yes, dry_run=args.dry_run,
-                         price=args.price, nproc=args.nproc, data_dir=args.data_dir)
+                         price=args.price, budget=args.budget, gpus=args.gpus, nproc=args.nproc,
+                         data_dir=args.data_dir)
     result = run(cfg)
-    if result.get("failed_stage"):
+    if result.get("failed_stage") or result.get("budget_stop"):
         return int(result.get("rc") or 1)
     return 0
 
