@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from picochat.config import UserError
+from picochat.config import UserError, check_ranges, config_from_args, require, require_dir
 from picochat.data import synth
 from picochat.data.download import download_many, sha256_file
 from picochat.files import atomic_path, atomic_write_text
@@ -526,18 +526,16 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """The flags of `picochat data ...` that the workers would only trip over later (a --workers 0 download waits
     forever), as one ConfigError line each."""
-    from picochat.config import check_ranges, config_from_args, require, require_dir
-
     if args.data_command == "synth":
         cfg = config_from_args(synth.SynthConfig, args)
         check_ranges(cfg, {"n_docs": (1, None), "n_eval": (0, None)})
         if cfg.out is not None:
             require_dir(cfg.out, "--out", "pass a folder for the corpus (created if missing)", must_exist=False)
     elif args.data_command == "download":
-        for flag, value, low in (("--workers", args.workers, 1), ("--retries", args.retries, 0),
-                                 ("--val-shard", args.val_shard, 0)):
+        for flag, value, low in (("--workers", args.workers, 1), ("--retries", args.retries, 0)):
             require(value is None or value >= low, f"{flag} {value}: must be >= {low}")
-        require_dir(args.out, "--out", "pass a folder for the shards (created if missing)", must_exist=False)
+        if args.out is not None:
+            require_dir(args.out, "--out", "pass a folder for the shards (created if missing)", must_exist=False)
     elif args.data_command == "prepare":
         require(args.docs_per_shard >= 1, f"--docs-per-shard {args.docs_per_shard}: must be >= 1")
         require(args.val_docs is None or args.val_docs >= 1, f"--val-docs {args.val_docs}: must be >= 1")
