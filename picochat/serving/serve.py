@@ -22,10 +22,12 @@ a body over the limit is refused by its Content-Length before it is read, and a 
 limit; the API key is checked. JSON that is malformed or nested deeper than MAX_JSON_DEPTH is a 400, and so is an
 OpenAI parameter this server does not implement (CHAT_PARAMS), so no client believes it got what it asked for.
 
-Concurrency: one model replica per device (`--devices N`), each driven by its own worker thread; requests wait in one
-FIFO queue and the first free replica takes the oldest. The asyncio event loop only parses, validates and relays
-text, so it never blocks on the model. A request whose client disconnects is cancelled: queued, it is skipped;
-running, its generation stops at the next token.
+Concurrency: one model replica per device (`--devices N`), each driven by its own scheduler thread
+(`batcher.py`): requests wait in one FIFO queue, and a replica admits the oldest between two decode steps when its
+rows fit (`--max-batch`, `--batch-tokens`), so the requests on a replica decode together (continuous batching); a
+full queue (`--max-queue`) answers 503. The asyncio event loop only parses, validates and relays text, so it never
+blocks on the model. A request whose client disconnects is cancelled: queued, it is skipped; running, its rows are
+freed before the next step.
 
 FastAPI and uvicorn are an optional extra (`pip install 'picochat[serve]'`) and are imported only here, inside
 functions.
@@ -40,7 +42,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import queue
 import secrets
 import threading
 import time
@@ -74,6 +75,13 @@ class ServeConfig:
     max_message_chars: int = field(default=8000, metadata={"help": "most characters per message"})
     max_total_chars: int = field(default=32000, metadata={"help": "most characters per request"})
     max_n: int = field(default=8, metadata={"help": "most choices (n) per request"})
+    max_batch: int = field(default=64, metadata={"help": "most rows (choices) one replica decodes together"})
+    batch_tokens: int = field(default=0, metadata={
+        "help": "KV-cache positions per replica, rows x longest row (0 = 70 percent of free GPU memory; "
+                "max-batch x context off GPU); a request that does not fit waits"})
+    max_queue: int = field(default=256, metadata={"help": "most requests waiting; beyond it a 503 (0 = no limit)"})
+    prefill_chunk: int = field(default=512, metadata={
+        "help": "prompt tokens prefilled between two decode steps (bounds the stall a new prompt causes)"})
     model_name: str | None = field(default=None, metadata={"help": "model id shown by /v1/models"})
     allow_host: list[str] = field(default_factory=list, metadata={
         "help": "host name clients may address besides localhost/127.0.0.1/[::1] and --host (repeatable; '*' = "
@@ -509,6 +517,7 @@ class Job:
     events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     choices: list[ChoiceText] = field(default_factory=list)
+    terminal: set[int] = field(default_factory=set)
 
     def send(self, item: tuple) -> None:
         try:
@@ -516,112 +525,50 @@ class Job:
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
             self.cancelled.set()
 
+    # The scheduler (batcher.py) drives a job through these: start, one take per token of each choice, wrap_up.
 
-class Pool:
-    """Replicas with one worker thread each, fed from one FIFO queue (fair: oldest request first)."""
-
-    def __init__(self, engines: list):
-        self.engines = engines
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
-                      "active": 0}
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._worker, args=(e,), name=f"picochat-replica-{i}", daemon=True)
-                        for i, e in enumerate(engines)]
-        for t in self.threads:
-            t.start()
-
-    def submit(self, jobs: list[Job], loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
-        """Queue the jobs of one HTTP request; their events all go to `events`."""
-        with self._lock:
-            self.stats["requests"] += 1
-        for job in jobs:
-            job.loop, job.events = loop, events
-            self.jobs.put(job)
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.jobs.put(None)
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.stats[key] += n
-
-    def _worker(self, engine) -> None:
-        strings = TokenStrings(engine.tokenizer)
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():  # the client left while queued
-                self._count("cancelled")
-                job.send(("end", "cancelled"))
-                continue
-            self._count("active")
-            try:
-                self._run(engine, job, strings)
-            except Exception as e:  # report to this client, keep serving the others
-                self._count("errors")
-                job.send(("error", f"{type(e).__name__}: {e}"))
-            finally:
-                self._count("active", -1)
-
-    def _run(self, engine, job: Job, strings: TokenStrings) -> None:
-        p = job.params
-        tok = engine.tokenizer
-        job.choices = [ChoiceText(tok, p.stop, raw=job.raw, strings=strings) for _ in range(p.n)]
+    def start(self, engine, strings: TokenStrings) -> None:
+        """Open the choices; with echo, send the prompt (and, with logprobs, its scores from one forward)."""
+        p = self.params
+        self.terminal = {engine.assistant_end, engine.bos}
+        self.choices = [ChoiceText(engine.tokenizer, p.stop, raw=self.raw, strings=strings) for _ in range(p.n)]
         if p.echo:
             scores = None
             if p.logprobs is not None:  # one forward over the prompt; its first token has nothing before it
-                scores = [None, *engine.score(job.prompt, p.logprobs)][job.echo_from:]
-            echoed = [c.echo(job.prompt[job.echo_from:], scores) for c in job.choices]
-            job.send(("delta", [(job.index0 + i, text, None, entries) for i, (text, entries) in enumerate(echoed)]))
-        terminal = {engine.assistant_end, engine.bos}
-        scored = p.logprobs is not None
-        gen = engine.generate(job.prompt, num_samples=p.n, max_tokens=p.max_tokens, temperature=p.temperature,
-                              top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                              **({"logprobs": p.logprobs} if scored else {})) if p.max_tokens > 0 else iter(())
-        try:
-            for col, mask, *lps in gen:
-                if job.cancelled.is_set():
-                    self._count("cancelled")
-                    job.send(("end", "cancelled"))
-                    return
-                deltas = []
-                for i, (t, m) in enumerate(zip(col, mask)):
-                    c = job.choices[i]
-                    if c.finish is not None:
-                        continue
-                    c.tokens += 1
-                    off, before = c.offset(), len(c.entries)
-                    if m == 1 and t in terminal:
-                        c.finish = "stop"
-                        text = c.end()
-                        if scored and job.raw:  # the end-of-text token belongs to a completion's likelihood
-                            c.entry(t, *lps[0][i], off)
-                    else:
-                        text = c.push(t)
-                        if scored:
-                            c.entry(t, *lps[0][i], off)
-                    if text or c.finish or len(c.entries) > before:
-                        deltas.append((job.index0 + i, text, c.finish, c.entries[before:]))
-                self._count("tokens_generated", p.n)
-                if deltas:
-                    job.send(("delta", deltas))
-                if all(c.finish for c in job.choices):
-                    break
-        finally:
-            if hasattr(gen, "close"):
-                gen.close()
-        tail = []
-        for i, c in enumerate(job.choices):
-            if c.finish is None:
-                c.finish = "length"
-                tail.append((job.index0 + i, c.end(), "length", []))
+                scores = [None, *engine.score(self.prompt, p.logprobs)][self.echo_from:]
+            echoed = [c.echo(self.prompt[self.echo_from:], scores) for c in self.choices]
+            self.send(("delta", [(self.index0 + i, text, None, entries) for i, (text, entries) in enumerate(echoed)]))
+
+    def take(self, i: int, token: int, sampled: bool, lp: tuple | None) -> tuple | None:
+        """Choice i's next token (`sampled` False: forced tool output; `lp`: (logprob, top) when scored): the
+        delta to send, if any. A sampled end-of-text token finishes the choice."""
+        c = self.choices[i]
+        c.tokens += 1
+        off, before = c.offset(), len(c.entries)
+        if sampled and token in self.terminal:
+            c.finish = "stop"
+            text = c.end()
+            if lp is not None and self.raw:  # the end-of-text token belongs to a completion's likelihood
+                c.entry(token, *lp, off)
+        else:
+            text = c.push(token)
+            if lp is not None:
+                c.entry(token, *lp, off)
+        if text or c.finish or len(c.entries) > before:
+            return (self.index0 + i, text, c.finish, c.entries[before:])
+        return None
+
+    def close_choice(self, i: int) -> tuple:
+        """Choice i ran out of max_tokens: its held-back text and finish "length"."""
+        c = self.choices[i]
+        c.finish = "length"
+        return (self.index0 + i, c.end(), "length", [])
+
+    def wrap_up(self) -> None:
+        """Finish every choice still open (max_tokens reached) and send their last text."""
+        tail = [self.close_choice(i) for i, c in enumerate(self.choices) if c.finish is None]
         if tail:
-            job.send(("delta", tail))
-        self._count("completed")
-        job.send(("end", "done"))
+            self.send(("delta", tail))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -889,18 +836,34 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     hosts = allowed_hosts(cfg)  # a bad --allow-host is reported before the model loads
+    from picochat.serving.batcher import Pool, Rejected  # lazy: it imports torch (~2 s); --help starts without it
+
     if engines is None:
         engines, model_name = load_replicas(cfg)
     model_name = cfg.model_name or model_name or "picochat"
     api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get("PICOCHAT_API_KEY") or None)
-    pool = Pool(engines)
+    for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 1)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
+    if cfg.batch_tokens and cfg.batch_tokens < context:
+        raise UserError(f"--batch-tokens {cfg.batch_tokens} is less than this model's context ({context}): one "
+                        f"full-length request would never fit; give at least {context} (or 0 for automatic)")
+    pool = Pool(engines, TokenStrings, max_rows=cfg.max_batch, batch_tokens=cfg.batch_tokens,
+                max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
     tok = engines[0].tokenizer
     context = engines[0].max_context
+
+    def submit(jobs: list[Job], events: asyncio.Queue) -> None:
+        try:
+            pool.submit(jobs, asyncio.get_running_loop(), events)
+        except Rejected as e:
+            raise APIError(e.status, e.message, e.param, e.code,
+                           type="server_error" if e.status >= 500 else "invalid_request_error") from None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        pool.close()  # let the replica threads finish their current job and exit
+        pool.close()  # the replica threads stop at their next iteration
 
     app = FastAPI(title="picochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
@@ -927,7 +890,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     async def health(request: Request):
         if not authorized(api_key, request.headers):  # alive, and nothing about the model or load to strangers
             return {"status": "ok"}
-        return {"status": "ok", "model": model_name, "replicas": len(engines), "queued": pool.jobs.qsize(),
+        return {"status": "ok", "model": model_name, "replicas": len(engines), "queued": pool.queued(),
                 "auth": bool(api_key), "context": context, **pool.stats}
 
     @app.get("/v1/models")
@@ -939,7 +902,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     async def chat_completions(request: Request):
         job = chat_job(parse_json(await request.body()), cfg, tok, context)  # the guard caps the body as it arrives
         jobs, p, events = [job], job.params, asyncio.Queue()
-        pool.submit(jobs, asyncio.get_running_loop(), events)
+        submit(jobs, events)
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         scored = p.logprobs is not None
         if p.stream:
@@ -965,7 +928,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     async def completions(request: Request):
         jobs = completion_jobs(parse_json(await request.body()), cfg, tok, context)
         p, events = jobs[0].params, asyncio.Queue()
-        pool.submit(jobs, asyncio.get_running_loop(), events)
+        submit(jobs, events)
         cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         scored = p.logprobs is not None
         if p.stream:

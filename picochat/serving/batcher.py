@@ -1,0 +1,636 @@
+"""Continuous batching for `picochat serve`: one scheduler thread per model replica decodes the rows of every
+admitted request together and admits new requests between decode steps.
+
+A replica keeps a row cache: keys/values (n_layer, R, T, Hkv, D) with a position per row, so rows of different
+lengths share one decode step (RoPE, the cache write and the causal mask read the row's own position; attention is
+SDPA with a boolean mask per row). Live rows occupy slots [0, live): a finished row's slot is taken by the last
+live row, so a step runs over contiguous rows and only the positions the longest row has reached.
+
+One scheduler iteration:
+1. admission, FIFO: the oldest queued job is taken when its rows fit this replica (rows <= --max-batch,
+   rows x positions <= --batch-tokens); otherwise it waits, and the jobs behind it wait too. Jobs whose client left
+   are dropped from the queue and from the batch.
+2. prefill: up to --prefill-chunk prompt tokens, oldest admitted job first, each prompt into its own batch-1
+   cache, so a long prompt takes several iterations and running streams still get a step after each chunk. A
+   finished prefill samples each row's first token and copies the prompt's keys/values into the rows' slots.
+3. decode: one step over the rows that have a token to feed. Each row samples with its own request's
+   temperature, top-k, top-p and seeded generator (the rows of one request draw together from it, as
+   `Engine.generate` does) and reports its own logprobs; stop strings and max tokens end rows one by one. A
+   python tool call runs in the engine's tool pool: its row sits out the steps until the result is forced in,
+   while the others decode.
+
+A lone request on a CUDA replica with the fused batch-1 kernels runs on `Engine.generate` instead (the batch-1
+fast path), stepped once per iteration beside the batch, so one user keeps single-stream speed. Engines that are
+not a picochat `Engine` over a `GPT` (stubs in tests, wrappers) run one request at a time through their
+`generate`, as before.
+
+Jobs are duck-typed (serve.Job): `prompt`, `params`, `cancelled`, `start`, `take`, `close_choice`, `wrap_up`,
+`send`, so this module does not import the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from picochat.engine import CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _lm_head, sample_next_token
+from picochat.model import rms_norm
+
+
+class Rejected(Exception):
+    """A request this server refuses before queueing it: (HTTP status, message, parameter, code)."""
+
+    def __init__(self, status: int, message: str, param: str | None, code: str):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def batchable(engine: Any) -> bool:
+    """Whether rows of different requests can share this engine's decode steps (a KV-cached picochat GPT)."""
+    return isinstance(engine, Engine) and isinstance(engine.decoder, _GPTDecoder)
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    c = engine.model.config
+    esize = torch.empty((), dtype=engine.model.compute_dtype).element_size()
+    return c.n_layer * 2 * c.n_kv_head * c.head_dim * esize
+
+
+def default_batch_tokens(engine: Any, max_rows: int) -> int:
+    """KV-cache positions per replica when --batch-tokens is 0: on CUDA, 70% of the memory free after loading;
+    elsewhere max rows x context (the cache only grows to what the live rows need)."""
+    if not batchable(engine):
+        return 0
+    ctx = engine.max_context
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        return max(ctx, int(free * 0.7) // kv_bytes_per_token(engine))
+    return max_rows * ctx
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def need_positions(job: Any) -> int:
+    """Cache positions one row of `job` writes: the prompt and every generated token but the last."""
+    return len(job.prompt) + max(job.params.max_tokens, 1) - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The row cache and the batched decode step
+
+
+class RowCache:
+    """k/v (n_layer, R, T, Hkv, D), the smear's previous embedding per row (R, 1, d), and each row's position
+    (host ints: the number of tokens the row has in the cache). Grown on demand; freed when no row is live."""
+
+    def __init__(self, model, rows: int, positions: int):
+        c = model.config
+        dev, dt = model.wte.weight.device, model.compute_dtype
+        shape = (c.n_layer, rows, positions, c.n_kv_head, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dt, device=dev)
+        self.v = torch.zeros(shape, dtype=dt, device=dev)
+        self.prev = torch.zeros(rows, 1, c.n_embd, dtype=dt, device=dev)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def positions(self) -> int:
+        return self.k.shape[2]
+
+    def copy_rows(self, other: "RowCache", n: int, t: int) -> None:
+        self.k[:, :n, :t] = other.k[:, :n, :t]
+        self.v[:, :n, :t] = other.v[:, :n, :t]
+        self.prev[:n] = other.prev[:n]
+
+    def swap(self, i: int, j: int, t: int) -> None:
+        idx, rev = [i, j], [j, i]
+        self.k[:, idx, :t] = self.k[:, rev, :t]  # the right side is gathered (a copy) before the write
+        self.v[:, idx, :t] = self.v[:, rev, :t]
+        self.prev[idx] = self.prev[rev]
+
+
+@torch.no_grad()
+def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
+    """One token per row for rows [0, n): tok (n, 1) at positions pos (n,), each row attending to its own keys at
+    positions <= its own (and inside the layer's window). Writes the cache; returns fp32 logits (n, V). The same
+    math as the engine's decode step (`_GPTDecoder._step`), with per-row positions."""
+    m = engine.model
+    dec = engine.decoder
+    c = m.config
+    dt = m.compute_dtype
+    n = tok.shape[0]
+    H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+    cos = m.cos[0].index_select(0, pos).unsqueeze(1).to(dt)  # (n, 1, 1, D/2): each row's own position
+    sin = m.sin[0].index_select(0, pos).unsqueeze(1).to(dt)
+    x = rms_norm(m.wte(tok).to(dt))
+    if m.smear_gate is not None:
+        e = x
+        gate = m.smear_lambda.to(dt) * torch.sigmoid(F.linear(e[..., : m.smear_gate.in_features],
+                                                               m.smear_gate.weight.to(dt)))
+        x = e + gate * cache.prev[:n]
+        cache.prev[:n] = e
+    x0 = x_mid = x
+    kpos = torch.arange(t, device=pos.device)
+    causal = kpos[None, :] <= pos[:, None]  # (n, t)
+    rows = torch.arange(n, device=pos.device)
+    for i, block in enumerate(m.blocks):
+        a = block.attn
+        ve = m.value_embeds[str(i)](tok) if str(i) in m.value_embeds else None
+        gate_w = a.ve_gate.weight if a.ve_gate is not None else None
+        wq, wk, wv = dec.qkv[i] if dec.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
+        x, q, k, v = _attn_pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin,
+                               H, Hkv, D, c.ve_gate_scale)
+        cache.k[i].index_put_((rows, pos), k[:, 0].to(cache.k.dtype))
+        cache.v[i].index_put_((rows, pos), v[:, 0].to(cache.v.dtype))
+        w = m.window_sizes[i]
+        mask = causal if w is None else causal & (pos[:, None] - kpos[None, :] < w)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[i, :n, :t].transpose(1, 2).to(dt),
+                                           cache.v[i, :n, :t].transpose(1, 2).to(dt), attn_mask=mask[:, None, None],
+                                           enable_gqa=Hkv != H)
+        x = _attn_post_mlp(x, y.transpose(1, 2).reshape(n, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight,
+                           block.mlp.c_proj.weight)
+        if i == c.n_layer // 2:
+            x_mid = x
+    if m.backout_lambda is not None:
+        x = x - m.backout_lambda.to(dt) * x_mid
+    return _lm_head(x, m.lm_head.weight, c.vocab_size, c.softcap)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pool (one FIFO queue) and the replicas
+
+
+class Pool:
+    """Replicas, one scheduler thread each, fed from one FIFO queue of jobs (the oldest first)."""
+
+    def __init__(self, engines: list, strings, max_rows: int = 64, batch_tokens: int = 0, max_queue: int = 256,
+                 prefill_chunk: int = 512, solo: bool | None = None):
+        self.engines, self.strings = engines, strings  # strings: tokenizer -> the token-text cache jobs share
+        self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
+        self.batch_tokens = batch_tokens or default_batch_tokens(engines[0], max_rows)
+        self.waiting: collections.deque = collections.deque()
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
+                      "active": 0, "rows": 0}
+        self.closed = False
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self.replicas = [Replica(self, e, solo) for e in engines]
+        self.threads = [threading.Thread(target=r.loop, name=f"picochat-replica-{i}", daemon=True)
+                        for i, r in enumerate(self.replicas)]
+        for t in self.threads:
+            t.start()
+
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def check(self, job: Any) -> None:
+        """Refuse a job no replica could ever hold (more rows or cache positions than one replica has)."""
+        if not batchable(self.engines[0]):
+            return
+        n, need = job.params.n, _round_up(need_positions(job), CACHE_BUCKET)
+        if n > self.max_rows:
+            raise Rejected(400, f"n={n} rows exceed this server's {self.max_rows} rows per replica (--max-batch)",
+                           "n", "capacity_exceeded")
+        if n * min(need, self.engines[0].max_context) > self.batch_tokens:
+            raise Rejected(400, f"{n} row(s) of {need_positions(job)} tokens (prompt + max_tokens) exceed this "
+                                f"server's KV cache of {self.batch_tokens} tokens per replica (--batch-tokens): "
+                                f"lower max_tokens or n", "max_tokens", "capacity_exceeded")
+
+    def submit(self, jobs: list, loop, events) -> None:
+        """Queue the jobs of one HTTP request (all or none); their events all go to `events`. Raises Rejected."""
+        for job in jobs:
+            self.check(job)
+        with self._wake:
+            if self.max_queue and len(self.waiting) + len(jobs) > self.max_queue:
+                for job in [j for j in self.waiting if j.cancelled.is_set()]:  # make room first
+                    self.waiting.remove(job)
+                    self._end(job, "cancelled", locked=True)
+            if self.max_queue and len(self.waiting) + len(jobs) > self.max_queue:
+                raise Rejected(503, f"the server is busy: {len(self.waiting)} requests are queued (--max-queue "
+                                    f"{self.max_queue}); retry shortly", None, "server_overloaded")
+            self.stats["requests"] += 1
+            for job in jobs:
+                job.loop, job.events = loop, events
+                self.waiting.append(job)
+            self._wake.notify_all()
+
+    def close(self) -> None:
+        with self._wake:
+            self.closed = True
+            self._wake.notify_all()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def _end(self, job: Any, why: str, locked: bool = False) -> None:
+        """A queued job that never ran: its client left."""
+        if locked:
+            self.stats["cancelled"] += 1
+        else:
+            self.count("cancelled")
+        job.send(("end", why))
+
+    def take(self, fits, block: bool) -> Any:
+        """The oldest queued job if `fits(job)`, else None (it stays first). Waits a little for one when `block`."""
+        with self._wake:
+            while True:
+                while self.waiting and self.waiting[0].cancelled.is_set():
+                    self._end(self.waiting.popleft(), "cancelled", locked=True)
+                if self.waiting and fits(self.waiting[0]):
+                    job = self.waiting.popleft()
+                    self.stats["active"] += 1
+                    if self.waiting:
+                        self._wake.notify_all()  # another replica may fit the next one
+                    return job
+                if not block or self.closed:
+                    return None
+                self._wake.wait(0.25)
+                block = False  # one wait, then back to the caller's loop (it checks `closed`)
+
+
+@dataclass
+class _Row:
+    """One choice of a job, decoding in a slot of the row cache."""
+
+    job: Any
+    index: int                      # the choice within its job
+    pos: int                        # tokens in the cache
+    next: int | None = None         # the token to feed at the next step; None while it waits for a tool
+    taken: int = 0                  # tokens emitted (sampled or forced): max_tokens counts them
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    forced: collections.deque = field(default_factory=collections.deque)
+    tool: Any = None                # the running tool call's future
+    stash: torch.Tensor | None = None  # logits (V,) held while the tool runs
+
+
+@dataclass
+class _Prefill:
+    job: Any
+    cache: Any                      # a batch-1 model KVCache
+    done: int = 0                   # prompt tokens already in it
+    logits: torch.Tensor | None = None
+
+
+class Replica:
+    """One engine's scheduler (see the module docstring)."""
+
+    def __init__(self, pool: Pool, engine: Any, solo: bool | None):
+        self.pool, self.engine = pool, engine
+        self.batched = batchable(engine)
+        # the engine's own batch-1 path for a lone request: where it is faster (the fused CUDA kernels), or always
+        # for engines that cannot batch
+        self.solo_ok = (not self.batched) or (solo if solo is not None else bool(engine.decoder.fused))
+        self.cache: RowCache | None = None
+        self.rows: list[_Row] = []
+        self.prefills: list[_Prefill] = []
+        self.solo: tuple[Any, Any] | None = None  # (job, generator) on Engine.generate
+        self.gens: dict[int, torch.Generator] = {}
+        self.strings = None
+
+    # -- admission ------------------------------------------------------------------------------------------------
+
+    def reserved(self) -> tuple[int, int]:
+        """(rows, longest row's positions) of the live and prefilling jobs."""
+        rows = len(self.rows) + sum(p.job.params.n for p in self.prefills)
+        t = max([need_positions(r.job) for r in self.rows] + [need_positions(p.job) for p in self.prefills] + [0])
+        return rows, t
+
+    def fits(self, job: Any) -> bool:
+        if not self.batched:
+            return self.solo is None
+        rows, t = self.reserved()
+        rows += job.params.n
+        t = min(self.engine.max_context, _round_up(max(t, need_positions(job)), CACHE_BUCKET))
+        return rows <= self.pool.max_rows and rows * t <= self.pool.batch_tokens
+
+    def idle(self) -> bool:
+        return not self.rows and not self.prefills and self.solo is None
+
+    def admit(self) -> None:
+        while True:
+            job = self.pool.take(self.fits, block=self.idle())
+            if job is None:
+                return
+            try:
+                self.start(job)
+            except Exception as e:
+                self.fail(job, e)
+
+    def start(self, job: Any) -> None:
+        e = self.engine
+        if self.strings is None:
+            self.strings = self.pool.strings(e.tokenizer)
+        job.start(e, self.strings)
+        p = job.params
+        if p.max_tokens <= 0:  # echo only: the prompt was the whole answer
+            self.finish(job)
+            return
+        alone = self.idle() and self.pool.queued() == 0 and p.n == 1
+        if not self.batched or (self.solo_ok and alone):
+            scored = p.logprobs is not None
+            gen = e.generate(job.prompt, num_samples=p.n, max_tokens=p.max_tokens, temperature=p.temperature,
+                             top_k=p.top_k, top_p=p.top_p, seed=p.seed, **({"logprobs": p.logprobs} if scored else {}))
+            self.solo = (job, gen)
+            return
+        g = torch.Generator(device=e.device)
+        g.manual_seed(p.seed)
+        self.gens[id(job)] = g
+        self.prefills.append(_Prefill(job, e.model.kv_cache(1, _round_up(len(job.prompt), CACHE_BUCKET))))
+
+    # -- ending jobs ----------------------------------------------------------------------------------------------
+
+    def drop(self, job: Any) -> None:
+        """Forget a job's rows and state (its slots are compacted)."""
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].job is job:
+                self.remove_slot(i)
+        self.prefills = [p for p in self.prefills if p.job is not job]
+        self.gens.pop(id(job), None)
+        if self.solo is not None and self.solo[0] is job:
+            gen = self.solo[1]
+            self.solo = None
+            if hasattr(gen, "close"):
+                gen.close()
+
+    def finish(self, job: Any) -> None:
+        self.drop(job)
+        job.wrap_up()
+        self.pool.count("completed")
+        self.pool.count("active", -1)
+        job.send(("end", "done"))
+
+    def fail(self, job: Any, e: Exception) -> None:
+        try:
+            self.drop(job)
+        finally:
+            self._failed(job, e)
+
+    def _failed(self, job: Any, e: Exception) -> None:
+        self.pool.count("errors")
+        self.pool.count("active", -1)
+        job.send(("error", f"{type(e).__name__}: {e}"))
+
+    def cancel(self, job: Any) -> None:
+        self.drop(job)
+        self.pool.count("cancelled")
+        self.pool.count("active", -1)
+        job.send(("end", "cancelled"))
+
+    def jobs(self) -> list:
+        seen: dict[int, Any] = {}
+        for j in [r.job for r in self.rows] + [p.job for p in self.prefills] + ([self.solo[0]] if self.solo else []):
+            seen.setdefault(id(j), j)
+        return list(seen.values())
+
+    # -- slots ----------------------------------------------------------------------------------------------------
+
+    def live_positions(self) -> int:
+        return max((r.pos for r in self.rows), default=0) + 1
+
+    def remove_slot(self, i: int) -> None:
+        last = len(self.rows) - 1
+        if i != last:
+            self.cache.swap(i, last, min(self.cache.positions, self.live_positions()))
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+        self.pool.count("rows", -1)
+        if not self.rows and not self.prefills:
+            self.cache = None  # nothing live: give the memory back
+
+    def ensure(self, rows: int, positions: int) -> None:
+        """Room for `rows` rows of `positions` positions, keeping the live rows."""
+        c = self.cache
+        if c is not None and c.rows >= rows and c.positions >= positions:
+            return
+        ctx = self.engine.max_context
+        t = min(ctx, _round_up(max(positions, c.positions if c else 0), CACHE_BUCKET))
+        r = max(rows, c.rows if c else 0)
+        grown = min(self.pool.max_rows, max(r, 2 * (c.rows if c else 0), 8))  # amortised growth where it fits
+        if grown * t <= self.pool.batch_tokens:
+            r = grown
+        new = RowCache(self.engine.model, r, t)
+        if c is not None and self.rows:
+            new.copy_rows(c, len(self.rows), min(c.positions, t))
+        self.cache = new
+
+    def partition(self) -> int:
+        """Move the rows with a token to feed to slots [0, n); returns n."""
+        n = 0
+        t = min(self.cache.positions, self.live_positions())
+        for i, r in enumerate(self.rows):
+            if r.next is not None:
+                if i != n:
+                    self.cache.swap(i, n, t)
+                    self.rows[i], self.rows[n] = self.rows[n], self.rows[i]
+                n += 1
+        return n
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        dev = getattr(self.engine, "device", None)
+        if isinstance(dev, torch.device) and dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        with torch.no_grad():
+            while not self.pool.closed:
+                try:
+                    self.iteration()
+                except Exception as e:  # a failed step: every job in it gets the error; the replica goes on
+                    jobs = self.jobs()
+                    self.pool.count("rows", -len(self.rows))
+                    self.rows, self.prefills, self.cache, self.solo, self.gens = [], [], None, None, {}
+                    for job in jobs:
+                        self._failed(job, e)
+
+    def iteration(self) -> None:
+        for job in self.jobs():
+            if job.cancelled.is_set():  # the client left: its rows are freed before this step
+                self.cancel(job)
+        self.admit()
+        if self.prefills:
+            self.prefill()
+        if self.solo is not None:
+            self.solo_step()
+        if self.rows and not self.decode() and not self.prefills and self.solo is None:
+            time.sleep(0.002)  # every live row waits for its tool: nothing to compute until one returns
+
+    def prefill(self) -> None:
+        """Up to --prefill-chunk prompt tokens, oldest job first; a finished prompt becomes live rows."""
+        budget = self.pool.prefill_chunk
+        m = self.engine.model
+        while budget > 0 and self.prefills:
+            p = self.prefills[0]
+            job = p.job
+            try:
+                n = min(budget, len(job.prompt) - p.done)
+                ids = torch.tensor([job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
+                p.logits = m(ids, kv_cache=p.cache)[0, -1:]
+                p.done += n
+                budget -= n
+                if p.done < len(job.prompt):
+                    return
+                self.prefills.pop(0)
+                self.place(p)
+            except Exception as e:
+                self.fail(job, e)
+
+    def place(self, p: _Prefill) -> None:
+        """A prefilled job's rows into slots, each with its first token sampled from the prompt's last logits."""
+        job, P, n = p.job, len(p.job.prompt), p.job.params.n
+        self.ensure(len(self.rows) + n, max([need_positions(r.job) for r in self.rows] + [need_positions(job)]))
+        base = len(self.rows)
+        c = self.cache
+        c.k[:, base:base + n, :P] = p.cache.k[:, :, :P]
+        c.v[:, base:base + n, :P] = p.cache.v[:, :, :P]
+        c.prev[base:base + n] = p.cache.prev_embed.view(1, 1, -1)
+        new = [_Row(job, i, P) for i in range(n)]
+        self.rows.extend(new)
+        self.pool.count("rows", n)
+        self.choose(new, p.logits.expand(n, -1))
+
+    def decode(self) -> bool:
+        """One step over the rows with a token to feed; False when there was nothing to do."""
+        e = self.engine
+        resolved = [r for r in self.rows if r.next is None and r.tool is not None and r.tool.done()]
+        n = self.partition()
+        items: list[tuple[_Row, torch.Tensor]] = []
+        if n:
+            ready = self.rows[:n]
+            t = min(self.cache.positions, max(r.pos for r in ready) + 1)
+            tok = torch.tensor([[r.next] for r in ready], dtype=torch.long, device=e.device)
+            pos = torch.tensor([r.pos for r in ready], dtype=torch.long, device=e.device)
+            logits = decode_rows(e, self.cache, tok, pos, t)
+            for j, r in enumerate(ready):
+                r.pos += 1
+                r.next = None
+                if r.tool is not None and not r.tool.done():
+                    r.stash = logits[j].clone()  # its tool still runs: it waits, the others go on
+                else:
+                    items.append((r, logits[j]))
+        items += [(r, r.stash) for r in resolved]
+        for r in resolved:
+            r.stash = None
+        if items:
+            self.choose([r for r, _ in items], torch.stack([lg for _, lg in items]))
+        return bool(n or resolved)
+
+    def choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample (or force) one token per row from its logits (len(rows), V), emit it, run the state machine."""
+        e = self.engine
+        for r in rows:
+            if r.tool is not None:  # finished: its output is forced from this token on
+                result = r.tool.result()
+                r.tool = None
+                if result is not None:
+                    r.forced.extend([e.output_start, *e.tokenizer.encode(str(result)), e.output_end])
+        dev = logits.device
+        toks = torch.empty(len(rows), dtype=torch.long, device=dev)
+        greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
+        if greedy:
+            g = torch.tensor(greedy, device=dev)
+            toks[g] = logits[g].argmax(dim=-1)
+        groups: dict[int, list[int]] = {}
+        for j, r in enumerate(rows):
+            if r.job.params.temperature > 0:
+                groups.setdefault(id(r.job), []).append(j)
+        for js in groups.values():
+            js.sort(key=lambda j: rows[j].index)  # a job's rows draw together, in choice order
+            p = rows[js[0]].job.params
+            idx = torch.tensor(js, device=dev)
+            toks[idx] = sample_next_token(logits[idx], self.gens[id(rows[js[0]].job)], p.temperature, p.top_k,
+                                          p.top_p)
+        col = toks.tolist()
+        sampled = [True] * len(rows)
+        for j, r in enumerate(rows):
+            if r.forced:
+                col[j], sampled[j] = r.forced.popleft(), False
+        lps: list[Any] = [None] * len(rows)
+        scored = [j for j, r in enumerate(rows) if r.job.params.logprobs is not None]
+        if scored:
+            idx = torch.tensor(scored, device=dev)
+            lp = torch.log_softmax(logits[idx].float(), dim=-1)
+            chosen = lp.gather(1, torch.tensor([col[j] for j in scored], device=dev)[:, None])[:, 0].tolist()
+            k = min(max(rows[j].job.params.logprobs for j in scored), lp.size(-1))
+            top_lp, top_ids = torch.topk(lp, k, dim=-1)
+            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+            for a, j in enumerate(scored):
+                kj = rows[j].job.params.logprobs
+                lps[j] = (chosen[a], list(zip(top_ids[a][:kj], top_lp[a][:kj])))
+        deltas: dict[int, list] = {}
+        ended = []
+        for j, r in enumerate(rows):
+            job, tok = r.job, col[j]
+            r.taken += 1
+            d = job.take(r.index, tok, sampled[j], lps[j])
+            if d is not None:
+                deltas.setdefault(id(job), [job, []])[1].append(d)
+            if job.choices[r.index].finish is None and r.taken >= job.params.max_tokens:
+                deltas.setdefault(id(job), [job, []])[1].append(job.close_choice(r.index))
+            if job.choices[r.index].finish is not None:
+                ended.append(r)
+                continue
+            r.next = tok
+            if sampled[j]:
+                if tok == e.python_start:
+                    r.in_python, r.python_tokens = True, []
+                elif tok == e.python_end and r.in_python:
+                    r.in_python = False
+                    if r.python_tokens:
+                        r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(r.python_tokens))
+                elif r.in_python:
+                    r.python_tokens.append(tok)
+        self.pool.count("tokens_generated", len(rows))
+        for job, ds in deltas.values():
+            job.send(("delta", ds))
+        for r in ended:
+            i = next((i for i, x in enumerate(self.rows) if x is r), None)
+            if i is not None:
+                self.remove_slot(i)
+        for job in {id(r.job): r.job for r in ended}.values():
+            if all(c.finish is not None for c in job.choices):
+                self.finish(job)
+
+    def solo_step(self) -> None:
+        """One step of the lone request on the engine's own generate."""
+        job, gen = self.solo
+        try:
+            item = next(gen, None)
+            if item is None:
+                self.finish(job)
+                return
+            col, mask, *lps = item
+            deltas = []
+            for i, (t, m) in enumerate(zip(col, mask)):
+                if job.choices[i].finish is None:
+                    d = job.take(i, t, m == 1, lps[0][i] if lps else None)
+                    self.pool.count("tokens_generated")
+                    if d is not None:
+                        deltas.append(d)
+            if deltas:
+                job.send(("delta", deltas))
+            if all(c.finish is not None for c in job.choices):
+                self.finish(job)
+        except Exception as e:
+            self.fail(job, e)
+
+
+def wait_idle(pool: Pool, timeout: float = 10.0) -> bool:
+    """Until no job is queued or running (tests, benchmarks)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pool.queued() == 0 and pool.stats["active"] == 0:
+            return True
+        time.sleep(0.01)
+    return False
