@@ -994,3 +994,151 @@ def cli_main(args: argparse.Namespace) -> int:
           flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `picochat bench serve`: a real server on 127.0.0.1 and N concurrent streaming clients
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory to serve")
+    parser.add_argument("--source", default=None, choices=["base", "mid", "sft", "rl"],
+                        help="serve the latest checkpoint of this stage (with --run)")
+    parser.add_argument("--run", default=None, help="run name for --source")
+    parser.add_argument("--depth", type=int, default=20, help="random-init model depth (without --checkpoint)")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab of the random-init model")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of every request")
+    parser.add_argument("--new-tokens", type=int, default=128, help="max_tokens of every request")
+    parser.add_argument("--clients", default="1,8,32,64", help="comma-separated numbers of concurrent streams")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the requests")
+    parser.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
+    parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: auto)")
+
+
+class _BenchTokenizer:
+    """What the server needs of a tokenizer, for a random-init model that has none: the special ids at the top of
+    the vocabulary, every other id one printable byte."""
+
+    def __init__(self, vocab_size: int):
+        from picochat.tokenizer import SPECIAL_TOKENS
+
+        self.vocab_size = vocab_size
+        self.special_tokens = {n: vocab_size - len(SPECIAL_TOKENS) + i for i, n in enumerate(SPECIAL_TOKENS)}
+        self.bos_id = self.special_tokens["<|bos|>"]
+
+    def id_to_bytes(self, idx: int) -> bytes:
+        return bytes([97 + idx % 26])
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.id_to_bytes(i) for i in ids if i not in self.special_tokens.values()).decode()
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 97 for c in text if "a" <= c <= "z"]
+
+
+def _bench_engine(args: argparse.Namespace):
+    from picochat.engine import Engine, _config_for_depth, load_engine, prepare_model
+    from picochat.model import build_model
+    from picochat.runtime import compute_dtype, detect_device
+
+    dev = detect_device(args.device)
+    if args.checkpoint or args.source:
+        engine, meta = load_engine(args.source or "sft", args.run, args.checkpoint, dev)
+        return engine, meta["checkpoint_dir"]
+    cfg = _config_for_depth(args.depth, args.vocab_size, "L")
+    model = build_model(cfg, device=dev).set_compute_dtype(compute_dtype(dev))
+    return Engine(prepare_model(model), _BenchTokenizer(cfg.vocab_size)), f"random-init depth {args.depth}"
+
+
+async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temperature: float) -> dict:
+    """Every prompt as one streaming /v1/completions request, all at once: tokens/s over the whole wall time and
+    the time to first token of each."""
+    import httpx
+
+    async def one(client, prompt: list[int]) -> tuple[float, int]:
+        body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": temperature, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        ttft, tokens = None, 0
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise UserError(f"bench serve: the server answered {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+
+    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one(client, p) for p in prompts))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(t for t, _ in got)
+    tokens = sum(n for _, n in got)
+
+    def pct(q: float) -> float:
+        return round(ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] * 1e3, 2)
+
+    return {"clients": len(prompts), "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99)}
+
+
+def bench_main(args: argparse.Namespace) -> dict:
+    """Start `picochat serve` in this process on a free 127.0.0.1 port, then drive each --clients level."""
+    import random
+    import socket
+
+    _require_server_deps()
+    import uvicorn
+
+    from picochat.config import require
+
+    require(all(c.strip().isdigit() and int(c) > 0 for c in str(args.clients).split(",")),
+            f"--clients {args.clients!r}: expected positive numbers separated by commas, e.g. 1,8,32,64")
+    require(args.max_batch >= 1, f"--max-batch {args.max_batch}: must be >= 1")
+    require(0.0 <= args.temperature <= 2.0, f"--temperature {args.temperature}: must be between 0 and 2")
+    levels = [int(c) for c in str(args.clients).split(",")]
+    engine, what = _bench_engine(args)
+    tok = engine.tokenizer
+    n_prompt = max(1, min(args.prompt_tokens, engine.max_context - args.new_tokens))
+    new_tokens = min(args.new_tokens, engine.max_context - n_prompt)
+    cfg = ServeConfig(api_key="", max_batch=args.max_batch, max_tokens_limit=max(new_tokens, 1),
+                      max_total_chars=10**9, max_queue=0)
+    app = create_app(cfg, engines=[engine], model_name="bench")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        require(thread.is_alive() and time.time() < deadline, "bench serve: the server did not start")
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(0)
+    specials = set(tok.special_tokens.values())
+    ids = [i for i in range(min(tok.vocab_size, 4096)) if i not in specials]
+    print(f"[bench serve] {what} on {engine.device} ({engine.mode}): prompt {n_prompt} tokens, {new_tokens} new, "
+          f"clients {levels}", flush=True)
+    results = []
+    try:
+        asyncio.run(_bench_level(url, [[rng.choice(ids) for _ in range(n_prompt)]], min(4, new_tokens),
+                                 args.temperature))  # warm-up: first allocations and kernels
+        for c in levels:
+            prompts = [[rng.choice(ids) for _ in range(n_prompt)] for _ in range(c)]
+            row = asyncio.run(_bench_level(url, prompts, new_tokens, args.temperature))
+            print(f"[bench serve] {c:3d} clients: {row['tokens_per_s']:,.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
+                  f"p99 {row['ttft_p99_ms']} ms", flush=True)
+            results.append(row)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    return {"model": what, "device": str(engine.device), "mode": engine.mode, "prompt_tokens": n_prompt,
+            "new_tokens": new_tokens, "temperature": args.temperature, "max_batch": args.max_batch,
+            "results": results}

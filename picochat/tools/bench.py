@@ -1,4 +1,4 @@
-"""`picochat bench pretrain|infer|tokenizer|loader`: benchmarks that print one JSON line last.
+"""`picochat bench pretrain|infer|tokenizer|loader|serve`: benchmarks that print one JSON line last.
 
 Thin dispatch: each benchmark lives next to the code it measures and provides `add_bench_args(parser)` and
 `bench_main(args) -> dict`; this module prints the dict as the final JSON line.
@@ -19,6 +19,8 @@ BENCHES = {
     "infer": ("picochat.engine", "time to first token, per-token latency and tok/s at batch 1, 8, 64"),
     "tokenizer": ("picochat.tokenizer", "tokenizer training time and encode throughput on parquet shards"),
     "loader": ("picochat.data.loader", "tokenizing loader throughput (tokens/s per process)"),
+    "serve": ("picochat.serving.serve", "a real `picochat serve` driven by 1, 8, 32, 64 concurrent streaming clients: "
+                                       "aggregate tok/s, p50/p99 time to first token"),
 }
 
 
