@@ -836,22 +836,22 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     hosts = allowed_hosts(cfg)  # a bad --allow-host is reported before the model loads
+    for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 1)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
     from picochat.serving.batcher import Pool, Rejected  # lazy: it imports torch (~2 s); --help starts without it
 
     if engines is None:
         engines, model_name = load_replicas(cfg)
     model_name = cfg.model_name or model_name or "picochat"
     api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get("PICOCHAT_API_KEY") or None)
-    for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 1)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
+    tok = engines[0].tokenizer
+    context = engines[0].max_context
     if cfg.batch_tokens and cfg.batch_tokens < context:
         raise UserError(f"--batch-tokens {cfg.batch_tokens} is less than this model's context ({context}): one "
                         f"full-length request would never fit; give at least {context} (or 0 for automatic)")
     pool = Pool(engines, TokenStrings, max_rows=cfg.max_batch, batch_tokens=cfg.batch_tokens,
                 max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
-    tok = engines[0].tokenizer
-    context = engines[0].max_context
 
     def submit(jobs: list[Job], events: asyncio.Queue) -> None:
         try:

@@ -1,0 +1,289 @@
+"""Continuous batching in `picochat serve` (serving/batcher.py): a real uvicorn server on 127.0.0.1 with tiny models,
+driven by the real `openai` client. Requests on one replica decode together and each behaves as it would alone."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+import torch  # noqa: E402
+
+from picochat.config import UserError  # noqa: E402
+from picochat.engine import Engine, load_engine, prepare_model  # noqa: E402
+from picochat.model import GPTConfig, build_model  # noqa: E402
+from picochat.serving import batcher  # noqa: E402
+from picochat.serving.serve import ServeConfig, create_app  # noqa: E402
+from test_chat_cli import make_tiny_checkpoint  # noqa: E402
+from test_serve import ServerThread  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("batch_home"))
+    return load_engine(checkpoint=str(ckpt), device="cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    app = create_app(ServeConfig(api_key="", max_batch=32), engines=[engine], model_name="batch")
+    with ServerThread(app) as s:
+        s.pool = app.state.pool
+        yield s
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def chat_stream(server, content: str, **kw) -> tuple[str, str | None]:
+    text, finish = "", None
+    for ch in client(server).chat.completions.create(model="x", messages=[{"role": "user", "content": content}],
+                                                     stream=True, **kw):
+        if ch.choices:
+            text += ch.choices[0].delta.content or ""
+            finish = ch.choices[0].finish_reason or finish
+    return text, finish
+
+
+def wait_for(cond, what: str, timeout: float = 10.0):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.01)
+
+
+def slow_down(monkeypatch, seconds: float = 0.01) -> None:
+    """Each batched decode step takes at least `seconds`, as a step of a real model costs about the same at batch 1
+    and 16: the tiny model's own step is too cheap to show batching under the HTTP overhead of 16 streams."""
+    real = batcher.decode_rows
+
+    def slow(*a, **k):
+        time.sleep(seconds)
+        return real(*a, **k)
+
+    monkeypatch.setattr(batcher, "decode_rows", slow)
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Long enough generations to act on mid-stream."""
+    slow_down(monkeypatch)
+
+
+def test_sixteen_streams_decode_together_and_match_their_solo_runs(server, monkeypatch):
+    prompts = [f"client {i}: " + "tell me more " * (i % 5) for i in range(16)]  # rows of different lengths
+    kw = dict(max_tokens=32, temperature=0)
+    solo = [chat_stream(server, p, **kw) for p in prompts]
+    slow_down(monkeypatch, 0.005)
+    t0 = time.perf_counter()
+    for p in prompts[:2]:
+        chat_stream(server, p, **kw)
+    one = (time.perf_counter() - t0) / 2
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(lambda p: chat_stream(server, p, **kw), prompts))
+    both = time.perf_counter() - t0
+    assert together == solo  # greedy: the same text alone or in a batch
+    assert all(f == "length" and t for t, f in together)
+    assert both < 8 * one, f"16 streams took {both:.3f} s, one takes {one:.3f} s"
+    h = httpx.get(server.url + "/health").json()
+    assert h["active"] == 0 and h["rows"] == 0 and h["errors"] == 0 and h["queued"] == 0
+
+
+def test_mixed_sampling_and_stops_per_row(server):
+    c = client(server)
+    msgs = [[{"role": "user", "content": f"row {i}"}] for i in range(6)]
+    full = [c.chat.completions.create(model="x", messages=m, max_tokens=16, temperature=0).choices[0].message.content
+            for m in msgs[:2]]
+    reqs = [
+        dict(messages=msgs[0], max_tokens=16, temperature=0, stop=[full[0][5:7]]),   # greedy with a stop string
+        dict(messages=msgs[1], max_tokens=16, temperature=0, stop=["\x00never"]),    # greedy, stop never met
+        dict(messages=msgs[2], max_tokens=12, temperature=1.0, top_p=0.9, seed=3),
+        dict(messages=msgs[3], max_tokens=9, temperature=0.7, extra_body={"top_k": 5}, seed=4, n=2),
+        dict(messages=msgs[4], max_tokens=5, temperature=1.5, seed=5),
+        dict(messages=msgs[5], max_tokens=14, temperature=1.0, extra_body={"top_k": 1}, seed=6),  # top-1 sampling is greedy
+    ]
+
+    def run(r):
+        out = c.chat.completions.create(model="x", **r)
+        return [(ch.message.content, ch.finish_reason) for ch in out.choices], out.usage.completion_tokens
+
+    alone = [run(r) for r in reqs]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(run, reqs))
+    assert together == alone  # each row keeps its own parameters and seed whatever else is decoding
+    (text0, fin0), = together[0][0]
+    assert text0 == full[0][:full[0].find(full[0][5:7])] and fin0 == "stop"
+    assert together[1][0] == [(full[1], "length")]
+    assert together[1][1] == 16 and together[5][1] == 14
+    greedy = c.chat.completions.create(model="x", messages=msgs[5], max_tokens=14, temperature=0)
+    assert together[5][0][0][0] == greedy.choices[0].message.content
+    assert len({t for t, _ in together[3][0]}) == 2  # n=2: independent samples
+
+
+def test_logprobs_per_row_equal_the_solo_run(server):
+    c = client(server)
+    prompts = [list(range(40, 40 + k)) for k in (3, 9, 17, 30)]
+
+    def run(p):
+        r = c.completions.create(model="x", prompt=p, max_tokens=10, temperature=0, logprobs=3)
+        lp = r.choices[0].logprobs
+        return r.choices[0].text, lp.tokens, lp.token_logprobs, [sorted(d) for d in lp.top_logprobs]
+
+    alone = [run(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        together = list(ex.map(run, prompts))
+    for a, b in zip(alone, together):
+        assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]
+        assert b[2] == pytest.approx(a[2], abs=1e-4)
+
+
+def test_cancelled_stream_frees_its_row_and_the_others_finish(server, slow_steps):
+    base = httpx.get(server.url + "/health").json()
+    results = {}
+
+    def run(i):
+        results[i] = chat_stream(server, f"long {i}", max_tokens=120, temperature=0.5, seed=i,
+                                 stream_options={"include_usage": True})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    body = {"messages": [{"role": "user", "content": "leaver"}], "max_tokens": 120, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data:")
+            if seen >= 5:
+                break  # closes the connection mid-stream
+    wait_for(lambda: httpx.get(server.url + "/health").json()["cancelled"] > base["cancelled"],
+             "the disconnected request was not cancelled")
+    h = httpx.get(server.url + "/health").json()
+    assert h["rows"] <= 3, h  # its row is gone while the others still decode
+    assert any(t.is_alive() for t in threads), "the other streams ended before the cancellation was seen"
+    for t in threads:
+        t.join(30)
+    assert [results[i][1] for i in range(3)] == ["length"] * 3 and all(results[i][0] for i in range(3))
+    wait_for(lambda: httpx.get(server.url + "/health").json()["rows"] == 0, "rows left after the requests ended")
+
+
+def bigram_engine(tok, program: dict[int, int], tool) -> Engine:
+    """A GPT whose blocks are the identity (zero output projections), so its greedy next token depends only on
+    the current one: `program` maps token -> next token through the lm_head."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.wte.weight.normal_()
+        model.lm_head.weight.zero_()
+        for src, dst in program.items():
+            model.lm_head.weight[dst] += 5.0 * model.wte.weight[src] / model.wte.weight[src].norm()
+    return Engine(prepare_model(model), tok, tool=tool)
+
+
+def test_tool_call_in_one_row_while_others_decode(engine):
+    tok = engine.tokenizer
+    sp = tok.special_tokens
+    a, b, c_, d, e = 50, 51, 52, 60, 61
+    program = {a: sp["<|python_start|>"], sp["<|python_start|>"]: b, b: sp["<|python_end|>"],
+               sp["<|python_end|>"]: c_, sp["<|output_end|>"]: c_, c_: c_, d: e, e: d}
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def tool(expr):
+        calls.append(expr)
+        started.set()
+        assert release.wait(20)
+        return "42"
+
+    app = create_app(ServeConfig(api_key=""), engines=[bigram_engine(tok, program, tool)], model_name="tool")
+    with ServerThread(app) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("tool", c.completions.create(
+            model="x", prompt=[a], max_tokens=12, temperature=0)))
+        t.start()
+        assert started.wait(20)
+        # the tool is still running: another request decodes and finishes meanwhile
+        other = c.completions.create(model="x", prompt=[d], max_tokens=20, temperature=0)
+        assert not release.is_set() and t.is_alive()
+        assert other.choices[0].text == (tok.decode([e]) + tok.decode([d])) * 10
+        release.set()
+        t.join(20)
+    text = out["tool"].choices[0].text
+    assert calls == [tok.decode([b])]
+    assert text.startswith(f"<|python_start|>{tok.decode([b])}<|python_end|><|output_start|>42<|output_end|>"
+                           + tok.decode([c_]))
+
+
+def test_full_queue_is_a_503_and_oversized_requests_a_400(engine, slow_steps):
+    app = create_app(ServeConfig(api_key="", max_batch=1, max_queue=1), engines=[engine], model_name="q")
+    with ServerThread(app) as s:
+        body = {"prompt": "hello", "max_tokens": 60}
+        first = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body, timeout=30))
+        first.start()
+        wait_for(lambda: app.state.pool.stats["active"] == 1, "the first request did not start")
+        second = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body, timeout=30))
+        second.start()
+        wait_for(lambda: app.state.pool.queued() == 1, "the second request was not queued")
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded", r.text
+        r = httpx.post(s.url + "/v1/completions", json={**body, "n": 2}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        first.join(30)
+        second.join(30)
+        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    with pytest.raises(UserError, match="--batch-tokens"):
+        create_app(ServeConfig(batch_tokens=10), engines=[engine])
+
+
+def test_lone_stream_on_the_engine_path_then_joined_by_a_batch(server, engine, slow_steps, monkeypatch):
+    """With the batch-1 path on (CUDA's fused kernels), a lone request runs on Engine.generate and later ones
+    decode beside it; both give their greedy text."""
+    kw = dict(max_tokens=40, temperature=0)
+    want = [chat_stream(server, p, **kw) for p in ("first", "second")]
+    replica = server.pool.replicas[0]
+    real = engine.generate
+
+    def slow_generate(*a, **k):
+        for item in real(*a, **k):
+            time.sleep(0.01)
+            yield item
+
+    monkeypatch.setattr(engine, "generate", slow_generate)
+    replica.solo_ok = True
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            f1 = ex.submit(chat_stream, server, "first", **kw)
+            wait_for(lambda: replica.solo is not None, "the lone request did not take the engine path")
+            f2 = ex.submit(chat_stream, server, "second", **kw)
+            got = [f1.result(), f2.result()]
+    finally:
+        replica.solo_ok = False
+    assert got == want
+
+
+def test_bench_serve_runs_in_seconds(engine, tmp_path, capsys):
+    from picochat import cli
+
+    t0 = time.time()
+    rc = cli.main(["bench", "serve", "--depth", "1", "--vocab-size", "320", "--prompt-tokens", "16",
+                   "--new-tokens", "6", "--clients", "1,4", "--device", "cpu"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and time.time() - t0 < 30
+    import json
+
+    res = json.loads(out[-1])
+    assert res["bench"] == "serve" and [r["clients"] for r in res["results"]] == [1, 4]
+    for r in res["results"]:
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+    assert cli.main(["bench", "serve", "--clients", "1,x"]) == 2  # one line, before any model is built
+    assert "--clients '1,x'" in capsys.readouterr().err
