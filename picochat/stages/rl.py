@@ -258,8 +258,8 @@ def _rl_step(job: RLJob, st: Stage) -> StepOut:
         # no skipping of zero-advantage micro-batches: every rank must run the same backward passes, so the
         # optimizer's gradient reductions (launched from backward hooks) happen in the same order everywhere
         loss = _policy_loss(st.train_model, seqs[sl], masks[sl], advs[sl], denom, rt.device, st.tok.bos_id)
-        st.opt.arm(b == n_micro - 1)
-        (loss * rt.world_size).backward()  # the optimizer averages gradients over ranks
+        st.arm(b == n_micro - 1)
+        st.backward(loss * rt.world_size)  # the optimizer averages gradients over ranks
         loss_sum += loss.detach()
     _ensure_grads(st.model)
     mean_reward, mean_len = float(n_tok[1] / n_tok[2]), float(n_tok[3] / n_tok[2])
