@@ -137,6 +137,11 @@ def default_dtype(device_type: str, capability: tuple[int, int] | None = None) -
     return torch.float32
 
 
+def accum_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of evaluation sums: float64, except on MPS, which has none (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def fused_loss_switch() -> bool:
     """PICOCHAT_FUSED_LOSS=0 trains with plain logits + F.cross_entropy instead of the chunked fused loss."""
     return os.environ.get("PICOCHAT_FUSED_LOSS", "1") != "0"

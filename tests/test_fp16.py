@@ -178,3 +178,12 @@ def test_fp16_on_gpu_trains_like_bf16():
     b = run(_cfg("gpu_bf16", **{**kw, "dtype": "bfloat16"}))
     assert a["fp16_skipped_steps"] <= 2 and "loss_scale" not in b
     assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * b["train_loss"]
+
+
+def test_mps_sums_avoid_float64_and_a_missing_mps_is_one_line():
+    """MPS has no float64: evaluation sums (bpb, chat val loss, CORE, pass@k) use float32 there only."""
+    assert runtime.accum_dtype("mps") == torch.float32
+    assert runtime.accum_dtype("cpu") == runtime.accum_dtype(torch.device("cpu")) == torch.float64
+    if not (torch.backends.mps.is_available()):
+        with pytest.raises(ConfigError, match="--device mps: Apple MPS is not available here; use --device cpu"):
+            runtime.detect_device("mps")

@@ -30,7 +30,8 @@ from picochat.config import UserError, check_ranges, check_run_name, require, re
 from picochat.conversation import RenderStats, render, render_for_completion
 from picochat.data import synth
 from picochat.data.tasks import ARC, SynthChatMC, SynthMC, Task, TaskMixture, parse_mixture
-from picochat.runtime import Runtime, get_rank, get_world_size, init_runtime, print0, stage_dir, teardown
+from picochat.runtime import (Runtime, accum_dtype, get_rank, get_world_size, init_runtime, print0, stage_dir,
+                              teardown)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -434,12 +435,12 @@ def val_loss(model: torch.nn.Module, packer: ChatPacker, batches: int, device: t
     """Mean loss per trained token over `batches` micro-batches (all ranks)."""
     was = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=accum_dtype(device), device=device)
     for _ in range(batches):
         x, y = packer.next_batch()
         x, y = x.to(device), y.to(device)
         loss = model(x, y, loss_reduction="sum")
-        total[0] += loss.double()
+        total[0] += loss.to(total.dtype)
         total[1] += (y >= 0).sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
@@ -457,7 +458,7 @@ def categorical_accuracy(model: torch.nn.Module, tokenizer, task: Task, max_item
     rank, world = get_rank(), get_world_size()
     n = min(len(task), max_items)
     idxs = list(range(rank, n, world))
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    correct = torch.zeros(2, dtype=accum_dtype(device), device=device)
     for b in range(0, len(idxs), batch_size):
         convs = [task[i] for i in idxs[b:b + batch_size]]
         prompts = [render_for_completion(tokenizer, c) for c in convs]

@@ -36,7 +36,7 @@ from picochat.config import UserError, add_config_args, check_ranges, config_fro
 from picochat.conversation import render_for_completion
 from picochat.data.tasks import GSM8K, NumberAnswerTask, Task, synth_arithmetic
 from picochat.engine import Engine
-from picochat.runtime import Runtime, print0
+from picochat.runtime import Runtime, accum_dtype, print0
 from picochat.stages.chat import ChatStageConfig, Stage, StepOut, inherit, is_synth_run, open_stage, train_loop
 
 STAGE = "rl"
@@ -144,7 +144,7 @@ def evaluate_pass_k(engine, tokenizer, task: Task, cfg: RLConfig, n: int, k: int
                     world: int, device: torch.device) -> dict[str, float]:
     """Mean reward and pass@1..k over the first `n` held-out problems (rank-strided, reduced over ranks)."""
     n = min(n, len(task))
-    hits = torch.zeros(k + 2, dtype=torch.float64, device=device)  # pass@1..k, mean reward, count
+    hits = torch.zeros(k + 2, dtype=accum_dtype(device), device=device)  # pass@1..k, mean reward, count
     for i in range(rank, n, world):
         conv = task[i]
         _, _, rewards, _ = sample_group(engine, tokenizer, task, conv, k, cfg, _seed(seed, 10**9 + i))
