@@ -2,7 +2,8 @@
 
 This is the only module that knows about torchrun's environment. Everything else asks it.
 - device: CUDA if present, else MPS, else CPU; override with PICOCHAT_DEVICE=cpu|cuda|mps.
-- compute dtype: bf16 on CUDA sm80+, fp32 elsewhere; override with PICOCHAT_DTYPE=bfloat16|float16|float32.
+- compute dtype: bf16 on CUDA sm80+, fp16 (with loss scaling, `training.LossScaler`) on sm70-sm7x (V100, T4: no
+  bf16), fp32 elsewhere (CPU, MPS, older GPUs); override with PICOCHAT_DTYPE=bfloat16|float16|float32.
 - distributed: when torchrun's RANK/WORLD_SIZE/LOCAL_RANK are set, NCCL on CUDA and gloo on CPU.
 """
 
@@ -114,16 +115,31 @@ def detect_device(override: str | None = None) -> torch.device:
 
 
 def compute_dtype(device: torch.device, override: str | None = None) -> torch.dtype:
-    """bf16 on CUDA sm80+ (tensor cores, no loss scaling), fp32 elsewhere. PICOCHAT_DTYPE overrides."""
+    """--dtype, else PICOCHAT_DTYPE, else by the hardware (`default_dtype`)."""
     name = override or os.environ.get("PICOCHAT_DTYPE")
     if name:
         if name not in _DTYPES:
             where = f"--dtype {name}" if override else f"PICOCHAT_DTYPE={name}"
             raise ConfigError(f"{where}: unknown dtype; expected one of {', '.join(sorted(set(_DTYPES)))}")
         return _DTYPES[name]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16
+    return default_dtype(device.type, torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+
+
+def default_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """bf16 on CUDA sm80+ (tensor cores, no loss scaling); fp16 on sm70-sm7x (V100, T4: fp16 tensor cores but no
+    bf16), trained with dynamic loss scaling (`training.LossScaler`); fp32 elsewhere: CPU, MPS (untested in
+    reduced precision) and GPUs before sm70 (no tensor cores; fp16 arithmetic there is often slower than fp32)."""
+    if device_type == "cuda" and capability is not None:
+        if capability[0] >= 8:
+            return torch.bfloat16
+        if capability[0] == 7:
+            return torch.float16
     return torch.float32
+
+
+def accum_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of evaluation sums: float64, except on MPS, which has none (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def fused_loss_switch() -> bool:

@@ -424,6 +424,102 @@ def check_finite(loss: float, step: int, last_checkpoint: Path | None = None) ->
         f"(--matrix-lr / --embedding-lr), check the data, or resume from the checkpoint with a different --seed")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# fp16 loss scaling
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 training (GPUs without bf16). fp16 gradients below ~6e-8 flush to zero, so each
+    micro-batch's loss is multiplied by `scale` before backward and the fp32 master gradients are divided by it
+    before the optimizer step. A step whose gradients hold an inf/NaN on any rank (the scale was too large) is
+    skipped everywhere and the scale multiplied by `backoff`; after `growth_interval` good steps in a row it is
+    multiplied by `growth`. Powers of two keep the unscaling exact.
+
+    The policy is torch.amp.GradScaler's; GradScaler itself does not fit MuonAdamW: its overflow flag is per
+    process, while here each rank holds un-reduced gradients (the optimizer reduces them), so the flag is
+    all-reduced. The optimizer must not be armed during a scaled backward (its hooks would start reducing the
+    gradients before they are checked); `step` then reduces them itself.
+
+        loss = ...; scaler.backward(loss)        # per micro-batch, with opt.arm(False)
+        scaler.step(opt)                         # unscale, check, step or skip, adjust the scale
+    """
+
+    def __init__(self, scale: float = 2.0 ** 16, growth: float = 2.0, backoff: float = 0.5,
+                 growth_interval: int = 2000, max_skips_in_row: int = 50):
+        self.scale = float(scale)
+        self.growth, self.backoff, self.growth_interval = growth, backoff, growth_interval
+        self.max_skips_in_row = max_skips_in_row
+        self.good_steps = 0     # good steps since the scale last changed
+        self.skips_in_row = 0
+        self.skipped = 0        # steps skipped in this run (all time, across resumes)
+
+    def update(self, found_inf: bool) -> None:
+        """The scale after a step: halved (by `backoff`) on overflow, grown after `growth_interval` good steps."""
+        if found_inf:
+            self.scale *= self.backoff
+            self.good_steps = 0
+            self.skips_in_row += 1
+            self.skipped += 1
+            if self.skips_in_row > self.max_skips_in_row:
+                raise UserError(f"fp16: the gradients were inf/NaN for {self.skips_in_row} steps in a row (loss "
+                                f"scale now {self.scale:g}); the model diverged in half precision. Use --dtype "
+                                f"float32 (or bfloat16 on a GPU that has it), or a lower learning rate")
+            return
+        self.skips_in_row = 0
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth
+            self.good_steps = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale).backward()
+
+    def unscale_(self, params: list[torch.Tensor]) -> bool:
+        """Divide every gradient by the scale in place; True when any gradient on any rank is inf/NaN."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return False
+        found = torch.zeros(1, device=grads[0].device)
+        inv = torch.full((1,), 1.0 / self.scale, device=grads[0].device)
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault((g.device, g.dtype), []).append(g)
+        for (dev, _), gs in by_device.items():
+            f = found if dev == found.device else torch.zeros(1, device=dev)
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, f, inv.to(dev))
+            if f is not found:
+                found += f.to(found.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
+    def step(self, opt: Any) -> bool:
+        """Unscale, then the optimizer step unless a gradient overflowed; adjust the scale. True if it stepped."""
+        before = self.scale
+        found = self.unscale_([p for g in opt.param_groups for p in g["params"]])
+        if not found:
+            opt.step()
+        self.update(found)
+        if found:
+            print0(f"[fp16] inf/NaN gradients: step skipped, loss scale {before:g} -> {self.scale:g}")
+        return not found
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skips_in_row": self.skips_in_row,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self.good_steps = int(state.get("good_steps", 0))
+        self.skips_in_row = int(state.get("skips_in_row", 0))
+        self.skipped = int(state.get("skipped", 0))
+
+
+def loss_scaler(dtype: torch.dtype) -> LossScaler | None:
+    """A scaler for fp16 training; None for bf16 and fp32, whose range needs none (their path is unchanged)."""
+    return LossScaler() if dtype == torch.float16 else None
+
+
 def out_of_memory(stage: str, step: int, rows: int, seq_len: int | None, total_tokens: int | None,
                   device: torch.device, last_checkpoint: Path | None, activation_budget: float | None = None
                   ) -> UserError:
@@ -647,6 +743,8 @@ def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
         pass
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device is not None and device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -663,6 +761,8 @@ def restore_rng_state(state: dict[str, Any], device: torch.device | None = None)
         np.random.set_state(state["numpy"])
     if "cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    if "mps" in state and device is not None and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"].cpu())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -422,9 +422,10 @@ def score_sequences(model: Any, seqs: list[np.ndarray], spans: list[tuple[int, i
             idx_t, pos_t, tgt_t, bounds_t = (t.pin_memory() for t in (idx_t, pos_t, tgt_t, bounds_t))
         idx_t, pos_t, tgt_t, bounds_t = (t.to(device, non_blocking=True) for t in (idx_t, pos_t, tgt_t, bounds_t))
         sel = scored_logits(model, idx_t, pos_t)
-        ce = (torch.logsumexp(sel, dim=-1) - sel.gather(1, tgt_t[:, None]).squeeze(1)).double()
-        wrong = (sel.argmax(dim=-1) != tgt_t).double()
-        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        acc = runtime.accum_dtype(device)
+        ce = (torch.logsumexp(sel, dim=-1) - sel.gather(1, tgt_t[:, None]).squeeze(1)).to(acc)
+        wrong = (sel.argmax(dim=-1) != tgt_t).to(acc)
+        zero = torch.zeros(1, dtype=acc, device=device)
         ce_cs, wrong_cs = torch.cat([zero, ce.cumsum(0)]), torch.cat([zero, wrong.cumsum(0)])
         sums = ce_cs[bounds_t[1]] - ce_cs[bounds_t[0]]
         nwrong = wrong_cs[bounds_t[1]] - wrong_cs[bounds_t[0]]

@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from picochat.runtime import accum_dtype
+
 
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -39,14 +41,16 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
             b = torch.where(counted, tb[yf.clamp_min(0)], 0)
             keep = b > 0
             n_i = torch.where(keep, loss, 0.0).sum()
-            b_i = b.sum().to(torch.float64)
-            nats = n_i.double() if nats is None else nats + n_i.double()
+            acc = accum_dtype(y.device)
+            b_i = b.sum().to(acc)
+            nats = n_i.to(acc) if nats is None else nats + n_i.to(acc)
             nbytes = b_i if nbytes is None else nbytes + b_i
     finally:
         model.train(was_training)
     device = token_bytes.device if nats is None else nats.device
-    totals = torch.stack([nats if nats is not None else torch.zeros((), dtype=torch.float64, device=device),
-                          nbytes if nbytes is not None else torch.zeros((), dtype=torch.float64, device=device)])
+    acc = accum_dtype(device)
+    totals = torch.stack([nats if nats is not None else torch.zeros((), dtype=acc, device=device),
+                          nbytes if nbytes is not None else torch.zeros((), dtype=acc, device=device)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl" and totals.device.type != "cuda":
             totals = totals.cuda()

@@ -30,7 +30,8 @@ from picochat.config import UserError, check_ranges, check_run_name, require, re
 from picochat.conversation import RenderStats, render, render_for_completion
 from picochat.data import synth
 from picochat.data.tasks import ARC, SynthChatMC, SynthMC, Task, TaskMixture, parse_mixture
-from picochat.runtime import Runtime, get_rank, get_world_size, init_runtime, print0, stage_dir, teardown
+from picochat.runtime import (Runtime, accum_dtype, get_rank, get_world_size, init_runtime, print0, stage_dir,
+                              teardown)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -62,7 +63,7 @@ class ChatStageConfig:
     keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
     seed: int = field(default=42, metadata={"help": "mixture shuffle and RNG seed"})
     device: str = field(default="", metadata={"help": "cpu | cuda | mps (default: best available)"})
-    dtype: str = field(default="", metadata={"help": "compute dtype (default: bf16 on CUDA, fp32 elsewhere)"})
+    dtype: str = field(default="", metadata={"help": "compute dtype (default: bf16 on CUDA sm80+, fp16 on sm70-sm7x, fp32 elsewhere)"})
 
 
 @dataclass
@@ -434,12 +435,12 @@ def val_loss(model: torch.nn.Module, packer: ChatPacker, batches: int, device: t
     """Mean loss per trained token over `batches` micro-batches (all ranks)."""
     was = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=accum_dtype(device), device=device)
     for _ in range(batches):
         x, y = packer.next_batch()
         x, y = x.to(device), y.to(device)
         loss = model(x, y, loss_reduction="sum")
-        total[0] += loss.double()
+        total[0] += loss.to(total.dtype)
         total[1] += (y >= 0).sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
@@ -457,7 +458,7 @@ def categorical_accuracy(model: torch.nn.Module, tokenizer, task: Task, max_item
     rank, world = get_rank(), get_world_size()
     n = min(len(task), max_items)
     idxs = list(range(rank, n, world))
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    correct = torch.zeros(2, dtype=accum_dtype(device), device=device)
     for b in range(0, len(idxs), batch_size):
         convs = [task[i] for i in idxs[b:b + batch_size]]
         prompts = [render_for_completion(tokenizer, c) for c in convs]
@@ -508,6 +509,16 @@ class Stage:
     stop: training.StopFlag | None = None
     last_ckpt: Path | None = None
     lock: Any = None  # training.StageLock on rank 0: this process is the stage's one trainer
+    scaler: training.LossScaler | None = None  # fp16 only: step functions back-propagate through `backward`
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate a step function's loss: plain, or scaled under fp16 (`training.LossScaler`)."""
+        loss.backward() if self.scaler is None else self.scaler.backward(loss)
+
+    def arm(self, last_micro_step: bool) -> None:
+        """Let the optimizer start reducing gradients from the last backward; never under fp16, whose gradients
+        are checked for overflow before any reduction."""
+        self.opt.arm(last_micro_step and self.scaler is None)
 
     def eval_due(self) -> bool:
         """Every `eval_every` steps, but not again at the step a resumed run starts from."""
@@ -519,6 +530,8 @@ class Stage:
         # the packed stages keep their packer's cursor per rank; RL's problem cursor is the step itself
         state = {"loader": self.loader.state_dict()} if self.loader is not None else {"step": at_step}
         state["rng"] = training.capture_rng_state(self.rt.device)
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         self.last_ckpt = ckpt_mod.save_checkpoint(
             self.out_dir / "checkpoints", at_step, self.model.state_dict() if self.rt.master else None,
             self.opt.state_dict(), {**self.base_meta, "metrics": metrics}, state, keep_last=self.cfg.keep_last)
@@ -559,6 +572,7 @@ def open_stage(name: str, cfg: ChatStageConfig, *, source: str, source_order: Se
         num_steps, record = setup(st)
         st.num_steps = num_steps
         st.opt = build_optimizer(st.model, st.shape, cfg.weight_decay)
+        st.scaler = training.loss_scaler(st.rt.dtype)
         _restore(st, same_world)
         st.train_model, _ = training.prepare_model(st.model, device=st.rt.device, dtype=st.rt.dtype,
                                                    seq_len=st.shape["max_seq_len"], compile=compile, fp8=False)
@@ -603,6 +617,8 @@ def _restore(st: Stage, same_world: bool) -> None:
         if st.loader is not None:
             st.loader.load_state_dict(rank_state["loader"])
         training.restore_rng_state(rank_state["rng"], rt.device)
+        if st.scaler is not None and rank_state.get("scaler"):
+            st.scaler.load_state_dict(rank_state["scaler"])
         st.step = int(st.meta["step"])
         st.num_steps = int(st.meta["num_steps"]) if not cfg.num_iterations else st.num_steps
         print0(f"[{st.name}] resuming from {ckpt} at step {st.step}/{st.num_steps}")
@@ -668,7 +684,7 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
                 lrm = lr_at(st.step, st.num_steps)
                 set_lr(st.opt, lrm)
                 out = step_fn(st)
-                st.opt.step()
+                st.opt.step() if st.scaler is None else st.scaler.step(st.opt)
                 st.model.zero_grad(set_to_none=True)
                 st.step += 1
                 wants_stop = st.stop.requested or (meter is not None and meter.budget_due())  # any rank: all stop
@@ -781,9 +797,9 @@ def _packed_step(job: PackedJob, st: Stage) -> StepOut:
     for i, (x, y) in enumerate(batches):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         loss = st.train_model(x, y, loss_reduction="sum") / denom
-        st.opt.arm(i == accum - 1)  # lets the last backward start the gradient reductions early
+        st.arm(i == accum - 1)  # lets the last backward start the gradient reductions early
         # the optimizer averages gradients over ranks; scale so the step is the global per-token mean
-        (loss * rt.world_size).backward()
+        st.backward(loss * rt.world_size)
         loss_sum += loss.detach()
     epoch = job.packer.epoch
     return StepOut(loss_sum, st.shape["total_batch_size"], f"epoch {epoch:.3f} | trained {int(n_tok)} tok",

@@ -43,9 +43,10 @@ from picochat.optim import build_optimizer, set_schedule
 from picochat.runtime import (default_data_dir, default_tokenizer_dir, environment_info, gpu_memory, init_runtime,
                               peak_flops, print0, stage_dir, synchronize, teardown)
 from picochat.tokenizer import Tokenizer
-from picochat.training import (CostMeter, Heartbeat, MetricsLogger, StepTimer, StopFlag, agree_on_step,
+from picochat.training import (CostMeter, Heartbeat, LossScaler, MetricsLogger, StepTimer, StopFlag, agree_on_step,
                                capture_rng_state, RESUME_HELP, RESUME_MODES, check_finite, find_resume_checkpoint,
-                               format_step_line, freeze_gc, lock_stage, out_of_memory, peak_memory_gb, prepare_model,
+                               format_step_line, freeze_gc, lock_stage, loss_scaler, out_of_memory, peak_memory_gb,
+                               prepare_model,
                                profile_step, restore_rng_state, should_compile, unfreeze_gc, write_run_header)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -115,8 +116,12 @@ class PretrainConfig:
     eval_tokens: int = 20 * 524288
     sample_every: int = field(default=0, metadata={"help": "greedy samples every N steps and at the end "
                                                            "(0 = end only, -1 = never)"})
-    core_every: int = field(default=0, metadata={"help": "CORE eval every N steps (0 = off; needs the bundle)"})
+    core_every: int = field(default=0, metadata={"help": "CORE eval every N steps (0 = off, or every 5%% of the run "
+                                                         "with --core-target; needs the bundle)"})
     core_bundle: str | None = None
+    core_target: float = field(default=0.0, metadata={"help": "save and stop at the first CORE eval that reaches "
+                                                             "this score (0.2565 = GPT-2's) and log the training "
+                                                             "time it took; 0 = off"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     keep_last: int = 2
     resume: str = field(default="auto", metadata={"help": RESUME_HELP})
@@ -193,6 +198,8 @@ def validate(cfg: PretrainConfig) -> None:
         check_shards(sum(list_shards(data), []))
         if cfg.tokenizer:
             require_dir(cfg.tokenizer, "--tokenizer", "pass the folder `picochat tokenizer train --out` wrote")
+    require(math.isfinite(cfg.core_target) and -1.0 <= cfg.core_target <= 1.0,
+            f"--core-target {cfg.core_target}: a CORE score is at most 1 (GPT-2's is 0.2565); 0 turns the stop off")
     if cfg.core_bundle:
         require_dir(cfg.core_bundle, "--core-bundle", "pass the unpacked CORE eval bundle folder, or drop the flag "
                                                       "to download it")
@@ -414,18 +421,20 @@ def apply_schedules(opt: Any, cfg: PretrainConfig, step: int, total: int) -> flo
 
 
 def train_step(cmodel: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], next_batch: Any,
-               grad_accum: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+               grad_accum: int, scaler: LossScaler | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One optimizer step over `grad_accum` micro-batches. Returns (summed detached loss, the next step's first
-    batch, fetched while the GPU works). No host sync in here."""
+    batch, fetched while the GPU works). No host sync in here, except fp16's overflow check (`scaler`)."""
     loss_sum = None
     for micro in range(grad_accum):
         x, y = batch
-        opt.arm(micro == grad_accum - 1)
+        opt.arm(micro == grad_accum - 1 and scaler is None)  # fp16: gradients are checked before any reduction
         loss = cmodel(x, y)
-        (loss / grad_accum).backward() if grad_accum > 1 else loss.backward()
+        part = loss / grad_accum if grad_accum > 1 else loss
+        part.backward() if scaler is None else scaler.backward(part)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         batch = next_batch()
-    opt.step()
+    opt.step() if scaler is None else scaler.step(opt)
     cmodel.zero_grad(set_to_none=True)
     assert loss_sum is not None
     return loss_sum, batch
@@ -538,6 +547,8 @@ class Stage:
     wandb_run: Any = None
     lock: Any = None  # training.StageLock on rank 0: this process is the stage's one trainer
     meter: CostMeter | None = None  # dollars and the --budget stop, when `picochat speedrun --price` runs the stage
+    scaler: LossScaler | None = None  # fp16 only: dynamic loss scaling
+    core_every: int = 0  # CORE cadence in steps: --core-every, or derived from the plan for --core-target
 
 
 @dataclass
@@ -551,6 +562,9 @@ class LoopState:
     last_ckpt: Path | None = None
     last_loss: float = float("nan")
     stopped_early: bool = False
+    core: float | None = None           # the latest CORE score
+    core_seconds: float = 0.0           # time spent in CORE evals (the cadence's cost)
+    target_reached: dict[str, Any] | None = None  # --core-target: step, core, train_time_s when first reached
 
 
 def run(cfg: PretrainConfig, preset_applied: bool = False) -> dict[str, Any]:
@@ -599,7 +613,13 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
                                  fp8=cfg.fp8, activation_budget=cfg.activation_budget)
     opt = make_optimizer(model, cfg, plan, compile_step=info["compiled"])
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
-    state, held = _resume(ck, model, opt, loader, rt, plan)
+    scaler = loss_scaler(rt.dtype)
+    state, held = _resume(ck, model, opt, loader, rt, plan, scaler)
+    core_every = cfg.core_every or (core_cadence(plan.num_iterations) if cfg.core_target else 0)
+    if cfg.core_target:
+        core_eval.resolve_bundle(cfg.core_bundle)  # fetched (or refused) now, not after hours of training
+        print0(f"[core] stopping at CORE >= {cfg.core_target:g}: CORE every {core_every} steps (500 examples per "
+               f"task)")
     if state.step >= plan.num_iterations:
         print0(f"[pretrain] {cfg.run} already trained for {state.step} steps (--num-iterations {plan.num_iterations})")
 
@@ -612,7 +632,8 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
     ctx = Stage(cfg=cfg, plan=plan, rt=rt, tok=tok, tok_dir=tok_dir, model=model, cmodel=cmodel, opt=opt,
                 loader=loader, metrics=metrics, ckpt_root=ckpt_root, info=info,
                 token_bytes=tok.token_bytes().to(rt.device), peak=peak_flops(rt.device), fpt=model.flops_per_token(),
-                wandb_run=_wandb_init(cfg, plan) if cfg.wandb and rt.master else None, lock=lock)
+                wandb_run=_wandb_init(cfg, plan) if cfg.wandb and rt.master else None, lock=lock, scaler=scaler,
+                core_every=core_every)
     return ctx, state, held if held is not None else loader.next_batch()
 
 
@@ -629,7 +650,8 @@ def _print_plan(cfg: PretrainConfig, plan: Plan, rt: Any) -> None:
            f"muon wd {plan.muon_weight_decay:.4f}")
 
 
-def _resume(ck: Path | None, model: Any, opt: Any, loader: Any, rt: Any, plan: Plan) -> tuple[LoopState, Any]:
+def _resume(ck: Path | None, model: Any, opt: Any, loader: Any, rt: Any, plan: Plan,
+            scaler: LossScaler | None = None) -> tuple[LoopState, Any]:
     """The loop state to start from (fresh, or restored with everything else from checkpoint `ck`) and the batch
     the checkpointed run was about to train on, if it kept one."""
     if ck is None:
@@ -640,10 +662,14 @@ def _resume(ck: Path | None, model: Any, opt: Any, loader: Any, rt: Any, plan: P
     held = rank_state.get("held_batch")
     if held is not None:
         held = (held[0].to(rt.device), held[1].to(rt.device))
+    if scaler is not None and loop.get("scaler"):
+        scaler.load_state_dict(loop["scaler"])
+    reached = loop.get("target_reached") or (read_meta(ck).get("metrics") or {}).get("core_target")
     print0(f"[resume] continuing from {ck} at step {step}")
     return LoopState(step=step, start_step=step, val_bpb=loop.get("val_bpb"),
                      min_val_bpb=loop.get("min_val_bpb", math.inf), train_time=float(loop.get("train_time", 0.0)),
-                     last_ckpt=ck), held
+                     last_ckpt=ck, core=loop.get("core"), core_seconds=float(loop.get("core_seconds") or 0.0),
+                     target_reached=reached), held
 
 
 def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
@@ -657,10 +683,14 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
     ctx.meter = CostMeter.from_env()
     try:
         with Heartbeat("pretrain", first, meter=ctx.meter) as hb:
-            while st.step < plan.num_iterations:
+            if target_met(cfg, st):
+                print0(f"[pretrain] {cfg.run} already reached CORE {st.target_reached['core']:.4f} >= "
+                       f"{cfg.core_target:g} at step {st.step}; nothing to train (--resume wipe starts over)")
+            while st.step < plan.num_iterations and not target_met(cfg, st):
                 lrm = apply_schedules(ctx.opt, cfg, st.step, plan.num_iterations)
                 timer.start()
-                loss_sum, batch = train_step(ctx.cmodel, ctx.opt, batch, ctx.loader.next_batch, plan.grad_accum)
+                loss_sum, batch = train_step(ctx.cmodel, ctx.opt, batch, ctx.loader.next_batch, plan.grad_accum,
+                                             ctx.scaler)
                 over_budget = ctx.meter is not None and ctx.meter.budget_due()  # every rank stops with the first
                 loss, stop_now = agree_on_step(loss_sum, stop.requested or over_budget, rt.device, plan.grad_accum)
                 dt = timer.stop()
@@ -700,7 +730,8 @@ def log_step(ctx: Stage, st: LoopState, timer: StepTimer, lrm: float, dt: float)
     cost = ctx.meter.text(eta) if ctx.meter is not None else ""
     print0(format_step_line(st.step, plan.num_iterations, st.last_loss, lrm, dt, tok_s, mfu, eta, mem, cost=cost))
     ctx.metrics.log({"step": st.step, "loss": st.last_loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu,
-                     "tokens": st.step * plan.total_batch_size, "peak_mem_gb": mem})
+                     "tokens": st.step * plan.total_batch_size, "peak_mem_gb": mem,
+                     **({"loss_scale": ctx.scaler.scale} if ctx.scaler is not None else {})})
     if ctx.wandb_run is not None:
         ctx.wandb_run.log({"step": st.step, "loss": st.last_loss, "lrm": lrm, "tok_per_s": tok_s, "mfu": mfu})
 
@@ -726,8 +757,17 @@ def after_step(ctx: Stage, st: LoopState, hb: Heartbeat, batch: Any, stop: StopF
             ctx.wandb_run.log({"step": step, "val_bpb": st.val_bpb})
         if st.last_ckpt is not None and st.last_ckpt.name == f"step_{step:06d}" and ctx.rt.master:
             update_meta(st.last_ckpt, metrics={"val_bpb": st.val_bpb, "train_loss": st.last_loss})
-    maybe_core(ctx, step, final)
+    core = maybe_core(ctx, st, final)
     maybe_samples(ctx, step, final)
+    if core is not None and cfg.core_target and core >= cfg.core_target and st.target_reached is None:
+        st.target_reached = {"step": step, "core": core, "train_time_s": round(st.train_time, 3)}
+        if st.last_ckpt is None or st.last_ckpt.name != f"step_{step:06d}":
+            hb.beat("saving a checkpoint")
+            st.last_ckpt = save(ctx, st, batch)
+        if ctx.rt.master:  # in the meta too: a checkpoint saved before this eval has it only here (see _resume)
+            update_meta(st.last_ckpt, metrics={"core": core, "core_target": st.target_reached})
+        _report_target(ctx, st)
+        return True
     if stop_here:
         by_budget = stop_now and not stop.requested and ctx.meter is not None and ctx.meter.budget is not None
         if by_budget and final:
@@ -777,7 +817,9 @@ def save(ctx: Stage, st: LoopState, next_batch: Any) -> Path:
     rank_state = {"loader": ctx.loader.state_dict(), "rng": capture_rng_state(rt.device),
                   "held_batch": (next_batch[0].cpu(), next_batch[1].cpu()),
                   "loop": {"step": st.step, "val_bpb": st.val_bpb, "min_val_bpb": st.min_val_bpb,
-                           "train_time": st.train_time, "device_batch_size": plan.device_batch_size}}
+                           "train_time": st.train_time, "device_batch_size": plan.device_batch_size,
+                           "core": st.core, "core_seconds": st.core_seconds, "target_reached": st.target_reached,
+                           "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None}}
     path = save_checkpoint(ctx.ckpt_root, st.step, ctx.model.state_dict() if rt.master else None,
                            ctx.opt.state_dict(),
                            _meta(ctx.cfg, plan, ctx.tok_dir, {"val_bpb": st.val_bpb, "train_loss": st.last_loss}),
@@ -798,14 +840,48 @@ def maybe_samples(ctx: Stage, at_step: int, final: bool) -> None:
             ctx.metrics.log({"step": at_step, "sample": s})
 
 
-def maybe_core(ctx: Stage, at_step: int, final: bool) -> None:
-    cfg = ctx.cfg
-    if cfg.core_every <= 0 or not (final or at_step % cfg.core_every == 0):
-        return
-    bundle = core_eval.resolve_bundle(cfg.core_bundle)
+def core_cadence(num_iterations: int) -> int:
+    """CORE every 5% of the run when only --core-target is given: the stop lands within 5% of the horizon of the
+    first step that passes, and 20 evals of 500 examples per task stay a few percent of a GPU run (CORE's 52,400
+    examples took 89.6 s at d12 on one H100; d24's ~16K steps take hours)."""
+    return max(1, math.ceil(num_iterations / 20))
+
+
+def target_met(cfg: PretrainConfig, st: LoopState) -> bool:
+    return bool(cfg.core_target) and st.target_reached is not None and st.target_reached["core"] >= cfg.core_target
+
+
+def maybe_core(ctx: Stage, st: LoopState, final: bool) -> float | None:
+    """CORE (500 examples per task, as nanochat's in-training eval) where due; its score, else None."""
+    at_step = st.step
+    if ctx.core_every <= 0 or not (final or at_step % ctx.core_every == 0):
+        return None
+    t0 = time.monotonic()
+    bundle = core_eval.resolve_bundle(ctx.cfg.core_bundle)
     res = core_eval.evaluate_core(ctx.model, ctx.tok, bundle, max_per_task=500, device=ctx.rt.device)
-    print0(f"[core] step {at_step}: {res.get('core')}")
-    ctx.metrics.log({"step": at_step, "core": res.get("core")})
+    dt = time.monotonic() - t0
+    st.core, st.core_seconds = res.get("core"), st.core_seconds + dt
+    cost = st.core_seconds / st.train_time if st.train_time > 0 else float("nan")
+    print0(f"[core] step {at_step}: {res.get('core_label', 'CORE')} {st.core} ({dt:.1f}s; CORE evals so far "
+           f"{st.core_seconds:.1f}s = {cost:.1%} of the training time)")
+    ctx.metrics.log({"step": at_step, "core": st.core, "core_seconds": dt})
+    return st.core
+
+
+def _report_target(ctx: Stage, st: LoopState) -> None:
+    """The leaderboard's figure (nanochat's time-to-GPT-2): the wall clock of the training steps until CORE reached
+    the target; evals and checkpoints are not counted, nor is the first step (compilation), as in `train_time`."""
+    hit, rt = st.target_reached, ctx.rt
+    assert hit is not None
+    gpu = f"{rt.world_size} x {torch.cuda.get_device_name(rt.device)}" if rt.device.type == "cuda" else \
+        f"{rt.world_size} x {rt.device.type}"
+    rec = {"step": hit["step"], "core_target": ctx.cfg.core_target, "core": hit["core"],
+           "time_to_target_s": hit["train_time_s"], "core_eval_s": round(st.core_seconds, 3), "hardware": gpu}
+    ctx.metrics.log(rec)
+    print0(f"[core] target {ctx.cfg.core_target:g} reached at step {hit['step']}/{ctx.plan.num_iterations}: CORE "
+           f"{hit['core']:.4f}; time to target {hit['train_time_s'] / 3600:.3f} h ({hit['train_time_s']:.1f}s) of "
+           f"training steps on {gpu} (evals and checkpoints not counted; CORE evals took {st.core_seconds:.1f}s "
+           f"more); checkpoint {st.last_ckpt}")
 
 
 def summarize(ctx: Stage, st: LoopState, timer: StepTimer) -> dict[str, Any]:
@@ -821,6 +897,11 @@ def summarize(ctx: Stage, st: LoopState, timer: StepTimer) -> dict[str, Any]:
         "stopped_early": st.stopped_early, "params": plan.derived["params_total"], "fp8": ctx.info["fp8"],
         "fp8_scope": ctx.info["fp8_scope"],
     }
+    if ctx.cfg.core_target:
+        summary.update(core=st.core, core_target=ctx.cfg.core_target, target_reached=st.target_reached,
+                       core_eval_s=round(st.core_seconds, 2))
+    if ctx.scaler is not None:
+        summary.update(loss_scale=ctx.scaler.scale, fp16_skipped_steps=ctx.scaler.skipped)
     if summary["tok_per_s"] and ctx.peak:
         summary["mfu"] = ctx.fpt * summary["tok_per_s"] / (ctx.peak * rt.world_size)
     return summary
@@ -868,7 +949,7 @@ def cli_main(args: argparse.Namespace) -> int:
 # seed is left out too: the bench's weights come from seed 0 and its tokens from the config's seed, so its figures
 # stay comparable across commits.
 BENCH_SKIP = ("run", "num_iterations", "eval_every", "eval_tokens", "sample_every", "core_every", "core_bundle",
-              "save_every", "keep_last", "resume", "stop_at_step", "wandb", "seed")
+              "core_target", "save_every", "keep_last", "resume", "stop_at_step", "wandb", "seed")
 # Fields whose bench default differs from the run's (declared below with their own help)
 BENCH_DEFAULTS: dict[str, Any] = {"data": "random", "total_batch_size": -1}
 BENCH_TOTAL_STEPS = 1000  # the schedules' horizon: long enough that no timed step reaches the warmdown
@@ -911,6 +992,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
                                  fp8=cfg.fp8, activation_budget=cfg.activation_budget)
     opt = make_optimizer(model, cfg, plan, compile_step=info["compiled"])
+    scaler = loss_scaler(rt.dtype)
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
     batch = loader.next_batch()
 
@@ -919,7 +1001,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         loss = None
         for i in range(first, first + n):
             apply_schedules(opt, cfg, i, BENCH_TOTAL_STEPS)
-            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum)
+            loss, batch = train_step(cmodel, opt, batch, loader.next_batch, plan.grad_accum, scaler)
         return loss
 
     if rt.device.type == "cuda":

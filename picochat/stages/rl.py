@@ -36,7 +36,7 @@ from picochat.config import UserError, add_config_args, check_ranges, config_fro
 from picochat.conversation import render_for_completion
 from picochat.data.tasks import GSM8K, NumberAnswerTask, Task, synth_arithmetic
 from picochat.engine import Engine
-from picochat.runtime import Runtime, print0
+from picochat.runtime import Runtime, accum_dtype, print0
 from picochat.stages.chat import ChatStageConfig, Stage, StepOut, inherit, is_synth_run, open_stage, train_loop
 
 STAGE = "rl"
@@ -144,7 +144,7 @@ def evaluate_pass_k(engine, tokenizer, task: Task, cfg: RLConfig, n: int, k: int
                     world: int, device: torch.device) -> dict[str, float]:
     """Mean reward and pass@1..k over the first `n` held-out problems (rank-strided, reduced over ranks)."""
     n = min(n, len(task))
-    hits = torch.zeros(k + 2, dtype=torch.float64, device=device)  # pass@1..k, mean reward, count
+    hits = torch.zeros(k + 2, dtype=accum_dtype(device), device=device)  # pass@1..k, mean reward, count
     for i in range(rank, n, world):
         conv = task[i]
         _, _, rewards, _ = sample_group(engine, tokenizer, task, conv, k, cfg, _seed(seed, 10**9 + i))
@@ -258,8 +258,8 @@ def _rl_step(job: RLJob, st: Stage) -> StepOut:
         # no skipping of zero-advantage micro-batches: every rank must run the same backward passes, so the
         # optimizer's gradient reductions (launched from backward hooks) happen in the same order everywhere
         loss = _policy_loss(st.train_model, seqs[sl], masks[sl], advs[sl], denom, rt.device, st.tok.bos_id)
-        st.opt.arm(b == n_micro - 1)
-        (loss * rt.world_size).backward()  # the optimizer averages gradients over ranks
+        st.arm(b == n_micro - 1)
+        st.backward(loss * rt.world_size)  # the optimizer averages gradients over ranks
         loss_sum += loss.detach()
     _ensure_grads(st.model)
     mean_reward, mean_len = float(n_tok[1] / n_tok[2]), float(n_tok[3] / n_tok[2])

@@ -106,6 +106,35 @@ def _flatten_scores(obj: Any, out: dict[str, float], prefix: str = "") -> None:
                 _flatten_scores(v, out, k)
 
 
+def time_to_core(rdir: Path) -> dict[str, Any] | None:
+    """The pretraining's --core-target outcome from its metrics: the record of the step that reached the target,
+    else (not reached) the target and the best CORE seen; None without a target."""
+    hit, cores = None, []
+    for rec in read_jsonl(rdir / "base" / "metrics.jsonl"):
+        if not isinstance(rec, dict):
+            continue
+        if "time_to_target_s" in rec:
+            hit = rec
+        elif isinstance(rec.get("core"), (int, float)):
+            cores.append(rec["core"])
+    if hit is not None:
+        return hit
+    try:
+        target = float((_read_json(rdir / "base" / "run.json").get("config") or {}).get("core_target") or 0)
+    except (TypeError, ValueError):
+        return None
+    return {"core_target": target, "best_core": max(cores) if cores else None} if target else None
+
+
+def target_line(t: dict[str, Any]) -> str:
+    """One line in the leaderboard's terms (nanochat's time-to-GPT-2: training steps only, evals excluded)."""
+    if "time_to_target_s" in t:
+        return (f"time to CORE {t['core_target']:g}: {_fmt_seconds(t['time_to_target_s'])} of training steps "
+                f"({t['time_to_target_s']:.0f}s, evals excluded) on {t.get('hardware', '?')}; reached at step "
+                f"{t['step']} with CORE {t['core']:.4f}")
+    best = f"{t['best_core']:.4f}" if t.get("best_core") is not None else "none measured"
+    return f"time to CORE {t['core_target']:g}: not reached (best CORE {best})"
+
 def collect_evals(run_dir: Path) -> dict[str, dict[str, float]]:
     """source -> {metric: value} from runs/<run>/eval/<source>_*.json."""
     out: dict[str, dict[str, float]] = {s: {} for s in SOURCES}
@@ -311,6 +340,10 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
         if price is not None and n_gpu:
             lines.append(f"Estimated cost: **${total / 3600 * n_gpu * price:.2f}** "
                          f"({n_gpu} GPU(s) x {_fmt_seconds(total)} x ${price}/GPU-hour)")
+    target = time_to_core(rdir)
+    if target:
+        lines += ["", target_line(target).replace("time to CORE", "Time to CORE", 1)]
+    if total:
         lines += ["", "| stage | time |", "|---|---|"]
         for k, v in stage_times.items():
             lines.append(f"| {k} | {_fmt_seconds(v)} |")

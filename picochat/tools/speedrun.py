@@ -11,6 +11,11 @@ inputs changed (its old outputs are removed first, so nothing stale is resumed).
 
 Presets are plain data (`PRESETS`): the depth, data amounts, batch sizes, which stages run, eval sizes. Any stage
 flag can be overridden with `--set stage.flag=value` (e.g. `--set pretrain.num-iterations=100`).
+
+`--until-core 0.2565` is nanochat's leaderboard protocol: pretraining evaluates CORE as it goes (`pretrain
+--core-target`, every 5% of the run unless `--set pretrain.core-every=N`), saves and stops at the first eval that
+reaches the score, logs the wall clock of its training steps until then, and the pipeline goes on from that
+checkpoint; the summary and the report show the time.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 from picochat.config import UserError, fingerprint, require, require_dir
 from picochat.files import atomic_write_text
+from picochat.tools.report import target_line, time_to_core
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -106,6 +112,7 @@ class SpeedrunConfig:
     gpus: str | None = None             # dry run: plan for NAME:COUNT GPUs instead of this machine's
     nproc: int | None = None            # GPUs to use (default: all visible)
     data_dir: str | None = None         # use these shards instead of the preset's data source
+    until_core: float | None = None     # pretraining stops at the first CORE eval reaching this score
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,6 +205,8 @@ def build_plan(cfg: SpeedrunConfig, preset: Preset, run: str, nproc: int) -> lis
         d = dict(preset.stage_args.get(stage, {}))
         if cfg.max_steps is not None and stage in ("pretrain", "midtrain", "sft", "rl"):
             d["num-iterations"] = cfg.max_steps
+        if cfg.until_core is not None and stage == "pretrain":
+            d["core-target"] = cfg.until_core
         d.update(overrides.get(stage, {}))
         return d
 
@@ -772,6 +781,11 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
         raise UserError(f"not enough disk under {home}: {free / 1e9:.1f} GB free, ~{est['disk_bytes'] / 1e9:.1f} GB "
                         f"needed (see `picochat speedrun --dry-run`); free space or set PICOCHAT_HOME")
 
+    if cfg.until_core is not None and any(sp.name == "pretrain" for sp in plan):
+        from picochat.evals import core_eval  # lazy: torch (~2 s)
+
+        # fetched (or refused, in one line) before hours of data and tokenizer work, not when pretraining starts
+        core_eval.resolve_bundle(parse_sets(cfg.sets).get("pretrain", {}).get("core-bundle"))
     rdir = run_dir(run_name)
     if cfg.force_restart and rdir.exists():
         if not cfg.yes:
@@ -880,12 +894,17 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     print(f"  {'total':<10} {'':<8} {_fmt_time(total):>10}  (this invocation: {_fmt_time(time.time() - t_total)})")
     if money.rate:
         print(f"  spent: ${money.spent():,.2f} at ${money.rate:,.2f}/hour (all invocations of this run)")
+    target = time_to_core(rdir)
+    if cfg.until_core is not None or target:
+        print(f"  {target_line(target) if target else 'time to CORE target: no CORE target record'}")
     report = rdir / "report.md"
     if report.exists():
         print(f"[speedrun] report: {report}")
     print(f"[speedrun] talk to it: picochat chat --run {run_name}   or   picochat serve --run {run_name}")
     print(f"[speedrun] share it: picochat export --run {run_name} --out {run_name}-chat")
-    return {"run": run_name, "preset": name, "stages": summary, "total_seconds": total, "spent": money.spent()}
+    return {"run": run_name, "preset": name, "stages": summary, "total_seconds": total, "spent": money.spent(),
+            **({"time_to_core": target} if target else {})}
+
 
 
 def _wait_background(proc: subprocess.Popen, what: str) -> None:
@@ -914,6 +933,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.FLAG=VALUE",
                         help="override a stage flag, e.g. --set pretrain.num-iterations=100 (repeatable)")
     parser.add_argument("--data-dir", default=None, help="pretrain on these shards instead of the preset's data")
+    parser.add_argument("--until-core", type=float, default=None, metavar="SCORE",
+                        help="nanochat's leaderboard protocol: pretraining stops at the first CORE eval reaching "
+                             "SCORE (0.2565 = GPT-2) and reports its training time; the pipeline goes on from there")
     parser.add_argument("--nproc", type=int, default=None, help="GPUs to use (default: all visible)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, time and cost; run nothing")
     parser.add_argument("--price", type=float, default=None,
@@ -933,6 +955,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--max-steps", args.max_steps, 1), ("--nproc", args.nproc, 1),
                              ("--price", args.price, 0)):
         require(value is None or (math.isfinite(value) and value >= low), f"{flag} {value}: must be >= {low}")
+    until = getattr(args, "until_core", None)
+    require(until is None or (math.isfinite(until) and 0 < until <= 1),
+            f"--until-core {until}: a CORE score in (0, 1], e.g. 0.2565 (GPT-2's)")
     if args.data_dir:
         require_dir(args.data_dir, "--data-dir", "pass a shard folder (`picochat data download|prepare` make one), "
                                                  "or drop --data-dir for the preset's data")
@@ -943,7 +968,7 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = SpeedrunConfig(preset=args.preset, run=args.run, rl=args.rl, stages=args.stages, max_steps=args.max_steps,
                          sets=args.sets, force_restart=args.force_restart, yes=args.yes, dry_run=args.dry_run,
                          price=args.price, budget=args.budget, gpus=args.gpus, nproc=args.nproc,
-                         data_dir=args.data_dir)
+                         data_dir=args.data_dir, until_core=args.until_core)
     result = run(cfg)
     if result.get("failed_stage") or result.get("budget_stop"):
         return int(result.get("rc") or 1)
