@@ -367,6 +367,8 @@ def _bwrap_argv(info: dict, in_dir: str, cmd: list[str], seccomp_fd: int | None 
             a += ["--symlink", os.readlink(host), host]
         elif os.path.isdir(host):
             a += ["--ro-bind", host, host]
+    for src, dest in _python_mounts():
+        a += ["--ro-bind", src, dest]
     a += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     for name in ("passwd", "group", "hosts"):
         a += ["--ro-bind", os.path.join(in_dir, name), f"/etc/{name}"]
@@ -376,9 +378,6 @@ def _bwrap_argv(info: dict, in_dir: str, cmd: list[str], seccomp_fd: int | None 
         if info.get("size_cap"):
             a += ["--size", str(size)]
         a += ["--tmpfs", dest]
-    # after the tmpfs mounts: an interpreter that lives under /tmp (a venv in a checkout there) stays visible
-    for src, dest in _python_mounts():
-        a += ["--ro-bind", src, dest]
     a += ["--ro-bind", in_dir, _IN,
           # the root and /dev are tmpfs too: read-only, so nothing but the capped mounts above takes writes
           "--remount-ro", "/dev", "--remount-ro", "/",
