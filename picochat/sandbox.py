@@ -4,8 +4,8 @@ The boundary is the kernel, through bubblewrap (`bwrap`, the sandbox under Flatp
 guard written in Python can be undone from inside the interpreter it guards, so the program gets a full, unpatched
 Python and a world that holds nothing worth reaching:
 
-- file system: `/usr` (and the `/bin`, `/lib*` links into it), the Python installation (prefix, venv,
-  site-packages) at the same paths, all read-only; a one-user `/etc/passwd`; a fresh, size-capped tmpfs at `/tmp`
+- file system: `/usr` (and the `/bin`, `/lib*` links into it), the base Python installation (prefix,
+  site-packages; never a venv) at the same paths, all read-only; a one-user `/etc/passwd`; a fresh, size-capped tmpfs at `/tmp`
   (its cwd and HOME) and at `/dev/shm`; a minimal `/dev`; everything else read-only and empty. No home directory,
   no repository, no `PICOCHAT_HOME`, no host `/etc`, no host `/tmp`.
 - namespaces: user (uid/gid 65534, every capability dropped, no nested user namespaces), pid (own `/proc`; the
@@ -291,12 +291,22 @@ class _PidsCgroup:
 # the bwrap command line
 
 
+def _interpreter() -> str:
+    """The Python installation's own interpreter, which the sandbox runs: from a virtual environment, its base (a
+    venv's bin/python points there). The venv itself -- often inside the checkout, as run.sh makes it -- is then
+    never mounted, and model-written code sees the standard library and the base install's packages only."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 def _python_mounts() -> list[tuple[str, str]]:
-    """(host source, sandbox destination) pairs that make this interpreter work inside: its prefix(es), the
-    directory of sys.executable and the stdlib/site-packages dirs, each at its own path and at its resolved path
-    (a venv's bin/python is a symlink into the base install; pyenv/conda live outside /usr)."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable)}
-    paths |= {p for k, p in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib") and p}
+    """(host source, sandbox destination) pairs that make the base interpreter work inside: its prefixes, its
+    directory and its stdlib/site-packages dirs, each at its own path and at its resolved path (pyenv/conda live
+    outside /usr)."""
+    paths = {sys.base_prefix, sys.base_exec_prefix, os.path.dirname(_interpreter())}
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix}
+    paths |= {p for k, p in sysconfig.get_paths(vars=base).items()
+              if k in ("stdlib", "platstdlib", "purelib", "platlib") and p}
     pairs: set[tuple[str, str]] = set()
     for p in paths:
         if not os.path.isdir(p):
@@ -504,7 +514,7 @@ def _run_bwrap(info: dict, code: str, *, timeout_s: float, memory_mb: int, stdin
             (root / "seccomp.bpf").write_bytes(bpf)
             seccomp_fd = os.open(root / "seccomp.bpf", os.O_RDONLY)
         cpu_s = max(1, int(timeout_s) + 1)
-        cmd = [sys.executable, "-I", "-B", f"{_IN}/prelude.py", str(int(memory_mb)), str(cpu_s),
+        cmd = [_interpreter(), "-I", "-B", f"{_IN}/prelude.py", str(int(memory_mb)), str(cpu_s),
                str(FILE_SIZE_LIMIT), str(OPEN_FILES_LIMIT), str(_nproc_limit()), f"{_IN}/main.py"]
         argv = _bwrap_argv(info, str(root / "in"), cmd, seccomp_fd)
         if info.get("pids_cgroup"):
