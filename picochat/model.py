@@ -198,7 +198,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, kv_cache):
+    def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin, window, kv_cache):
+        # the residual mix belongs to the block so a compiled block (warmup.compile_blocks) fuses it in
+        x = resid_lambda.to(x.dtype) * x + x0_lambda.to(x.dtype) * x0
         x = x + self.attn(rms_norm(x), ve, cos, sin, window, kv_cache)
         return x + self.mlp(rms_norm(x))
 
@@ -314,15 +316,18 @@ class GPT(nn.Module):
         x0 = x
         x_mid = None
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
         if kv_cache is not None:
             kv_cache.pos += T
         if self.backout_lambda is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
+        return self.head(x, targets, loss_reduction)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None, loss_reduction: str = "mean") -> torch.Tensor:
+        """Final norm, then logits (B, T, vocab) in fp32, or the loss when targets are given."""
         x = rms_norm(x)
         if targets is not None and loss_reduction in ("mean", "sum") and self.fused_loss and torch.is_grad_enabled():
             return fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),

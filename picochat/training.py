@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from picochat import warmup
 from picochat.checkpoint import (all_ranks, checkpoint_files, disk_full_error, quarantine, read_meta,
                                  verify_checkpoint)
 from picochat.config import UserError, to_dict
@@ -802,6 +803,10 @@ def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.devic
         raise UserError(f"--activation-budget {activation_budget}: this torch ({torch.__version__}) has no "
                         f"activation memory budget; upgrade torch or drop the flag")
     budget = f", activation budget {activation_budget:g}" if activation_budget < 1.0 else ""
+    if warmup.compile_scope() == "blocks":
+        print0(f"[compile] torch.compile of each block and the head (dynamic=False{budget}, "
+               f"{warmup.SCOPE_ENV}=blocks): the first step takes a while")
+        return warmup.compile_blocks(model)
     print0(f"[compile] torch.compile(model, dynamic=False{budget}): the first step takes a while")
     return torch.compile(model, dynamic=False)
 
@@ -845,8 +850,11 @@ def prepare_model(model: torch.nn.Module, *, device: torch.device, dtype: torch.
     compiled = should_compile(compile, device)
     fp8_on = apply_fp8(model, fp8, device, compiled) > 0
     attention.prepare(model.window_sizes, seq_len, device)
+    cache = warmup.use_compile_cache(device) if compiled else None
+    if cache is not None:
+        print0(f"[compile] {warmup.describe_cache(cache)}")
     cmodel = maybe_compile(model, compile, device, activation_budget)
-    return cmodel, {"compiled": compiled, "fp8": fp8_on,
+    return cmodel, {"compiled": compiled, "fp8": fp8_on, "cache": cache,
                     "fp8_scope": fp8_ops.scope(model.config.n_layer) if fp8_on else None}
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from picochat import checkpoint as ckpt_mod
-from picochat import optim, scaling, training
+from picochat import optim, scaling, training, warmup
 from picochat.config import UserError, check_ranges, check_run_name, require, require_dir, to_dict
 from picochat.conversation import RenderStats, render, render_for_completion
 from picochat.data import synth
@@ -510,6 +510,7 @@ class Stage:
     last_ckpt: Path | None = None
     lock: Any = None  # training.StageLock on rank 0: this process is the stage's one trainer
     scaler: training.LossScaler | None = None  # fp16 only: step functions back-propagate through `backward`
+    info: dict = field(default_factory=dict)  # prepare_model's info, plus start-up time stamps ("marks")
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate a step function's loss: plain, or scaled under fp16 (`training.LossScaler`)."""
@@ -567,16 +568,19 @@ def open_stage(name: str, cfg: ChatStageConfig, *, source: str, source_order: Se
     The one `finally` restores the signal handlers, closes the metrics and leaves the process group, however the
     stage ends."""
     st = Stage(name, cfg, init_runtime(cfg.device or None, cfg.dtype or None, seed=cfg.seed))
+    marks = {"setup": time.time()}
     try:
         _load(st, source, source_order, shape_of, check)
+        marks["model"] = time.time()
         num_steps, record = setup(st)
         st.num_steps = num_steps
         st.opt = build_optimizer(st.model, st.shape, cfg.weight_decay)
         st.scaler = training.loss_scaler(st.rt.dtype)
         _restore(st, same_world)
-        st.train_model, _ = training.prepare_model(st.model, device=st.rt.device, dtype=st.rt.dtype,
-                                                   seq_len=st.shape["max_seq_len"], compile=compile, fp8=False)
+        st.train_model, st.info = training.prepare_model(st.model, device=st.rt.device, dtype=st.rt.dtype,
+                                                         seq_len=st.shape["max_seq_len"], compile=compile, fp8=False)
         _begin(st, record)
+        st.info["marks"] = {**marks, "loop": time.time()}
         yield st
     finally:
         if st.stop is not None:
@@ -676,7 +680,8 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
             meter.saved(time.monotonic() - t0)
 
     try:
-        with training.Heartbeat(st.name, doing, meter=meter) as hb:
+        with training.Heartbeat(st.name, doing, meter=meter) as hb, warmup.CompileWatch(st.info["cache"], hb) as watch:
+            first = st.step + 1
             while st.step < st.num_steps:
                 if st.eval_due():
                     last_eval = _evaluate(st, evaluate)
@@ -697,6 +702,11 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
                                                  eta_s=eta, extra=out.extra,
                                                  cost=meter.text(eta) if meter is not None else ""))
                 st.metrics.log({"step": st.step, "loss": loss, "lrm": lrm, "dt": dt, **out.log})
+                if st.step == first:
+                    startup = warmup.startup_breakdown(st.info["marks"], watch if st.info["compiled"] else None, dt,
+                                                       now=time.time())
+                    print0(warmup.format_breakdown(startup))
+                    st.metrics.log({"step": st.step, "startup": startup})
                 by_budget = stop_now and not st.stop.requested and meter is not None and meter.budget is not None
                 if stop_now and not (by_budget and st.step >= st.num_steps):  # a last step goes on to its eval
                     save(last_eval)

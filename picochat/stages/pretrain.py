@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from picochat import scaling
+from picochat import scaling, warmup
 from picochat.checkpoint import (checkpoints_dir, load_model_state, load_rank_files, read_meta, save_checkpoint,
                                  update_meta)
 from picochat.config import (UserError, add_config_args, check_ranges, check_run_name, config_from_args, require,
@@ -600,6 +600,7 @@ def setup(cfg: PretrainConfig, preset_applied: bool = False) -> tuple[Stage, Loo
 
 def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, ckpt_root: Path,
                   lock: Any) -> tuple[Stage, LoopState, Any]:
+    marks = {"setup": time.time()}
     ck = find_resume_checkpoint(ckpt_root, cfg.resume)
     resume_micro = None
     if ck is not None:
@@ -611,6 +612,7 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
     model = build_model(plan.model_config, device=rt.device)
     cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
                                  fp8=cfg.fp8, activation_budget=cfg.activation_budget)
+    marks["model"] = time.time()
     opt = make_optimizer(model, cfg, plan, compile_step=info["compiled"])
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
     scaler = loss_scaler(rt.dtype)
@@ -634,6 +636,7 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
                 token_bytes=tok.token_bytes().to(rt.device), peak=peak_flops(rt.device), fpt=model.flops_per_token(),
                 wandb_run=_wandb_init(cfg, plan) if cfg.wandb and rt.master else None, lock=lock, scaler=scaler,
                 core_every=core_every)
+    info["marks"] = {**marks, "loop": time.time()}
     return ctx, state, held if held is not None else loader.next_batch()
 
 
@@ -682,7 +685,7 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
     first = "running the first step (compiling)" if ctx.info["compiled"] else "running the first step"
     ctx.meter = CostMeter.from_env()
     try:
-        with Heartbeat("pretrain", first, meter=ctx.meter) as hb:
+        with Heartbeat("pretrain", first, meter=ctx.meter) as hb, warmup.CompileWatch(ctx.info["cache"], hb) as watch:
             if target_met(cfg, st):
                 print0(f"[pretrain] {cfg.run} already reached CORE {st.target_reached['core']:.4f} >= "
                        f"{cfg.core_target:g} at step {st.step}; nothing to train (--resume wipe starts over)")
@@ -702,6 +705,7 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
                 log_step(ctx, st, timer, lrm, dt)
                 if st.step == st.start_step + 1:
                     freeze_gc()
+                    ctx.info["startup"] = report_startup(ctx, st.step, watch, dt)
                 hb.beat("training")
                 if after_step(ctx, st, hb, batch, stop, stop_now):
                     break
@@ -884,6 +888,14 @@ def _report_target(ctx: Stage, st: LoopState) -> None:
            f"more); checkpoint {st.last_ckpt}")
 
 
+def report_startup(ctx: Stage, step: int, watch: warmup.CompileWatch, first_step_s: float) -> dict[str, Any]:
+    """The start-up breakdown after the first step: printed, and a `startup` record in metrics.jsonl."""
+    b = warmup.startup_breakdown(ctx.info["marks"], watch if ctx.info["compiled"] else None, first_step_s)
+    print0(warmup.format_breakdown(b))
+    ctx.metrics.log({"step": step, "startup": b})
+    return b
+
+
 def summarize(ctx: Stage, st: LoopState, timer: StepTimer) -> dict[str, Any]:
     plan, rt = ctx.plan, ctx.rt
     tokens_per_step = plan.total_batch_size
@@ -895,7 +907,7 @@ def summarize(ctx: Stage, st: LoopState, timer: StepTimer) -> dict[str, Any]:
         "tok_per_s": round(tokens_per_step / timer.mean()) if timer.mean() else None,
         "peak_mem_gb": peak_memory_gb(rt.device), "checkpoint": str(st.last_ckpt) if st.last_ckpt else None,
         "stopped_early": st.stopped_early, "params": plan.derived["params_total"], "fp8": ctx.info["fp8"],
-        "fp8_scope": ctx.info["fp8_scope"],
+        "fp8_scope": ctx.info["fp8_scope"], "startup": ctx.info.get("startup"),
     }
     if ctx.cfg.core_target:
         summary.update(core=st.core, core_target=ctx.cfg.core_target, target_reached=st.target_reached,

@@ -1,0 +1,178 @@
+"""Start-up cost: a compile cache that outlives the process, regional compilation, and saying what warm-up does.
+
+torch.compile's first step is most of a restart (README "Start-up"): Dynamo traces the model, Inductor lowers it and
+Triton builds every kernel. Three things cut or explain it:
+
+- `use_compile_cache`: Inductor's caches (FX graphs, AOTAutograd, autotuning) and Triton's kernels go under
+  `PICOCHAT_HOME/cache/compile/<key>`, not a per-user folder in /tmp that a new container never has. On Modal,
+  PICOCHAT_HOME is the volume, so every container after the first starts warm. The key names torch, Triton, CUDA,
+  the GPU and Python, so an upgrade or another GPU starts a fresh folder instead of loading stale artifacts.
+- `compile_blocks` (PICOCHAT_COMPILE_SCOPE=blocks): compile one transformer block and reuse it for every layer
+  (Dynamo reuses a graph across module instances when parameters are graph inputs), plus the head, instead of one
+  graph of the whole model whose size grows with depth.
+- `CompileWatch`: counts compiled graphs and their seconds through Dynamo's compile callbacks, names the cache state
+  in the heartbeat ("compiling graph 3, cache warm") and gives the start-up breakdown printed after the first step.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picochat import PROCESS_T0
+from picochat.runtime import picochat_home, print0
+
+CACHE_ENV = "PICOCHAT_COMPILE_CACHE"   # "off": leave torch's own cache folders alone
+SCOPE_ENV = "PICOCHAT_COMPILE_SCOPE"   # "model" (default) | "blocks"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The compile cache under PICOCHAT_HOME
+
+
+def compile_cache_key(device: torch.device) -> str:
+    """One folder name per software and hardware combination whose compiled artifacts can be shared.
+
+    Inductor's own keys already hash the graph, its config and the torch version, but Triton kernels built for one GPU
+    architecture (or one CUDA) fail or mislead on another, and folders of dead versions should be easy to delete."""
+    parts = [f"torch{torch.__version__.split('+')[0]}"]
+    try:
+        import triton
+        parts.append(f"triton{triton.__version__}")
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        parts += [f"cuda{torch.version.cuda}", f"sm{major}{minor}", torch.cuda.get_device_name(device)]
+    else:
+        parts.append(device.type)
+    parts.append("py" + ".".join(platform.python_version_tuple()[:2]))
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
+
+
+def cache_entries(folder: Path) -> int:
+    """Files under the cache folder (0 when absent): the 'warm' or 'cold' of the messages."""
+    if not folder.is_dir():
+        return 0
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def use_compile_cache(device: torch.device, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Point Inductor and Triton at `PICOCHAT_HOME/cache/compile/<key>` (before the first compile) and describe it.
+
+    A TORCHINDUCTOR_CACHE_DIR set by the user wins, as does PICOCHAT_COMPILE_CACHE=off. Returns {"dir", "state"
+    ("warm" | "cold" | "user" | "off"), "entries"}."""
+    env = os.environ if env is None else env
+    if env.get(CACHE_ENV, "").lower() in ("off", "0", "no"):
+        return {"dir": None, "state": "off", "entries": 0}
+    folder = picochat_home() / "cache" / "compile" / compile_cache_key(device)
+    user = env.get("TORCHINDUCTOR_CACHE_DIR")
+    if user and Path(user) != folder:  # set outside picochat (a second stage in this process set it to `folder`)
+        return {"dir": user, "state": "user", "entries": cache_entries(Path(user))}
+    n = cache_entries(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    env.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return {"dir": str(folder), "state": "warm" if n else "cold", "entries": n}
+
+
+def describe_cache(cache: dict[str, Any]) -> str:
+    if cache["state"] == "off":
+        return f"compile cache: torch's default folders ({CACHE_ENV}=off)"
+    how = {"warm": f"warm, {cache['entries']} files", "cold": "cold, empty",
+           "user": f"TORCHINDUCTOR_CACHE_DIR, {cache['entries']} files"}[cache["state"]]
+    return f"compile cache: {cache['dir']} ({how})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regional compilation
+
+
+def compile_scope(env: dict[str, str] | None = None) -> str:
+    scope = (os.environ if env is None else env).get(SCOPE_ENV, "model") or "model"
+    if scope not in ("model", "blocks"):
+        from picochat.config import UserError
+        raise UserError(f"{SCOPE_ENV}={scope!r}: must be 'model' (one graph of the whole model) or 'blocks' "
+                        f"(one graph per distinct block, reused across layers)")
+    return scope
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kw: Any) -> torch.nn.Module:
+    """Compile every block in place (`Module.compile`: same parameters, same state_dict keys) and the loss head;
+    embeddings, smear and backout stay eager. Blocks differ only in window size and value embeddings, so Dynamo
+    compiles a few graphs, not one per layer. Returns the model itself: the module to call for training."""
+    for key in ("recompile_limit", "cache_size_limit"):  # one graph per distinct block kind, more than 8 at depth
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
+    for block in model.blocks:
+        block.compile(dynamic=False, **compile_kw)
+    model.head = torch.compile(model.head, dynamic=False, **compile_kw)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What warm-up is doing
+
+
+class CompileWatch:
+    """Count Dynamo compilations and their wall time while the block runs; keep a heartbeat's text current.
+
+    Dynamo's start/end callbacks (torch._dynamo.callback) fire around every graph it compiles, including the
+    backward and optimizer graphs compiled lazily. Where this torch has no such hook, the watch only times."""
+
+    def __init__(self, cache: dict[str, Any] | None = None, heartbeat: Any = None):
+        self.cache, self.heartbeat = cache or {"state": "off"}, heartbeat
+        self.graphs, self.compile_s, self._t = 0, 0.0, 0.0
+        self._handler = None
+
+    def _start(self, *args: Any) -> None:
+        self.graphs += 1
+        self._t = time.perf_counter()
+        if self.heartbeat is not None:  # the next heartbeat line says it; no extra line now
+            self.heartbeat.what = f"compiling graph {self.graphs} (compile cache {self.cache['state']})"
+
+    def _end(self, *args: Any) -> None:
+        self.compile_s += time.perf_counter() - self._t
+
+    def __enter__(self) -> "CompileWatch":
+        try:
+            from torch._dynamo.callback import callback_handler
+        except ImportError:
+            return self
+        self._handler = callback_handler
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handler is not None:
+            self._handler.remove_start_callback(self._start)
+            self._handler.remove_end_callback(self._end)
+
+
+def startup_breakdown(marks: dict[str, float], watch: CompileWatch | None, first_step_s: float,
+                      now: float | None = None) -> dict[str, Any]:
+    """Seconds from process start to the end of the first step (`now`; default: the 'loop' mark + the step), by
+    phase. `marks` holds time.time() stamps: 'setup' (imports and runtime done), 'model' (model built or loaded,
+    and prepared in pretraining) and 'loop' (optimizer, data, resume and run header done; chat stages prepare the
+    model here). An eval before the first step counts in the total only."""
+    t_end = marks["loop"] + first_step_s if now is None else now
+    out = {"start_s": marks["setup"] - PROCESS_T0, "model_s": marks["model"] - marks["setup"],
+           "setup_s": marks["loop"] - marks["model"], "first_step_s": first_step_s, "total_s": t_end - PROCESS_T0}
+    if watch is not None:
+        out.update(graphs=watch.graphs, compile_s=watch.compile_s, cache=watch.cache["state"])
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def format_breakdown(b: dict[str, Any]) -> str:
+    text = (f"[startup] first step done {b['total_s']:.1f}s after start: imports/runtime {b['start_s']:.1f}s, "
+            f"model {b['model_s']:.1f}s, optimizer/data/resume {b['setup_s']:.1f}s, first step {b['first_step_s']:.1f}s")
+    if b.get("graphs"):
+        text += f" (of which Dynamo+Inductor compiled {b['graphs']} graphs in {b['compile_s']:.1f}s, cache {b['cache']})"
+    return text

@@ -1,0 +1,114 @@
+"""Start-up: the compile cache's keying and folder, regional compilation = whole model, warm-up messages and the
+start-up breakdown of a real (CPU) pretraining run."""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat import training, warmup
+from picochat.config import UserError
+from picochat.model import GPTConfig, build_model
+from picochat.stages.pretrain import PretrainConfig, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+def test_cache_key_changes_with_torch_and_names_the_device(monkeypatch):
+    key = warmup.compile_cache_key(CPU)
+    assert key.startswith(f"torch{torch.__version__.split('+')[0]}") and "cpu" in key
+    assert all(c.isalnum() or c in "._-" for c in key)
+    monkeypatch.setattr(torch, "__version__", "9.9.9+cu999 weird/name")
+    other = warmup.compile_cache_key(CPU)
+    assert other != key and other.startswith("torch9.9.9") and "/" not in other
+
+
+def test_cache_folder_cold_then_warm_under_picochat_home():
+    env: dict[str, str] = {}
+    first = warmup.use_compile_cache(CPU, env)
+    folder = Path(os.environ["PICOCHAT_HOME"]) / "cache" / "compile" / warmup.compile_cache_key(CPU)
+    assert first == {"dir": str(folder), "state": "cold", "entries": 0}
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and env["TRITON_CACHE_DIR"] == str(folder / "triton")
+    (folder / "fxgraph").mkdir()
+    (folder / "fxgraph" / "entry").write_text("x")
+    again = warmup.use_compile_cache(CPU, env)  # a second stage in the same process: still ours, now warm
+    assert again["state"] == "warm" and again["entries"] == 1
+    assert "warm, 1 files" in warmup.describe_cache(again)
+
+
+def test_cache_respects_the_users_folder_and_the_off_switch(tmp_path):
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")}
+    got = warmup.use_compile_cache(CPU, env)
+    assert got["state"] == "user" and env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert "TRITON_CACHE_DIR" not in env
+    off = {warmup.CACHE_ENV: "off"}
+    assert warmup.use_compile_cache(CPU, off)["state"] == "off" and "TORCHINDUCTOR_CACHE_DIR" not in off
+    assert "PICOCHAT_COMPILE_CACHE=off" in warmup.describe_cache({"state": "off"})
+
+
+def test_compile_scope_is_checked():
+    assert warmup.compile_scope({}) == "model"
+    assert warmup.compile_scope({warmup.SCOPE_ENV: "blocks"}) == "blocks"
+    with pytest.raises(UserError, match="PICOCHAT_COMPILE_SCOPE='layers'.*'model'.*'blocks'"):
+        warmup.compile_scope({warmup.SCOPE_ENV: "layers"})
+
+
+def test_regional_compile_matches_the_eager_model_and_reuses_graphs():
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=32, vocab_size=128, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
+                    window_pattern="SL", value_embeds=True)
+    eager = build_model(cfg)
+    regional = copy.deepcopy(eager)
+    idx = torch.randint(0, 128, (2, 32))
+    with warmup.CompileWatch() as watch:
+        out = warmup.compile_blocks(regional, backend="eager")
+        loss = out(idx, idx)
+        loss.backward()
+    ref = eager(idx, idx)
+    ref.backward()
+    assert out is regional and list(regional.state_dict()) == list(eager.state_dict())
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(regional.blocks[1].mlp.c_fc.weight.grad, eager.blocks[1].mlp.c_fc.weight.grad, atol=1e-6)
+    # four layers, but only (window kind x value-embed presence) block graphs plus the head
+    assert 1 <= watch.graphs < cfg.n_layer + 1 + 1
+
+
+def test_compile_watch_keeps_the_heartbeat_current():
+    hb = training.Heartbeat("pretrain", "running the first step")
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    with warmup.CompileWatch({"state": "cold"}, hb) as watch:
+        fn(torch.ones(3))
+    assert watch.graphs == 1 and watch.compile_s >= 0
+    assert hb.what == "compiling graph 1 (compile cache cold)"
+    fn(torch.ones(3))  # after the watch: no longer counted
+    assert watch.graphs == 1
+
+
+def test_startup_breakdown_adds_up():
+    t0 = warmup.PROCESS_T0
+    marks = {"setup": t0 + 2.0, "model": t0 + 3.5, "loop": t0 + 4.0}
+    watch = warmup.CompileWatch({"state": "warm"})
+    watch.graphs, watch.compile_s = 5, 12.25
+    b = warmup.startup_breakdown(marks, watch, 20.0)
+    assert b == {"start_s": 2.0, "model_s": 1.5, "setup_s": 0.5, "first_step_s": 20.0, "total_s": 24.0,
+                 "graphs": 5, "compile_s": 12.25, "cache": "warm"}
+    line = warmup.format_breakdown(b)
+    assert line.startswith("[startup] first step done 24.0s after start") and "5 graphs in 12.2s, cache warm" in line
+
+
+def test_pretraining_reports_its_startup(capsys):
+    cfg = PretrainConfig(data="random", vocab_size=128, depth=2, aspect_ratio=32, head_dim=16, seq_len=32,
+                         device_batch_size=2, total_batch_size=64, run="startup", num_iterations=2, eval_every=0,
+                         eval_tokens=128, sample_every=-1, save_every=0)
+    out = run(cfg)
+    assert out["startup"]["first_step_s"] >= 0 and out["startup"]["total_s"] >= out["startup"]["first_step_s"]
+    assert "graphs" not in out["startup"]  # not compiled on a CPU by default
+    assert "[startup] first step done" in capsys.readouterr().out
+    recs = [json.loads(line) for line in (Path(os.environ["PICOCHAT_HOME"]) / "runs" / "startup" / "base" /
+                                          "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "startup" in r] == [1]
