@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -202,8 +203,20 @@ def checkpoint_files(ckpt: str | Path) -> list[str]:
     return sorted(p.name for p in Path(ckpt).glob("*.pt"))
 
 
+_VERIFIED: set[tuple] = set()  # checkpoints this process has just verified (newest_loadable, then load_model)
+
+
+def _verified_key(ckpt: str | Path, names: set[str] | None) -> tuple:
+    meta = Path(ckpt) / "meta.json"
+    return (str(Path(ckpt).resolve()), frozenset(names or ()), meta.stat().st_mtime_ns if meta.exists() else None)
+
+
 def check_checkpoint(ckpt: str | Path, names: set[str] | None = None) -> None:
-    """Raise one UserError naming the checkpoint and what is wrong with it, unless it verifies."""
+    """Raise one UserError naming the checkpoint and what is wrong with it, unless it verifies (or this process
+    verified it a moment ago, when `newest_loadable` picked it: a model's files are hashed once per load)."""
+    if _verified_key(ckpt, names) in _VERIFIED:
+        _VERIFIED.discard(_verified_key(ckpt, names))
+        return
     problems = verify_checkpoint(ckpt, names)
     if problems:
         raise UserError(f"checkpoint {ckpt} fails verification: {'; '.join(problems)}. Load another checkpoint "
@@ -521,7 +534,26 @@ def find_run_with_stage(stage: str, run: str | None = None) -> tuple[str, Path]:
         where = f"run {run!r}" if run else f"any run under {runs_root}"
         raise UserError(f"no '{stage}' checkpoint found in {where}; train one first "
                         f"(e.g. `picochat speedrun --preset tiny`) or pass --run NAME")
-    return best[1], best[2]
+    return best[1], newest_loadable(checkpoints_dir(best[1], stage))
+
+
+def newest_loadable(ckpt_root: Path) -> Path:
+    """The newest checkpoint under `ckpt_root` whose model files verify; each newer damaged one is named in a
+    warning and left in place (loading never moves or deletes anything). One UserError when none verifies."""
+    ckpts = list_checkpoints(ckpt_root)
+    damaged = []
+    for ck in reversed(ckpts):
+        problems = verify_checkpoint(ck, MODEL_FILES)
+        if not problems:
+            for bad, why in damaged:  # stderr: `picochat chat -p` keeps stdout for the answer
+                if get_rank() == 0:
+                    print(f"[checkpoint] WARNING: {bad} fails verification ({why}); loading {ck.name} instead",
+                          file=sys.stderr, flush=True)
+            _VERIFIED.add(_verified_key(ck, MODEL_FILES))
+            return ck
+        damaged.append((ck, "; ".join(problems)))
+    raise UserError(f"no checkpoint under {ckpt_root} verifies: " + " | ".join(f"{c.name}: {w}" for c, w in damaged)
+                    + ". Retrain the stage (`--resume wipe`) or restore the files")
 
 
 MODEL_FILES = {"model.pt", "model.safetensors", "tokenizer/tokenizer.json"}  # what loading a model reads

@@ -166,6 +166,30 @@ def test_loading_a_damaged_checkpoint_is_one_clear_error(how):
     assert "Traceback" not in res.stderr and "fails verification" in res.stderr
 
 
+def test_chat_serve_and_eval_by_run_name_load_past_a_damaged_newest_checkpoint(capsys):
+    root = checkpoints_dir("fallback", "sft")
+    good, m = _tiny_model_checkpoint(root, step=1)
+    bad, _ = _tiny_model_checkpoint(root, step=2)
+    _damage(bad / "model.pt", "flip")
+    before = _tree_digest(root)
+    run_name, ck = checkpoint.find_run_with_stage("sft", "fallback")
+    assert (run_name, ck) == ("fallback", good)
+    err = capsys.readouterr().err
+    assert f"{bad} fails verification" in err and "loading step_000001 instead" in err
+    model, _, _ = load_model(ck)
+    assert torch.equal(model.lm_head.weight, m.lm_head.weight)
+    assert _tree_digest(root) == before  # nothing moved or deleted by loading
+    # the real CLI, by run name: answers from step 1 and warns on stderr
+    res = subprocess.run([sys.executable, "-m", "picochat", "chat", "--run", "fallback", "--source", "sft",
+                          "--prompt", "hi", "--max-tokens", "2"], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "fails verification" in res.stderr and "fails verification" not in res.stdout
+    _damage(good / "model.pt", "truncate")
+    with pytest.raises(UserError, match=r"no checkpoint under .* verifies: step_000002: .*step_000001: "):
+        checkpoint.find_run_with_stage("sft", "fallback")
+
+
 def test_a_checkpoint_without_checksums_still_loads_and_its_zip_crcs_are_checked(capsys):
     ck, m = _tiny_model_checkpoint(checkpoints_dir("old", "base"))
     meta = json.loads((ck / "meta.json").read_text())

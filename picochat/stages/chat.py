@@ -143,6 +143,7 @@ def resolve_source(source: str, run: str, order: Sequence[str]) -> tuple[str, Pa
         if latest is None:
             raise UserError(f"--source {source!r}: not a stage name ({', '.join(ckpt_mod.STAGES)}) and not a "
                             f"checkpoint directory")
+        latest = ckpt_mod.newest_loadable(latest.parent)  # past a damaged newest one, with a warning
         return run or ckpt_mod.read_meta(latest).get("run") or "default", latest
     stages = list(order) if source == "auto" else [source]
     last_error: UserError | None = None
