@@ -109,13 +109,23 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps(record, default=_json_default) + "\n")
-        self._f.flush()
+        line = json.dumps(record, default=_json_default) + "\n"
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as e:  # a full disk mid-run: one line; the rerun resumes and trims the torn line
+            if is_disk_full(e):
+                raise disk_full_error(e, str(self.path), self.path.parent, 64 * len(line),
+                                      "the checkpoints are intact and the rerun resumes from the newest") from e
+            raise
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError:  # the buffered tail of a full disk: `log` already raised the one-line error
+                pass
 
     def __enter__(self) -> "MetricsLogger":
         return self

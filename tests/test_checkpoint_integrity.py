@@ -411,6 +411,27 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path):
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.flush()
+
+    logger = training.MetricsLogger(tmp_path / "base" / "metrics.jsonl", enabled=True)
+    logger.log({"step": 1, "loss": 1.0})
+    logger._f.close()
+    logger._f = FullDisk()
+    with pytest.raises(UserError, match=r"disk full while writing .*metrics\.jsonl.*checkpoints are intact.*rerun"):
+        logger.log({"step": 2, "loss": 0.5})
+    logger.close()  # the buffered tail cannot be written either: no second, raw error
+    assert (tmp_path / "base" / "metrics.jsonl").read_text().count("\n") == 1
+
+
 def test_a_real_full_tmpfs_during_save(tmp_path, monkeypatch, reference):
     """The same on a real, tiny file system: the second checkpoint does not fit."""
     home = tmp_path / "small"
