@@ -72,7 +72,7 @@ def _hf_model(out: Path):
 
 
 def _hf_tok(out: Path):
-    return transformers.AutoTokenizer.from_pretrained(out)
+    return transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # as README and model card say
 
 
 def _ids(x) -> list[int]:

@@ -170,7 +170,7 @@ def _hf_card(meta: dict[str, Any], n_params: int, dtype: str, name: str, builtin
         f"step {meta.get('step')}, in Hugging Face transformers format as {kind}.", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})',
-        f'tok = AutoTokenizer.from_pretrained("{name}")',
+        f'tok = AutoTokenizer.from_pretrained("{name}"{remote})',
         'ids = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,',
         '                              return_tensors="pt", return_dict=True)',
         "out = model.generate(**ids, max_new_tokens=64, do_sample=False)",
