@@ -43,7 +43,7 @@ SUMMARY_ROWS = [
 KEYS = {
     "loss": ["loss", "train_loss", "smooth_loss"],
     "val_bpb": ["val_bpb"],
-    "tok_per_sec": ["tok_per_sec", "tokens_per_sec", "tok_s"],
+    "tok_per_sec": ["tok_per_s", "tok_per_sec", "tokens_per_sec", "tok_s"],
     "mfu": ["mfu"],
     "lr": ["lr", "lrm", "lr_mult"],
     "flops": ["total_flops", "flops"],
