@@ -746,17 +746,12 @@ def print_plan(preset: Preset, plan: list[StagePlan], est: dict[str, Any], nproc
 
 
 def run(cfg: SpeedrunConfig) -> dict[str, Any]:
+    """The whole pipeline: choose the preset, plan and price it, then run each stage as a child process, skipping the
+    done ones, resuming the interrupted one, stopping at the first failure or the budget. Returns the summary."""
     from picochat.runtime import picochat_home, run_dir  # lazy: torch (~2 s); only the stages need it
 
     hw = detect_hardware()
-    if cfg.preset is None:
-        name, why = choose_preset(hw)
-        print(f"[speedrun] preset {name}: {why}")
-    else:
-        name = cfg.preset
-    if name not in PRESETS:
-        raise UserError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
-    preset = PRESETS[name]
+    name, preset = _choose_preset(cfg, hw)
     run_name = cfg.run or preset.name
     check_money(cfg)
     if cfg.gpus and not cfg.dry_run:
@@ -770,23 +765,54 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
     home.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(home).free
     if cfg.dry_run:
-        print_plan(preset, plan, est, nproc, cfg.price, hw, cfg.budget)
-        print(f"  free disk under {home}: {free / 1e9:.1f} GB")
-        if free < est["disk_bytes"]:
-            print(f"  WARNING: not enough disk for this run: {free / 1e9:.1f} GB free, ~{est['disk_bytes'] / 1e9:.1f} "
-                  f"GB needed; a real run would refuse to start")
-        return {"dry_run": True, "preset": name, "run": run_name, "estimate": est,
-                "stages": [{"name": sp.name, "argv": sp.argv} for sp in plan]}
+        return _dry_run(cfg, preset, name, run_name, plan, est, nproc, hw, home, free)
     if free < est["disk_bytes"]:
         raise UserError(f"not enough disk under {home}: {free / 1e9:.1f} GB free, ~{est['disk_bytes'] / 1e9:.1f} GB "
                         f"needed (see `picochat speedrun --dry-run`); free space or set PICOCHAT_HOME")
-
     if cfg.until_core is not None and any(sp.name == "pretrain" for sp in plan):
         from picochat.evals import core_eval  # lazy: torch (~2 s)
 
         # fetched (or refused, in one line) before hours of data and tokenizer work, not when pretraining starts
         core_eval.resolve_bundle(parse_sets(cfg.sets).get("pretrain", {}).get("core-bundle"))
     rdir = run_dir(run_name)
+    if not _fresh_or_kept(cfg, rdir):
+        return {"aborted": True}
+    orch = _Orchestra.open(cfg, preset, name, run_name, nproc, hw, rdir, est)
+    t_total = time.time()
+    for i, sp in enumerate(plan):
+        stopped = orch.run_stage(sp, later=sum(orch.est_cost.get(p.name, 0.0) for p in plan[i + 1:]))
+        if stopped is not None:
+            return stopped
+    if orch.bg is not None:
+        _wait_background(orch.bg, "pretraining data download")
+    return orch.finish(t_total)
+
+
+def _choose_preset(cfg: SpeedrunConfig, hw: dict[str, Any]) -> tuple[str, Preset]:
+    if cfg.preset is None:
+        name, why = choose_preset(hw)
+        print(f"[speedrun] preset {name}: {why}")
+    else:
+        name = cfg.preset
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return name, PRESETS[name]
+
+
+def _dry_run(cfg: SpeedrunConfig, preset: Preset, name: str, run_name: str, plan: list[StagePlan],
+             est: dict[str, Any], nproc: int, hw: dict[str, Any], home: Path, free: int) -> dict[str, Any]:
+    print_plan(preset, plan, est, nproc, cfg.price, hw, cfg.budget)
+    print(f"  free disk under {home}: {free / 1e9:.1f} GB")
+    if free < est["disk_bytes"]:
+        print(f"  WARNING: not enough disk for this run: {free / 1e9:.1f} GB free, ~{est['disk_bytes'] / 1e9:.1f} "
+              f"GB needed; a real run would refuse to start")
+    return {"dry_run": True, "preset": name, "run": run_name, "estimate": est,
+            "stages": [{"name": sp.name, "argv": sp.argv} for sp in plan]}
+
+
+def _fresh_or_kept(cfg: SpeedrunConfig, rdir: Path) -> bool:
+    """--force-restart deletes the run folder (asking first on a terminal, else only with --yes); False when the
+    user declined. The folder and its logs/ exist afterwards."""
     if cfg.force_restart and rdir.exists():
         if not cfg.yes:
             if not sys.stdin.isatty():
@@ -794,117 +820,152 @@ def run(cfg: SpeedrunConfig) -> dict[str, Any]:
             answer = input(f"delete {rdir} and start over? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 print("[speedrun] not restarting")
-                return {"aborted": True}
+                return False
         shutil.rmtree(rdir)
     rdir.mkdir(parents=True, exist_ok=True)
     (rdir / "logs").mkdir(exist_ok=True)
-    wait_for_previous_child(rdir / "stage.pid")
-    state = RunState(rdir / "speedrun.json")
-    state.data.update(preset=name, run=run_name, hardware=hw)
-    state.data.setdefault("started", time.time())
-    state.save()
-    money = Money(state, cfg.price, nproc if hw["gpus"] else 1, cfg.budget, rdir / "budget_stop.json")
-    est_cost = {r["stage"]: r["seconds"] * money.rate / 3600 for r in est["stages"]}
+    return True
 
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+
+@dataclass
+class _Orchestra:
+    """One invocation of a speedrun: its state file, money meter, child environment, the background shard
+    download, the stage fingerprints of this invocation and the summary rows."""
+
+    cfg: SpeedrunConfig
+    preset: Preset
+    name: str
+    run_name: str
+    nproc: int
+    rdir: Path
+    state: RunState
+    money: Money
+    est_cost: dict[str, float]
+    env: dict[str, str]
     bg: subprocess.Popen | None = None
-    fps: dict[str, str] = {}
-    summary: list[dict[str, Any]] = []
-    t_total = time.time()
-    for i, sp in enumerate(plan):
-        upstream = [fps.get(u) or state.stage(u).get("fingerprint") for u in UPSTREAM[sp.name]]
+    fps: dict[str, str] = field(default_factory=dict)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, cfg: SpeedrunConfig, preset: Preset, name: str, run_name: str, nproc: int, hw: dict[str, Any],
+             rdir: Path, est: dict[str, Any]) -> "_Orchestra":
+        wait_for_previous_child(rdir / "stage.pid")
+        state = RunState(rdir / "speedrun.json")
+        state.data.update(preset=name, run=run_name, hardware=hw)
+        state.data.setdefault("started", time.time())
+        state.save()
+        money = Money(state, cfg.price, nproc if hw["gpus"] else 1, cfg.budget, rdir / "budget_stop.json")
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return cls(cfg, preset, name, run_name, nproc, rdir, state, money,
+                   {r["stage"]: r["seconds"] * money.rate / 3600 for r in est["stages"]}, env)
+
+    def stop_background(self) -> None:
+        if self.bg is not None:
+            self.bg.terminate()
+
+    def budget_stop(self, stage: str) -> dict[str, Any]:
+        return {"run": self.run_name, "budget_stop": stage, "rc": EXIT_BUDGET, "stages": self.summary,
+                "spent": self.money.spent()}
+
+    def run_stage(self, sp: StagePlan, later: float) -> dict[str, Any] | None:
+        """Skip, (re)run or refuse one stage; None to go on to the next, else what `run` returns."""
+        upstream = [self.fps.get(u) or self.state.stage(u).get("fingerprint") for u in UPSTREAM[sp.name]]
         fp = fingerprint({"argv": sp.argv, "upstream": upstream})
-        fps[sp.name] = fp
-        st = state.stage(sp.name)
+        self.fps[sp.name] = fp
+        st = self.state.stage(sp.name)
         if st.get("status") == "done" and st.get("fingerprint") == fp:
             print(f"[speedrun] ===== {sp.name}: done already ({st.get('seconds', 0):.0f}s), skipping =====")
-            summary.append({"stage": sp.name, "status": "skipped", "seconds": st.get("seconds", 0)})
-            continue
+            self.summary.append({"stage": sp.name, "status": "skipped", "seconds": st.get("seconds", 0)})
+            return None
         if st.get("fingerprint") not in (None, fp) and sp.name in STAGE_OUTPUT:
-            old = rdir / STAGE_OUTPUT[sp.name]
+            old = self.rdir / STAGE_OUTPUT[sp.name]
             if old.exists():
                 print(f"[speedrun] {sp.name}: inputs changed since the last run; removing {old}")
                 shutil.rmtree(old)
         resumed = st.get("status") == "running" and st.get("fingerprint") == fp
-        if sp.name == "pretrain" and bg is not None:
-            _wait_background(bg, "pretraining data download")
-            bg = None
-        later = sum(est_cost.get(p.name, 0.0) for p in plan[i + 1:])
-        why_not = money.refuse(sp.name, est_cost.get(sp.name, 0.0))
+        if sp.name == "pretrain" and self.bg is not None:
+            _wait_background(self.bg, "pretraining data download")
+            self.bg = None
+        why_not = self.money.refuse(sp.name, self.est_cost.get(sp.name, 0.0))
         if why_not:
-            if bg is not None:
-                bg.terminate()
+            self.stop_background()
             print(f"[speedrun] ===== {why_not} =====", flush=True)
-            return {"run": run_name, "budget_stop": sp.name, "rc": EXIT_BUDGET, "stages": summary,
-                    "spent": money.spent()}
+            return self.budget_stop(sp.name)
         banner = "resuming" if resumed else "starting"
         print(f"[speedrun] ===== {sp.name}: {banner} ===== picochat {' '.join(sp.argv)}", flush=True)
         st.update(status="running", fingerprint=fp, argv=sp.argv, started=time.time())
-        state.save()
+        self.state.save()
         t0 = time.time()
-        rc = stream_child(stage_command(sp, nproc), sp.name, env=money.stage_env(env, later),
-                          log_path=rdir / "logs" / f"{sp.name}.log", pid_file=rdir / "stage.pid", money=money)
-        dt = time.time() - t0
+        rc = stream_child(stage_command(sp, self.nproc), sp.name, env=self.money.stage_env(self.env, later),
+                          log_path=self.rdir / "logs" / f"{sp.name}.log", pid_file=self.rdir / "stage.pid",
+                          money=self.money)
+        return self.after_stage(sp, st, rc, time.time() - t0)
+
+    def after_stage(self, sp: StagePlan, st: dict[str, Any], rc: int, dt: float) -> dict[str, Any] | None:
+        """Record a finished child: done (and start the background download after `data`), stopped for the
+        budget, or failed (rerun to resume)."""
         st["seconds"] = st.get("seconds_before", 0) + dt
-        money.save()
-        stopped = money.stopped_for_budget()
+        self.money.save()
+        stopped = self.money.stopped_for_budget()
+        if rc != 0 or stopped:
+            st["seconds_before"] = st["seconds"]
+            if rc != 0:
+                st["rc"] = rc
+            self.state.save()
+            self.stop_background()
         if rc == 0 and stopped:
-            st["seconds_before"] = st["seconds"]
-            state.save()
-            if bg is not None:
-                bg.terminate()
             print(f"[speedrun] ===== {sp.name}: stopped for the budget at step {stopped.get('step')}: "
-                  f"${money.spent():,.2f} spent of ${cfg.budget:,.2f}; its checkpoint is saved. Re-run with a larger "
-                  f"--budget to continue from it. =====", flush=True)
-            return {"run": run_name, "budget_stop": sp.name, "rc": EXIT_BUDGET, "stages": summary,
-                    "spent": money.spent()}
+                  f"${self.money.spent():,.2f} spent of ${self.cfg.budget:,.2f}; its checkpoint is saved. Re-run with "
+                  f"a larger --budget to continue from it. =====", flush=True)
+            return self.budget_stop(sp.name)
         if rc != 0:
-            st["seconds_before"] = st["seconds"]
-            st["rc"] = rc
-            state.save()
-            if bg is not None:
-                bg.terminate()
             print(f"[speedrun] ===== {sp.name}: stopped (exit code {rc}) after {_fmt_time(dt)}. Re-run the same "
                   f"command to continue from its latest checkpoint. =====", flush=True)
-            return {"run": run_name, "failed_stage": sp.name, "rc": rc, "stages": summary}
+            return {"run": self.run_name, "failed_stage": sp.name, "rc": rc, "stages": self.summary}
         st.update(status="done", finished=time.time(), rc=0)
         st.pop("seconds_before", None)
-        state.save()
-        summary.append({"stage": sp.name, "status": "ran", "seconds": st["seconds"]})
+        self.state.save()
+        self.summary.append({"stage": sp.name, "status": "ran", "seconds": st["seconds"]})
         print(f"[speedrun] ===== {sp.name}: done in {_fmt_time(dt)} =====", flush=True)
-        if sp.name == "data" and preset.data == "download" and not cfg.data_dir and preset.shards > preset.tokenizer_shards:
-            # the rest of the shards download while the tokenizer trains
-            from picochat.runtime import default_data_dir  # lazy: torch (~2 s); only the stages need it
+        p = self.preset
+        if sp.name == "data" and p.data == "download" and not self.cfg.data_dir and p.shards > p.tokenizer_shards:
+            self.start_download()
+        return None
 
-            cmd = [sys.executable, "-m", "picochat", "data", "download", "--shards", str(preset.shards),
-                   "--out", str(default_data_dir("climbmix"))]
-            print(f"[speedrun] background: {' '.join(cmd[2:])} (log: {rdir / 'logs' / 'download.log'})")
-            bg = subprocess.Popen(cmd, stdout=open(rdir / "logs" / "download.log", "a"), stderr=subprocess.STDOUT,
-                                  env=env)
-    if bg is not None:
-        _wait_background(bg, "pretraining data download")
-    state.data["finished"] = time.time()
-    money.save()
-    total = sum(s["seconds"] for s in summary)
-    print("[speedrun] ===== summary =====")
-    print(f"  {'stage':<10} {'status':<8} {'time':>10}")
-    for s in summary:
-        print(f"  {s['stage']:<10} {s['status']:<8} {_fmt_time(s['seconds']):>10}")
-    print(f"  {'total':<10} {'':<8} {_fmt_time(total):>10}  (this invocation: {_fmt_time(time.time() - t_total)})")
-    if money.rate:
-        print(f"  spent: ${money.spent():,.2f} at ${money.rate:,.2f}/hour (all invocations of this run)")
-    target = time_to_core(rdir)
-    if cfg.until_core is not None or target:
-        print(f"  {target_line(target) if target else 'time to CORE target: no CORE target record'}")
-    report = rdir / "report.md"
-    if report.exists():
-        print(f"[speedrun] report: {report}")
-    print(f"[speedrun] talk to it: picochat chat --run {run_name}   or   picochat serve --run {run_name}")
-    print(f"[speedrun] share it: picochat export --run {run_name} --out {run_name}-chat")
-    return {"run": run_name, "preset": name, "stages": summary, "total_seconds": total, "spent": money.spent(),
-            **({"time_to_core": target} if target else {})}
+    def start_download(self) -> None:
+        """The rest of the pretraining shards download while the tokenizer trains."""
+        from picochat.runtime import default_data_dir  # lazy: torch (~2 s); only the stages need it
 
+        cmd = [sys.executable, "-m", "picochat", "data", "download", "--shards", str(self.preset.shards),
+               "--out", str(default_data_dir("climbmix"))]
+        print(f"[speedrun] background: {' '.join(cmd[2:])} (log: {self.rdir / 'logs' / 'download.log'})")
+        self.bg = subprocess.Popen(cmd, stdout=open(self.rdir / "logs" / "download.log", "a"),
+                                   stderr=subprocess.STDOUT, env=self.env)
+
+    def finish(self, t_total: float) -> dict[str, Any]:
+        """The summary table, money, time to the CORE target and what to do next."""
+        self.state.data["finished"] = time.time()
+        self.money.save()
+        total = sum(s["seconds"] for s in self.summary)
+        print("[speedrun] ===== summary =====")
+        print(f"  {'stage':<10} {'status':<8} {'time':>10}")
+        for s in self.summary:
+            print(f"  {s['stage']:<10} {s['status']:<8} {_fmt_time(s['seconds']):>10}")
+        print(f"  {'total':<10} {'':<8} {_fmt_time(total):>10}  (this invocation: {_fmt_time(time.time() - t_total)})")
+        if self.money.rate:
+            print(f"  spent: ${self.money.spent():,.2f} at ${self.money.rate:,.2f}/hour (all invocations of this run)")
+        target = time_to_core(self.rdir)
+        if self.cfg.until_core is not None or target:
+            print(f"  {target_line(target) if target else 'time to CORE target: no CORE target record'}")
+        report = self.rdir / "report.md"
+        if report.exists():
+            print(f"[speedrun] report: {report}")
+        run_name = self.run_name
+        print(f"[speedrun] talk to it: picochat chat --run {run_name}   or   picochat serve --run {run_name}")
+        print(f"[speedrun] share it: picochat export --run {run_name} --out {run_name}-chat")
+        return {"run": run_name, "preset": self.name, "stages": self.summary, "total_seconds": total,
+                "spent": self.money.spent(), **({"time_to_core": target} if target else {})}
 
 
 def _wait_background(proc: subprocess.Popen, what: str) -> None:
