@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from picochat import checkpoint
+from picochat import checkpoint, training
 from picochat.config import to_dict
 from picochat.model import GPTConfig, build_model
 from picochat.runtime import default_tokenizer_dir
@@ -69,7 +69,7 @@ def test_open_stage_restores_signals_and_closes_metrics_when_the_stage_fails():
     assert metrics._f is None
 
 
-def test_a_stop_request_checkpoints_at_the_step_boundary_and_resume_continues_there():
+def test_a_stop_request_checkpoints_at_the_step_boundary_and_resume_continues_there(capsys):
     _tiny_base()
     cfg = sft.SFTConfig(device="cpu", dtype="float32", eval_every=0)
     with _open(cfg) as st:
@@ -81,6 +81,10 @@ def test_a_stop_request_checkpoints_at_the_step_boundary_and_resume_continues_th
         assert (st.step, st.num_steps, st.resume_from.name) == (2, 4, "step_000002")
         final = _loop(st)
         assert final == {"step": 4, "val": 0.0} and st.last_ckpt.name == "step_000004"
+        # each process reports its start-up once, after its own first step (a resume too)
+        assert capsys.readouterr().out.count("[startup] first step done") == 2
+        startups = [r["step"] for r in training.read_metrics(st.out_dir / "metrics.jsonl") if "startup" in r]
+        assert startups == [1, 3]
     with _open(cfg) as st:  # nothing left: the stage reports the saved result instead of training again
         assert st.already_trained()["step"] == 4
 
