@@ -289,6 +289,8 @@ def _fmt_seconds(s: float) -> str:
 
 
 def build_report(run: str, price: float | None = None, html_out: bool = False) -> Path:
+    """Write `runs/<run>/report.md` (and report.html with `html_out`): environment, summary of every evaluation,
+    time and cost, one section per training stage, evaluation details and plots. Returns its path."""
     from picochat.runtime import run_dir as _run_dir  # lazy: runtime imports torch (~2 s); `picochat report` needs none
 
     rdir = _run_dir(run)
@@ -304,102 +306,19 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
         from picochat.runtime import environment_info  # lazy: runtime imports torch (~2 s); `report` needs none
 
         env = environment_info()
+    stage_times = {k: v.get("seconds", 0.0) for k, v in speed.get("stages", {}).items() if v.get("status")}
 
     lines: list[str] = [f"# picochat report card: run `{run}`", ""]
     lines.append(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')}"
                  + (f" · preset `{speed['preset']}`" if speed.get("preset") else ""))
-    lines += ["", "## Environment", "", "| | |", "|---|---|"]
-    gpu = env.get("gpu")
-    gpu_line = f"{env.get('gpu_count', 1)} x {gpu} ({env.get('gpu_memory_gb', '?')} GB)" if gpu else "none (CPU)"
-    for k, v in [("GPU", gpu_line), ("driver", _nvidia_driver() or "n/a"), ("CUDA", env.get("cuda") or "n/a"),
-                 ("torch", f"{env.get('torch')} ({env.get('torch_path', '')})"), ("python", env.get("python")),
-                 ("git SHA", env.get("git_sha") or "n/a"), ("host", env.get("hostname")),
-                 ("CPU cores", env.get("cpu_count")), ("world size", env.get("world_size"))]:
-        lines.append(f"| {k} | {v} |")
-
-    # summary table
-    lines += ["", "## Summary", ""]
-    present = [s for s in SOURCES if evals[s]]
-    if present:
-        lines.append("| metric | " + " | ".join(s.upper() for s in present) + " |")
-        lines.append("|---|" + "---|" * len(present))
-        for label, keys in SUMMARY_ROWS:
-            cells = []
-            for s in present:
-                v = next((evals[s][k.lower()] for k in keys if k.lower() in evals[s]), None)
-                cells.append(f"{v:.4f}" if v is not None else "-")
-            if any(c != "-" for c in cells):
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    else:
-        lines.append("_No evaluation results yet._")
-    stage_times = {k: v.get("seconds", 0.0) for k, v in speed.get("stages", {}).items() if v.get("status")}
-    total = sum(stage_times.values())
-    if total:
-        lines += ["", f"Total wall time (all stages): **{_fmt_seconds(total)}**"]
-        n_gpu = int(env.get("gpu_count") or 0) if gpu else 0
-        if price is not None and n_gpu:
-            lines.append(f"Estimated cost: **${total / 3600 * n_gpu * price:.2f}** "
-                         f"({n_gpu} GPU(s) x {_fmt_seconds(total)} x ${price}/GPU-hour)")
-    target = time_to_core(rdir)
-    if target:
-        lines += ["", target_line(target).replace("time to CORE", "Time to CORE", 1)]
-    if total:
-        lines += ["", "| stage | time |", "|---|---|"]
-        for k, v in stage_times.items():
-            lines.append(f"| {k} | {_fmt_seconds(v)} |")
-
-    # per-stage sections
+    lines += _environment_section(env)
+    lines += _summary_section(evals, stage_times, env, price, rdir)
     for stage, title in STAGES:
-        h, recs = headers[stage], records[stage]
-        if not h and not recs:
-            continue
-        lines += ["", f"## {title}", ""]
-        cfg = h.get("config") or {}
-        if cfg:
-            keys = [k for k in ("depth", "source", "num_iterations", "device_batch_size", "total_batch_size",
-                                "seq_len", "window_pattern", "matrix_lr", "embedding_lr", "unembedding_lr",
-                                "weight_decay", "task") if k in cfg]
-            if keys:
-                lines.append("Config: " + ", ".join(f"`{k}={cfg[k]}`" for k in keys))
-                lines.append("")
-        facts: list[tuple[str, Any]] = []
-        for k in ("num_params", "params", "flops_per_token"):
-            if k in h:
-                facts.append((k, h[k]))
-        steps = [r["step"] for r in recs if isinstance(r.get("step"), (int, float))]
-        if steps:
-            facts.append(("steps", int(max(steps))))
-        xs, ys = series(recs, "loss")
-        if ys:
-            facts.append(("final train loss", ys[-1]))
-        xs, ys = series(recs, "val_bpb")
-        if ys:
-            facts += [("final val bpb", ys[-1]), ("min val bpb", min(ys))]
-        for name, label in (("tok_per_sec", "median tokens/s"), ("mfu", "median MFU %")):
-            _, vs = series(recs, name)
-            if vs:
-                facts.append((label, sorted(vs)[len(vs) // 2]))
-        for r in recs:
-            for k in ("peak_memory_gb", "peak_mem_gb", "val_loss", "reward", "mean_reward", "accuracy"):
-                if isinstance(r.get(k), (int, float)):
-                    facts.append((k, r[k]))
-        seen: dict[str, Any] = {}
-        for k, v in facts:
-            seen[k] = v  # last value wins for repeated keys
-        stage_key = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}[stage]
-        if stage_key in stage_times:
-            seen["wall time"] = _fmt_seconds(stage_times[stage_key])
-        if seen:
-            lines += ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in seen.items()]
-
-    # evaluation details
+        lines += _stage_section(stage, title, headers[stage], records[stage], stage_times)
     for s in SOURCES:
         if evals[s]:
             lines += ["", f"## Evaluation: {s}", "", "| metric | value |", "|---|---|"]
-            for k, v in sorted(evals[s].items()):
-                if "." not in k:
-                    lines.append(f"| {k} | {v:.4f} |")
-
+            lines += [f"| {k} | {v:.4f} |" for k, v in sorted(evals[s].items()) if "." not in k]
     plots = make_plots(rdir, records)
     if plots:
         lines += ["", "## Plots", ""]
@@ -414,6 +333,89 @@ def build_report(run: str, price: float | None = None, html_out: bool = False) -
     if html_out:
         atomic_write_text(rdir / "report.html", markdown_to_html(text, rdir))
     return out
+
+
+def _environment_section(env: dict[str, Any]) -> list[str]:
+    lines = ["", "## Environment", "", "| | |", "|---|---|"]
+    gpu = env.get("gpu")
+    gpu_line = f"{env.get('gpu_count', 1)} x {gpu} ({env.get('gpu_memory_gb', '?')} GB)" if gpu else "none (CPU)"
+    for k, v in [("GPU", gpu_line), ("driver", _nvidia_driver() or "n/a"), ("CUDA", env.get("cuda") or "n/a"),
+                 ("torch", f"{env.get('torch')} ({env.get('torch_path', '')})"), ("python", env.get("python")),
+                 ("git SHA", env.get("git_sha") or "n/a"), ("host", env.get("hostname")),
+                 ("CPU cores", env.get("cpu_count")), ("world size", env.get("world_size"))]:
+        lines.append(f"| {k} | {v} |")
+    return lines
+
+
+def _summary_section(evals: dict[str, dict], stage_times: dict[str, float], env: dict[str, Any],
+                     price: float | None, rdir: Path) -> list[str]:
+    """Every source's headline metrics side by side, wall time and cost, time to the CORE target, stage times."""
+    lines = ["", "## Summary", ""]
+    present = [s for s in SOURCES if evals[s]]
+    if present:
+        lines.append("| metric | " + " | ".join(s.upper() for s in present) + " |")
+        lines.append("|---|" + "---|" * len(present))
+        for label, keys in SUMMARY_ROWS:
+            cells = []
+            for s in present:
+                v = next((evals[s][k.lower()] for k in keys if k.lower() in evals[s]), None)
+                cells.append(f"{v:.4f}" if v is not None else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("_No evaluation results yet._")
+    total = sum(stage_times.values())
+    if total:
+        lines += ["", f"Total wall time (all stages): **{_fmt_seconds(total)}**"]
+        n_gpu = int(env.get("gpu_count") or 0) if env.get("gpu") else 0
+        if price is not None and n_gpu:
+            lines.append(f"Estimated cost: **${total / 3600 * n_gpu * price:.2f}** "
+                         f"({n_gpu} GPU(s) x {_fmt_seconds(total)} x ${price}/GPU-hour)")
+    target = time_to_core(rdir)
+    if target:
+        lines += ["", target_line(target).replace("time to CORE", "Time to CORE", 1)]
+    if total:
+        lines += ["", "| stage | time |", "|---|---|"]
+        lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in stage_times.items()]
+    return lines
+
+
+def _stage_section(stage: str, title: str, h: dict[str, Any], recs: list[dict[str, Any]],
+                   stage_times: dict[str, float]) -> list[str]:
+    """One training stage: its key config and a facts table from its run header and metrics (last value wins)."""
+    if not h and not recs:
+        return []
+    lines = ["", f"## {title}", ""]
+    cfg = h.get("config") or {}
+    keys = [k for k in ("depth", "source", "num_iterations", "device_batch_size", "total_batch_size", "seq_len",
+                        "window_pattern", "matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "task")
+            if k in cfg]
+    if keys:
+        lines += ["Config: " + ", ".join(f"`{k}={cfg[k]}`" for k in keys), ""]
+    facts: dict[str, Any] = {k: h[k] for k in ("num_params", "params", "flops_per_token") if k in h}
+    steps = [r["step"] for r in recs if isinstance(r.get("step"), (int, float))]
+    if steps:
+        facts["steps"] = int(max(steps))
+    _, ys = series(recs, "loss")
+    if ys:
+        facts["final train loss"] = ys[-1]
+    _, ys = series(recs, "val_bpb")
+    if ys:
+        facts.update({"final val bpb": ys[-1], "min val bpb": min(ys)})
+    for name, label in (("tok_per_sec", "median tokens/s"), ("mfu", "median MFU %")):
+        _, vs = series(recs, name)
+        if vs:
+            facts[label] = sorted(vs)[len(vs) // 2]
+    for r in recs:
+        for k in ("peak_memory_gb", "peak_mem_gb", "val_loss", "reward", "mean_reward", "accuracy"):
+            if isinstance(r.get(k), (int, float)):
+                facts[k] = r[k]
+    stage_key = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}[stage]
+    if stage_key in stage_times:
+        facts["wall time"] = _fmt_seconds(stage_times[stage_key])
+    if facts:
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in facts.items()]
+    return lines
 
 
 def markdown_to_html(md: str, base: Path) -> str:
