@@ -291,6 +291,11 @@ def test_bench_pretrain_prints_metrics(capsys):
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the defaults: both on
     assert res2["smear"] is True and res2["backout"] is True and res2["params"] > res["params"]
     assert "profile" not in res2
+    assert res2["startup"]["first_step_at_s"] > 0 and res2["startup"]["cache"] is None  # not compiled on a CPU
+    assert main(["bench", "pretrain", "--depth", "2", "--head-dim", "16", "--seq-len", "32", "--device-batch-size",
+                 "2", "--steps", "1", "--warmup", "0", "--vocab-size", "128", "--no-compile"]) == 0
+    res3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # no warm-up: timed from the first step
+    assert res3["startup"]["first_step_at_s"] is None and res3["tok_per_s"] > 0
 
 
 def test_bench_takes_its_flags_from_the_pretrain_config():

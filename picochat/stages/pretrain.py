@@ -1019,11 +1019,21 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     t0 = time.time()
-    with Heartbeat("bench", "compiling and warming up"):
-        loss = steps(0, args.warmup)
-        synchronize(rt.device)
+    first_at = None  # seconds from process start to the end of the first optimizer step
+    with Heartbeat("bench", "compiling and warming up") as hb, warmup.CompileWatch(info["cache"], hb) as watch:
+        loss = None
+        if args.warmup:
+            loss = steps(0, 1)
+            synchronize(rt.device)
+            first_at = time.time() - warmup.PROCESS_T0
+        if args.warmup > 1:
+            loss = steps(1, args.warmup - 1)
+            synchronize(rt.device)
     warm_s = time.time() - t0
-    print0(f"[bench] warmup {args.warmup} steps: {warm_s:.1f}s (loss {loss.item():.3f})")
+    print0(f"[bench] warmup {args.warmup} steps: {warm_s:.1f}s"
+           + (f" (loss {loss.item():.3f})" if loss is not None else ""))
+    info["startup"] = {"first_step_at_s": None if first_at is None else round(first_at, 1), "graphs": watch.graphs,
+                       "compile_s": round(watch.compile_s, 1), "cache": (info["cache"] or {}).get("state")}
     t0 = time.perf_counter()
     loss = steps(args.warmup, args.steps)
     synchronize(rt.device)
@@ -1057,5 +1067,6 @@ def _bench_result(cfg: PretrainConfig, args: argparse.Namespace, rt: Any, plan: 
         "peak_mem_gb": round(peak_memory_gb(rt.device), 2) if rt.device.type == "cuda" else None,
         "warmup_s": round(warm_s, 1), "final_loss": round(float(loss.item()) / plan.grad_accum, 4),
         "fused_loss": model.fused_loss, "activation_budget": cfg.activation_budget, "fp8": info["fp8"],
-        "fp8_scope": info["fp8_scope"], "data": cfg.data, **({"profile": prof} if prof is not None else {}),
+        "fp8_scope": info["fp8_scope"], "data": cfg.data, "startup": info["startup"],
+        **({"profile": prof} if prof is not None else {}),
     }
