@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from picochat.config import UserError, fingerprint, require, require_dir
 from picochat.files import atomic_write_text
@@ -546,119 +546,169 @@ def estimate(preset: Preset, hw: dict[str, Any], nproc: int, price: float | None
     """Model size, tokens, FLOPs and steps of pretraining (from the same config resolution the stage uses), and the
     time and dollars of every planned stage on the target hardware, each figure labelled measured, computed or
     assumed."""
-    from picochat.model import flops_per_token, num_scaling_params  # lazy: torch (~2 s); only the stages need it
+    from picochat.model import num_scaling_params  # lazy: torch (~2 s); only the stages need it
 
-    tgt = target_hardware(hw, nproc, gpus, preset)
-    n = tgt["n"]
-    cfg, pplan = resolve_pretrain(plan, preset, max(1, n))
-    mc = pplan.model_config
-    batch, steps = pplan.total_batch_size, pplan.num_iterations
-    tokens = steps * batch
-    fpt = flops_per_token(mc)
-    flops = fpt * tokens
-    params = mc_params(mc)
-    mfu = expected_mfu(cfg.depth)
-    if n:
-        rate = tgt["peak"] * mfu * n
-        rate_note = (f"{mfu:.0%} MFU (measured, README Performance) of {tgt['peak'] / 1e12:.0f} TFLOP/s x {n}"
-                     + ("" if tgt["peak_known"] else " (peak assumed: GPU not in runtime.PEAK_FLOPS)"))
-    else:
-        rate = tgt["flops"]
-        rate_note = f"~{rate / 1e9:.0f} GFLOP/s (assumed: 20 per core)"
-    comm = allreduce_seconds(params, n, tgt["busbw"])
-    comm_note = (f"+ {comm * 1000:.1f} ms/step ring all-reduce of {4 * params / 1e9:.2f} GB over {tgt['link']} at "
-                 f"{tgt['busbw'] / 1e9:.0f} GB/s (assumed), not overlapped" if comm else "no communication (1 device)")
-    rows: list[dict[str, Any]] = []
-
-    def row(stage: str, seconds: float, label: str, basis: str) -> None:
-        rows.append({"stage": stage, "seconds": seconds, "label": label, "basis": basis})
-
-    names = [sp.name for sp in plan]
-    args = {sp.name: _argv_dict(sp.argv) for sp in plan}
-    if "data" in names:
-        if preset.data == "synth":
-            row("data", 30.0, "assumed", "generating the synthetic corpus (~30 s)")
-        else:
-            b = (preset.shards + 1) * SHARD_BYTES
-            row("data", b / DOWNLOAD_BPS, "assumed", f"{b / 1e9:.1f} GB of shards at {DOWNLOAD_BPS / 1e6:.0f} MB/s "
-                                                    f"(assumed; the rest downloads during the tokenizer)")
-    if "tokenizer" in names:
-        shards = preset.tokenizer_shards if preset.data == "download" else 0.3
-        row("tokenizer", TOKENIZER_S_PER_SHARD * shards / tgt["cores"], "measured",
-            f"3.88 s per 3 shards on 16 cores (README), x {shards:g} shards on {tgt['cores']} cores")
-    if "pretrain" in names:
-        row("pretrain", flops / rate + steps * comm, "measured+assumed",
-            f"{flops:.3g} FLOPs (computed) at {rate_note}; {comm_note}")
-    ref_fpt = None
-    if "base_eval" in names:
-        a = args["base_eval"]
-        fwd = fpt / 3
-        bpb_tokens = 2 * int(a.get("eval-tokens", 40 * 2**19)) if "bpb" in a else 0
-        s = bpb_tokens * fwd / rate
-        basis = f"bpb: {bpb_tokens:,} tokens forward (computed)"
-        if "core" in a:
-            ref_fpt = ref_fpt or _at_depth(12)[0]
-            per_task = int(a["max-per-task"]) if "max-per-task" in a else None
-            frac = min(1.0, CORE_TASKS * per_task / CORE_EXAMPLES) if per_task else 1.0
-            core = CORE_S_D12 * frac * fpt / ref_fpt / max(1, n) if n else CORE_S_D12 * 50 * frac * fpt / ref_fpt
-            s += core
-            basis += f"; CORE: 89.6 s at d12 on one H100 (measured), x FLOPs ratio {fpt / ref_fpt:.2f} x {frac:.2f}"
-        row("base_eval", s, "measured+computed", basis)
-    for stage, conversations in (("midtrain", MID_CONVERSATIONS), ("sft", SFT_CONVERSATIONS)):
-        if stage not in names:
-            continue
-        a = args[stage]
-        if "num-iterations" in a:
-            stage_steps = int(a["num-iterations"])
-            stage_tokens = stage_steps * batch
-            basis = f"{stage_steps} steps x {batch:,} tokens (computed)"
-        else:
-            stage_tokens = conversations * TOKENS_PER_CONVERSATION
-            stage_steps = max(1, stage_tokens // batch)
-            basis = f"{conversations:,} conversations x {TOKENS_PER_CONVERSATION} tokens (assumed)"
-        stage_rate = rate * (CHAT_MFU_FACTOR if n else 1.0)
-        row(stage, stage_tokens * fpt / stage_rate + stage_steps * comm, "assumed",
-            f"{basis} at {CHAT_MFU_FACTOR:g} x the pretrain rate (assumed: uncompiled); "
-            f"{'+ the same all-reduce per step' if comm else 'no communication'}")
-    if "rl" in names:
-        a = args["rl"]
-        per_step = int(a.get("examples-per-step", 16)) * int(a.get("num-samples", 16))
-        new_tok = int(a.get("max-new-tokens", 256)) // 2
-        rl_steps = int(a["num-iterations"]) if "num-iterations" in a else -(-GSM8K_TRAIN // int(
-            a.get("examples-per-step", 16)))
-        decode = _decode_rate(params, n, tgt)
-        gen = rl_steps * per_step * new_tok / decode
-        train = rl_steps * per_step * (new_tok + 150) * fpt / (rate * (CHAT_MFU_FACTOR if n else 1.0))
-        row("rl", gen + train + rl_steps * comm, "measured+assumed",
-            f"{rl_steps} steps x {per_step} samples x ~{new_tok} new tokens (assumed: half the cap) decoded at "
-            f"{decode:,.0f} tok/s (d20 at batch 1 measured, scaled by parameters, x8 for the batch: assumed)")
-    if "chat_eval" in names:
-        a = args["chat_eval"]
-        cap = int(a["max-problems"]) if "max-problems" in a else None
-        gen_n = min(CHAT_EVAL_GENERATIVE, 3 * cap) if cap else CHAT_EVAL_GENERATIVE
-        cat_n = min(CHAT_EVAL_CATEGORICAL, 3 * cap) if cap else CHAT_EVAL_CATEGORICAL
-        decode = _decode_rate(params, n, tgt) / 8  # one problem at a time
-        s = gen_n * 256 / decode + cat_n * 300 * fpt / 3 / rate
-        row("chat_eval", s, "measured+assumed",
-            f"{gen_n} generations x ~256 tokens (assumed) at {decode:,.0f} tok/s (d20 at batch 1 measured, scaled "
-            f"by parameters) + {cat_n} one-forward questions")
-    if "report" in names:
-        row("report", 5.0, "assumed", "plots and report.md")
-    total = sum(r["seconds"] for r in rows)
+    b = _CostBasis.make(preset, hw, nproc, plan, gpus)
+    rows = [row for name in b.args for row in _STAGE_COSTS.get(name, lambda b: [])(b)]
+    n, total = b.tgt["n"], sum(r["seconds"] for r in rows)
     gpu_count = max(1, n)  # a CPU machine is priced per machine-hour
     for r in rows:
         r["dollars"] = r["seconds"] / 3600 * gpu_count * price if price is not None else None
-    ckpt_bytes = params * 4 * 3  # fp32 weights + up to 2 optimizer moments per parameter
+    ckpt_bytes = b.params * 4 * 3  # fp32 weights + up to 2 optimizer moments per parameter
     data_bytes = (preset.shards + 1) * SHARD_BYTES if preset.data == "download" else 30e6
-    n_ckpts = cfg.keep_last + sum(1 for s in ("midtrain", "sft", "rl") if s in names)
+    n_ckpts = b.cfg.keep_last + sum(1 for s in ("midtrain", "sft", "rl") if s in b.args)
     return {
-        "depth": cfg.depth, "params": params, "scaling_params": num_scaling_params(mc), "seq_len": cfg.seq_len,
-        "total_batch_size": batch, "steps": steps, "tokens": tokens, "flops_per_token": fpt, "flops": flops,
-        "target": tgt, "mfu": mfu, "comm_step_s": comm, "stages": rows, "total_seconds": total,
+        "depth": b.cfg.depth, "params": b.params, "scaling_params": num_scaling_params(b.mc), "seq_len": b.cfg.seq_len,
+        "total_batch_size": b.batch, "steps": b.steps, "tokens": b.steps * b.batch, "flops_per_token": b.fpt,
+        "flops": b.flops, "target": b.tgt, "mfu": b.mfu, "comm_step_s": b.comm, "stages": rows, "total_seconds": total,
         "gpu_hours": total / 3600 * max(1, n), "price": price,
         "est_cost": total / 3600 * gpu_count * price if price is not None else None,
         "disk_bytes": data_bytes + ckpt_bytes * n_ckpts,
     }
+
+
+@dataclass
+class _CostBasis:
+    """What every stage's estimate starts from: the target hardware, pretraining's resolved model and batch, the
+    compute rate (FLOP/s, with its basis), the all-reduce per step, and each planned stage's flags."""
+
+    preset: Preset
+    tgt: dict[str, Any]
+    cfg: Any
+    mc: Any
+    batch: int
+    steps: int
+    fpt: float
+    flops: float
+    params: int
+    mfu: float
+    rate: float
+    rate_note: str
+    comm: float
+    comm_note: str
+    args: dict[str, dict[str, str]]
+
+    @classmethod
+    def make(cls, preset: Preset, hw: dict[str, Any], nproc: int, plan: list[StagePlan],
+             gpus: str | None) -> "_CostBasis":
+        from picochat.model import flops_per_token  # lazy: torch (~2 s); only the stages need it
+
+        tgt = target_hardware(hw, nproc, gpus, preset)
+        n = tgt["n"]
+        cfg, pplan = resolve_pretrain(plan, preset, max(1, n))
+        mc = pplan.model_config
+        fpt, params, mfu = flops_per_token(mc), mc_params(mc), expected_mfu(cfg.depth)
+        if n:
+            rate = tgt["peak"] * mfu * n
+            rate_note = (f"{mfu:.0%} MFU (measured, README Performance) of {tgt['peak'] / 1e12:.0f} TFLOP/s x {n}"
+                         + ("" if tgt["peak_known"] else " (peak assumed: GPU not in runtime.PEAK_FLOPS)"))
+        else:
+            rate = tgt["flops"]
+            rate_note = f"~{rate / 1e9:.0f} GFLOP/s (assumed: 20 per core)"
+        comm = allreduce_seconds(params, n, tgt["busbw"])
+        comm_note = (f"+ {comm * 1000:.1f} ms/step ring all-reduce of {4 * params / 1e9:.2f} GB over {tgt['link']} "
+                     f"at {tgt['busbw'] / 1e9:.0f} GB/s (assumed), not overlapped" if comm
+                     else "no communication (1 device)")
+        steps, batch = pplan.num_iterations, pplan.total_batch_size
+        return cls(preset, tgt, cfg, mc, batch, steps, fpt, fpt * steps * batch, params, mfu, rate, rate_note, comm,
+                   comm_note, {sp.name: _argv_dict(sp.argv) for sp in plan})
+
+    @property
+    def n(self) -> int:
+        return self.tgt["n"]
+
+    def chat_rate(self) -> float:
+        return self.rate * (CHAT_MFU_FACTOR if self.n else 1.0)
+
+
+def _row(stage: str, seconds: float, label: str, basis: str) -> list[dict[str, Any]]:
+    return [{"stage": stage, "seconds": seconds, "label": label, "basis": basis}]
+
+
+def _cost_data(b: _CostBasis) -> list[dict[str, Any]]:
+    if b.preset.data == "synth":
+        return _row("data", 30.0, "assumed", "generating the synthetic corpus (~30 s)")
+    size = (b.preset.shards + 1) * SHARD_BYTES
+    return _row("data", size / DOWNLOAD_BPS, "assumed", f"{size / 1e9:.1f} GB of shards at {DOWNLOAD_BPS / 1e6:.0f} "
+                                                         f"MB/s (assumed; the rest downloads during the tokenizer)")
+
+
+def _cost_tokenizer(b: _CostBasis) -> list[dict[str, Any]]:
+    shards = b.preset.tokenizer_shards if b.preset.data == "download" else 0.3
+    return _row("tokenizer", TOKENIZER_S_PER_SHARD * shards / b.tgt["cores"], "measured",
+                f"3.88 s per 3 shards on 16 cores (README), x {shards:g} shards on {b.tgt['cores']} cores")
+
+
+def _cost_pretrain(b: _CostBasis) -> list[dict[str, Any]]:
+    return _row("pretrain", b.flops / b.rate + b.steps * b.comm, "measured+assumed",
+                f"{b.flops:.3g} FLOPs (computed) at {b.rate_note}; {b.comm_note}")
+
+
+def _cost_base_eval(b: _CostBasis) -> list[dict[str, Any]]:
+    a = b.args["base_eval"]
+    bpb_tokens = 2 * int(a.get("eval-tokens", 40 * 2**19)) if "bpb" in a else 0
+    s = bpb_tokens * (b.fpt / 3) / b.rate
+    basis = f"bpb: {bpb_tokens:,} tokens forward (computed)"
+    if "core" in a:
+        ref_fpt = _at_depth(12)[0]
+        per_task = int(a["max-per-task"]) if "max-per-task" in a else None
+        frac = min(1.0, CORE_TASKS * per_task / CORE_EXAMPLES) if per_task else 1.0
+        ratio = b.fpt / ref_fpt
+        s += CORE_S_D12 * frac * ratio / max(1, b.n) if b.n else CORE_S_D12 * 50 * frac * ratio
+        basis += f"; CORE: 89.6 s at d12 on one H100 (measured), x FLOPs ratio {ratio:.2f} x {frac:.2f}"
+    return _row("base_eval", s, "measured+computed", basis)
+
+
+def _cost_chat_stage(stage: str, conversations: int) -> Callable[[_CostBasis], list[dict[str, Any]]]:
+    def cost(b: _CostBasis) -> list[dict[str, Any]]:
+        a = b.args[stage]
+        if "num-iterations" in a:
+            stage_steps = int(a["num-iterations"])
+            stage_tokens = stage_steps * b.batch
+            basis = f"{stage_steps} steps x {b.batch:,} tokens (computed)"
+        else:
+            stage_tokens = conversations * TOKENS_PER_CONVERSATION
+            stage_steps = max(1, stage_tokens // b.batch)
+            basis = f"{conversations:,} conversations x {TOKENS_PER_CONVERSATION} tokens (assumed)"
+        return _row(stage, stage_tokens * b.fpt / b.chat_rate() + stage_steps * b.comm, "assumed",
+                    f"{basis} at {CHAT_MFU_FACTOR:g} x the pretrain rate (assumed: uncompiled); "
+                    f"{'+ the same all-reduce per step' if b.comm else 'no communication'}")
+    return cost
+
+
+def _cost_rl(b: _CostBasis) -> list[dict[str, Any]]:
+    a = b.args["rl"]
+    per_step = int(a.get("examples-per-step", 16)) * int(a.get("num-samples", 16))
+    new_tok = int(a.get("max-new-tokens", 256)) // 2
+    rl_steps = int(a["num-iterations"]) if "num-iterations" in a else -(-GSM8K_TRAIN // int(
+        a.get("examples-per-step", 16)))
+    decode = _decode_rate(b.params, b.n, b.tgt)
+    gen = rl_steps * per_step * new_tok / decode
+    train = rl_steps * per_step * (new_tok + 150) * b.fpt / b.chat_rate()
+    return _row("rl", gen + train + rl_steps * b.comm, "measured+assumed",
+                f"{rl_steps} steps x {per_step} samples x ~{new_tok} new tokens (assumed: half the cap) decoded at "
+                f"{decode:,.0f} tok/s (d20 at batch 1 measured, scaled by parameters, x8 for the batch: assumed)")
+
+
+def _cost_chat_eval(b: _CostBasis) -> list[dict[str, Any]]:
+    a = b.args["chat_eval"]
+    cap = int(a["max-problems"]) if "max-problems" in a else None
+    gen_n = min(CHAT_EVAL_GENERATIVE, 3 * cap) if cap else CHAT_EVAL_GENERATIVE
+    cat_n = min(CHAT_EVAL_CATEGORICAL, 3 * cap) if cap else CHAT_EVAL_CATEGORICAL
+    decode = _decode_rate(b.params, b.n, b.tgt) / 8  # one problem at a time
+    s = gen_n * 256 / decode + cat_n * 300 * b.fpt / 3 / b.rate
+    return _row("chat_eval", s, "measured+assumed",
+                f"{gen_n} generations x ~256 tokens (assumed) at {decode:,.0f} tok/s (d20 at batch 1 measured, scaled "
+                f"by parameters) + {cat_n} one-forward questions")
+
+
+# each planned stage's estimate; rows come out in plan order
+_STAGE_COSTS: dict[str, Callable[[_CostBasis], list[dict[str, Any]]]] = {
+    "data": _cost_data, "tokenizer": _cost_tokenizer, "pretrain": _cost_pretrain, "base_eval": _cost_base_eval,
+    "midtrain": _cost_chat_stage("midtrain", MID_CONVERSATIONS), "sft": _cost_chat_stage("sft", SFT_CONVERSATIONS),
+    "rl": _cost_rl, "chat_eval": _cost_chat_eval,
+    "report": lambda b: _row("report", 5.0, "assumed", "plots and report.md"),
+}
 
 
 def _argv_dict(argv: list[str]) -> dict[str, str]:
