@@ -4,9 +4,10 @@ torch.compile's first step is most of a restart (README "Start-up"): Dynamo trac
 Triton builds every kernel. Three things cut or explain it:
 
 - `use_compile_cache`: Inductor's caches (FX graphs, AOTAutograd, autotuning) and Triton's kernels go under
-  `PICOCHAT_HOME/cache/compile/<key>`, not a per-user folder in /tmp that a new container never has. On Modal,
-  PICOCHAT_HOME is the volume, so every container after the first starts warm. The key names torch, Triton, CUDA,
-  the GPU and Python, so an upgrade or another GPU starts a fresh folder instead of loading stale artifacts.
+  `PICOCHAT_HOME/cache/compile/<key>`, not a per-user folder in /tmp that a new machine never has, so a restart
+  with a persistent PICOCHAT_HOME starts warm. (The Modal launcher already points TORCHINDUCTOR_CACHE_DIR at a
+  keyed folder on its volume; a folder set like that is respected.) The key names torch, Triton, CUDA, the GPU and
+  Python, so an upgrade or another GPU starts a fresh folder instead of loading stale artifacts.
 - `compile_blocks` (PICOCHAT_COMPILE_SCOPE=blocks): compile one transformer block and reuse it for every layer
   (Dynamo reuses a graph across module instances when parameters are graph inputs), plus the head, instead of one
   graph of the whole model whose size grows with depth.
