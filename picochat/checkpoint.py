@@ -214,8 +214,9 @@ def _verified_key(ckpt: str | Path, names: set[str] | None) -> tuple:
 def check_checkpoint(ckpt: str | Path, names: set[str] | None = None) -> None:
     """Raise one UserError naming the checkpoint and what is wrong with it, unless it verifies (or this process
     verified it a moment ago, when `newest_loadable` picked it: a model's files are hashed once per load)."""
-    if _verified_key(ckpt, names) in _VERIFIED:
-        _VERIFIED.discard(_verified_key(ckpt, names))
+    key = _verified_key(ckpt, names)
+    if key in _VERIFIED:
+        _VERIFIED.discard(key)
         return
     problems = verify_checkpoint(ckpt, names)
     if problems:

@@ -890,7 +890,7 @@ def kernel_category(name: str) -> str:
 
 
 def profile_step(step: Any, device: torch.device, top: int = 25) -> dict[str, Any]:
-    """Run `step()` once under torch.profiler and sum kernel time (device time on CUDA, CPU op self time elsewhere)
+    """Run `step()` once under torch.profiler and sum kernel time (GPU kernel time on CUDA, CPU op self time elsewhere)
     by name and by category (matmul, attention, triton, nccl, memory, other). Prints the `top` names on rank 0."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -177,3 +177,13 @@ def format_breakdown(b: dict[str, Any]) -> str:
     if b.get("graphs"):
         text += f" (of which Dynamo+Inductor compiled {b['graphs']} graphs in {b['compile_s']:.1f}s, cache {b['cache']})"
     return text
+
+
+def report_startup(info: dict[str, Any], watch: CompileWatch, step: int, first_step_s: float, metrics: Any,
+                   now: float | None = None) -> dict[str, Any]:
+    """After a process's first step: the breakdown (`info` is prepare_model's, with "marks"), printed on rank 0 and
+    logged as a `startup` record at `step`. The compile figures only where the model was compiled."""
+    b = startup_breakdown(info["marks"], watch if info["compiled"] else None, first_step_s, now)
+    print0(format_breakdown(b))
+    metrics.log({"step": step, "startup": b})
+    return b

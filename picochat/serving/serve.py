@@ -832,8 +832,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     """Build the FastAPI app. `engines` (one per replica) are loaded from the checkpoint when not given."""
     _require_server_deps()
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi.responses import FileResponse
 
     hosts = allowed_hosts(cfg)  # a bad --allow-host is reported before the model loads
     for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 1)):
@@ -869,18 +868,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     app.state.pool = pool
     app.add_middleware(_Guard, hosts=hosts, api_key=api_key, max_body=max_body_bytes(cfg))
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return error_response(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        code = "not_found" if e.status_code == 404 else None
-        return error_response(APIError(e.status_code, str(e.detail), None, code))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        return error_response(APIError(500, f"internal error: {type(e).__name__}", None, None, type="server_error"))
+    _add_error_handlers(app)
 
     @app.get("/")
     async def index():
@@ -897,6 +885,35 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "picochat"}]}
+
+    _add_completion_routes(app, cfg, tok, context, model_name, submit)
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error leaves as one OpenAI-style JSON object: ours, Starlette's (404, 405) and anything unexpected."""
+    from fastapi import Request
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return error_response(APIError(e.status_code, str(e.detail), None, code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", None, None, type="server_error"))
+
+
+def _add_completion_routes(app, cfg: ServeConfig, tok, context: int, model_name: str, submit) -> None:
+    """`/v1/chat/completions` and `/v1/completions`: parse into jobs, submit them to the replicas' pool, then stream
+    server-sent events or wait for the whole answer (499 when the client left)."""
+    from fastapi import Request
+    from fastapi.responses import Response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -945,8 +962,6 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
                              "logprobs": completion_logprobs(c.entries) if scored else None}
                             for j in jobs for i, c in enumerate(j.choices)],
                 "usage": usage(jobs)}
-
-    return app
 
 
 def _event_stream(gen):

@@ -703,11 +703,8 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
                                                  eta_s=eta, extra=out.extra,
                                                  cost=meter.text(eta) if meter is not None else ""))
                 st.metrics.log({"step": st.step, "loss": loss, "lrm": lrm, "dt": dt, **out.log})
-                if st.step == first:
-                    startup = warmup.startup_breakdown(st.info["marks"], watch if st.info["compiled"] else None, dt,
-                                                       now=time.time())
-                    print0(warmup.format_breakdown(startup))
-                    st.metrics.log({"step": st.step, "startup": startup})
+                if st.step == first:  # an eval before it counts in the total only
+                    warmup.report_startup(st.info, watch, st.step, dt, st.metrics, now=time.time())
                 by_budget = stop_now and not st.stop.requested and meter is not None and meter.budget is not None
                 if stop_now and not (by_budget and st.step >= st.num_steps):  # a last step goes on to its eval
                     save(last_eval)

@@ -705,7 +705,7 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
                 log_step(ctx, st, timer, lrm, dt)
                 if st.step == st.start_step + 1:
                     freeze_gc()
-                    ctx.info["startup"] = report_startup(ctx, st.step, watch, dt)
+                    ctx.info["startup"] = warmup.report_startup(ctx.info, watch, st.step, dt, ctx.metrics)
                 hb.beat("training")
                 if after_step(ctx, st, hb, batch, stop, stop_now):
                     break
@@ -886,14 +886,6 @@ def _report_target(ctx: Stage, st: LoopState) -> None:
            f"{hit['core']:.4f}; time to target {hit['train_time_s'] / 3600:.3f} h ({hit['train_time_s']:.1f}s) of "
            f"training steps on {gpu} (evals and checkpoints not counted; CORE evals took {st.core_seconds:.1f}s "
            f"more); checkpoint {st.last_ckpt}")
-
-
-def report_startup(ctx: Stage, step: int, watch: warmup.CompileWatch, first_step_s: float) -> dict[str, Any]:
-    """The start-up breakdown after the first step: printed, and a `startup` record in metrics.jsonl."""
-    b = warmup.startup_breakdown(ctx.info["marks"], watch if ctx.info["compiled"] else None, first_step_s)
-    print0(warmup.format_breakdown(b))
-    ctx.metrics.log({"step": step, "startup": b})
-    return b
 
 
 def summarize(ctx: Stage, st: LoopState, timer: StepTimer) -> dict[str, Any]:
