@@ -354,8 +354,9 @@ class _GPTDecoder:
         self.slots[key] = s
         return s
 
-    def _graph(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """Warm up `fn` (compiles, cuBLAS handles) on a side stream, then capture it into a CUDA graph."""
+    def _graph(self, fn: Callable[[], torch.Tensor], pool: Any = None) -> tuple[Any, torch.Tensor]:
+        """Warm up `fn` (compiles, cuBLAS handles) on a side stream, then capture it into a CUDA graph (in memory
+        `pool` when given, shared with the other graphs captured there)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.no_grad():
@@ -364,7 +365,7 @@ class _GPTDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other replicas (threads) may use their GPUs while this one captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
             out = fn()
         return graph, out
 

@@ -1,6 +1,7 @@
 """Continuous batching in `picochat serve` (serving/batcher.py): a real uvicorn server on 127.0.0.1 with tiny models,
 driven by the real `openai` client. Requests on one replica decode together and each behaves as it would alone."""
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from picochat.config import UserError  # noqa: E402
 from picochat.engine import Engine, load_engine, prepare_model  # noqa: E402
 from picochat.model import GPTConfig, build_model  # noqa: E402
 from picochat.serving import batcher  # noqa: E402
+from picochat.serving import serve  # noqa: E402
 from picochat.serving.serve import ServeConfig, create_app  # noqa: E402
 from test_chat_cli import make_tiny_checkpoint  # noqa: E402
 from test_serve import ServerThread  # noqa: E402
@@ -287,3 +289,31 @@ def test_bench_serve_runs_in_seconds(engine, tmp_path, capsys):
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
     assert cli.main(["bench", "serve", "--clients", "1,x"]) == 2  # one line, before any model is built
     assert "--clients '1,x'" in capsys.readouterr().err
+
+
+def test_padding_rows_write_only_the_scratch_slot(engine):
+    """A captured step runs a bucket of rows; its padding rows (slot = scratch) must leave live slots untouched."""
+    cache = batcher.RowCache(engine, 4, 64)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.prev.normal_()
+    before = [x.clone() for x in (cache.k, cache.v, cache.prev)]
+    tok = torch.tensor([[3], [4], [0], [0]])
+    pos = torch.tensor([5, 7, 0, 0])
+    slot = torch.tensor([0, 1, cache.rows, cache.rows])
+    batcher.decode_rows(engine, cache, tok, pos, slot, 8)
+    for new, old in zip((cache.k, cache.v, cache.prev), before):
+        assert torch.equal(new[:, 2:4] if new.dim() == 5 else new[2:4], old[:, 2:4] if old.dim() == 5 else old[2:4])
+    assert not torch.equal(cache.k[:, 0, 5], before[0][:, 0, 5])  # the live rows did write their positions
+    assert torch.equal(cache.k[:, 0, 6:], before[0][:, 0, 6:])
+
+
+def test_stream_events_queued_while_busy_are_merged_per_choice():
+    async def go():
+        q = asyncio.Queue()
+        for item in [("delta", [(0, "a", None, [1]), (1, "x", None, [])]), ("delta", [(0, "b", None, [2])]),
+                     ("delta", [(0, "", "stop", [])]), ("end", "done")]:
+            q.put_nowait(item)
+        return [d async for d in serve._deltas([object()], q)]
+
+    assert asyncio.run(go()) == [(0, "ab", "stop", [1, 2]), (1, "x", None, [])]

@@ -19,6 +19,9 @@ One scheduler iteration:
    python tool call runs in the engine's tool pool: its row sits out the steps until the result is forced in,
    while the others decode.
 
+On CUDA a decode step replays a CUDA graph captured per (rows, positions) bucket (RowCache.step), with the
+engine's compiled pieces recompiled once for a dynamic batch; padding rows of a bucket write a scratch slot.
+
 A lone request on a CUDA replica with the fused batch-1 kernels runs on `Engine.generate` instead (the batch-1
 fast path), stepped once per iteration beside the batch, so one user keeps single-stream speed. Engines that are
 not a picochat `Engine` over a `GPT` (stubs in tests, wrappers) run one request at a time through their
@@ -33,13 +36,15 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from picochat.engine import CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _lm_head, sample_next_token
+from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _fused_kernels_on, _GPTDecoder, _kernels,
+                             _lm_head, sample_next_token)
 from picochat.model import rms_norm
 
 
@@ -87,21 +92,63 @@ def need_positions(job: Any) -> int:
 # The row cache and the batched decode step
 
 
-class RowCache:
-    """k/v (n_layer, R, T, Hkv, D), the smear's previous embedding per row (R, 1, d), and each row's position
-    (host ints: the number of tokens the row has in the cache). Grown on demand; freed when no row is live."""
+def row_pieces(engine: Engine) -> tuple:
+    """The decode step's pieces for rows (attention's pre-part, post-part + MLP, head), with the model's head sizes
+    bound. Where the engine compiles its own (CUDA) they are compiled once more, with a dynamic batch dimension:
+    the engine's are specialised per batch size, and rows come in any number; one compile per size would stall
+    the streams of a busy server for seconds each time a new size appears. `decoder.rows_plain` keeps the plain
+    ones for a fallback."""
+    dec = engine.decoder
+    if getattr(dec, "rows_pieces", None) is None:
+        c = engine.model.config
+        H, Hkv, D, scale = c.n_head, c.n_kv_head, c.head_dim, c.ve_gate_scale
 
-    def __init__(self, model, rows: int, positions: int):
-        c = model.config
-        dev, dt = model.wte.weight.device, model.compute_dtype
-        shape = (c.n_layer, rows, positions, c.n_kv_head, c.head_dim)
+        def pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin):  # head sizes stay constants, not symbols
+            return _attn_pre(x, x0, lam_r, lam_0, wq, wk, wv, ve, gate_w, cos, sin, H, Hkv, D, scale)
+
+        def post(x, y, wo, wfc, wproj):  # own code objects: compiled apart from the engine's specialised copies
+            return _attn_post_mlp(x, y, wo, wfc, wproj)
+
+        def head(x, w, vocab_size, softcap):
+            return _lm_head(x, w, vocab_size, softcap)
+
+        dec.rows_plain = (pre, post, head)
+        dec.rows_pieces = dec.rows_plain
+        if dec._pre is not _attn_pre:
+            dec.rows_pieces = tuple(torch.compile(f, fullgraph=True, dynamic=True) for f in dec.rows_plain)
+    return dec.rows_pieces
+
+
+class RowCache:
+    """k/v (n_layer, R + 1, T, Hkv, D), the smear's previous embedding per row (R + 1, 1, d), and each row's
+    position (host ints: the number of tokens the row has in the cache). Slot R is scratch: the padding rows of a
+    captured step write there. Grown on demand; freed when no row is live.
+
+    On CUDA (with the engine's CUDA graphs on) a step is replayed from a CUDA graph captured per (rows, positions)
+    bucket over static input buffers: at batch 64 an eager step is kernel-launch bound (hundreds of small kernels
+    per token), the graph launches them in one call. The engine's torch.compile'd pieces run inside it."""
+
+    ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    T_BUCKET = 128  # attention reads the bucket's positions: finer buckets read less padding, cost more graphs
+
+    def __init__(self, engine: Engine, rows: int, positions: int):
+        m = engine.model
+        c = m.config
+        dev, dt = m.wte.weight.device, m.compute_dtype
+        shape = (c.n_layer, rows + 1, positions, c.n_kv_head, c.head_dim)
+        self.engine = engine
         self.k = torch.zeros(shape, dtype=dt, device=dev)
         self.v = torch.zeros(shape, dtype=dt, device=dev)
-        self.prev = torch.zeros(rows, 1, c.n_embd, dtype=dt, device=dev)
+        self.prev = torch.zeros(rows + 1, 1, c.n_embd, dtype=dt, device=dev)
+        self.graphed = dev.type == "cuda" and engine.decoder.cuda_graph
+        self.pieces = row_pieces(engine)
+        self.inputs = torch.zeros(3, rows, dtype=torch.long, device=dev)  # token, position, slot per padded row
+        self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
 
     @property
     def rows(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1] - 1
 
     @property
     def positions(self) -> int:
@@ -118,14 +165,58 @@ class RowCache:
         self.v[:, idx, :t] = self.v[:, rev, :t]
         self.prev[idx] = self.prev[rev]
 
+    def step(self, toks: list[int], poss: list[int], t: int) -> torch.Tensor:
+        """One token per row for slots [0, n) (see decode_rows); fp32 logits (n, V), valid until the next step."""
+        n = len(toks)
+        dev = self.k.device
+        if not self.graphed:
+            inp = torch.tensor([toks, poss, list(range(n))], dtype=torch.long, device=dev)
+            return decode_rows(self.engine, self, inp[0, :, None], inp[1], inp[2], t)
+        nb = min(self.rows, next((b for b in self.ROW_BUCKETS if b >= n), _round_up(n, 16)))
+        tb = min(self.positions, _round_up(t, self.T_BUCKET))
+        key = (nb, tb)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(nb, tb)
+            except Exception as e:  # compiled pieces first, then the graph itself: fall back one level per failure
+                torch.cuda.synchronize(dev)
+                self.graphs = {}
+                if self.pieces is not self.engine.decoder.rows_plain:
+                    warnings.warn(f"[serve] batched decode: the compiled step failed ({type(e).__name__}: {e}); "
+                                  f"using plain kernels in the CUDA graph")
+                    self.pieces = self.engine.decoder.rows_pieces = self.engine.decoder.rows_plain
+                else:
+                    warnings.warn(f"[serve] batched decode: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                                  f"decoding these rows eagerly")
+                    self.graphed = False
+                return self.step(toks, poss, t)
+        pad = nb - n  # padding rows feed token 0 at position 0 into the scratch slot
+        host = torch.tensor([toks + [0] * pad, poss + [0] * pad, list(range(n)) + [self.rows] * pad],
+                            dtype=torch.long)
+        self.inputs[:, :nb].copy_(host, non_blocking=True)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, nb: int, tb: int) -> tuple[Any, torch.Tensor]:
+        """A graph of decode_rows over the first nb input rows and tb positions. While it is captured (and in the
+        warm-up runs before) every row writes the scratch slot, so live rows are not touched."""
+        self.inputs[:, :nb] = 0
+        self.inputs[2, :nb] = self.rows
+        tok, pos, slot = self.inputs[0, :nb, None], self.inputs[1, :nb], self.inputs[2, :nb]
+        return self.engine.decoder._graph(lambda: decode_rows(self.engine, self, tok, pos, slot, tb), self.pool)
+
 
 @torch.no_grad()
-def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
-    """One token per row for rows [0, n): tok (n, 1) at positions pos (n,), each row attending to its own keys at
-    positions <= its own (and inside the layer's window). Writes the cache; returns fp32 logits (n, V). The same
-    math as the engine's decode step (`_GPTDecoder._step`), with per-row positions."""
+def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                t: int) -> torch.Tensor:
+    """One token per row: tok (n, 1) at positions pos (n,), row j writing cache slot slot[j] and attending to the
+    keys of slot j at positions <= pos[j] (and inside the layer's window; slot[j] == j but for padding rows).
+    Writes the cache; returns fp32 logits (n, V). The same math as the engine's decode step
+    (`_GPTDecoder._step`), with per-row positions, and the same (compiled, on CUDA) pieces."""
     m = engine.model
     dec = engine.decoder
+    pre, post, head = cache.pieces
     c = m.config
     dt = m.compute_dtype
     n = tok.shape[0]
@@ -137,33 +228,31 @@ def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.T
         e = x
         gate = m.smear_lambda.to(dt) * torch.sigmoid(F.linear(e[..., : m.smear_gate.in_features],
                                                                m.smear_gate.weight.to(dt)))
-        x = e + gate * cache.prev[:n]
-        cache.prev[:n] = e
+        x = e + gate * cache.prev.index_select(0, slot)
+        cache.prev.index_copy_(0, slot, e)
     x0 = x_mid = x
     kpos = torch.arange(t, device=pos.device)
     causal = kpos[None, :] <= pos[:, None]  # (n, t)
-    rows = torch.arange(n, device=pos.device)
     for i, block in enumerate(m.blocks):
         a = block.attn
         ve = m.value_embeds[str(i)](tok) if str(i) in m.value_embeds else None
         gate_w = a.ve_gate.weight if a.ve_gate is not None else None
         wq, wk, wv = dec.qkv[i] if dec.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
-        x, q, k, v = _attn_pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin,
-                               H, Hkv, D, c.ve_gate_scale)
-        cache.k[i].index_put_((rows, pos), k[:, 0].to(cache.k.dtype))
-        cache.v[i].index_put_((rows, pos), v[:, 0].to(cache.v.dtype))
+        x, q, k, v = pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin)
+        cache.k[i].index_put_((slot, pos), k[:, 0].to(cache.k.dtype))
+        cache.v[i].index_put_((slot, pos), v[:, 0].to(cache.v.dtype))
         w = m.window_sizes[i]
         mask = causal if w is None else causal & (pos[:, None] - kpos[None, :] < w)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[i, :n, :t].transpose(1, 2).to(dt),
                                            cache.v[i, :n, :t].transpose(1, 2).to(dt), attn_mask=mask[:, None, None],
                                            enable_gqa=Hkv != H)
-        x = _attn_post_mlp(x, y.transpose(1, 2).reshape(n, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight,
-                           block.mlp.c_proj.weight)
+        x = post(x, y.transpose(1, 2).reshape(n, 1, H * D), a.c_proj.weight, block.mlp.c_fc.weight,
+                 block.mlp.c_proj.weight)
         if i == c.n_layer // 2:
             x_mid = x
     if m.backout_lambda is not None:
         x = x - m.backout_lambda.to(dt) * x_mid
-    return _lm_head(x, m.lm_head.weight, c.vocab_size, c.softcap)
+    return head(x, m.lm_head.weight, c.vocab_size, c.softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,6 +387,9 @@ class Replica:
         self.solo: tuple[Any, Any] | None = None  # (job, generator) on Engine.generate
         self.gens: dict[int, torch.Generator] = {}
         self.strings = None
+        dev = getattr(engine, "device", None)
+        self.fast_sampler = self.batched and dev.type == "cuda" and _fused_kernels_on()
+        self.scratch = torch.zeros(2, 1, dtype=torch.long, device=dev) if self.fast_sampler else None
 
     # -- admission ------------------------------------------------------------------------------------------------
 
@@ -420,7 +512,7 @@ class Replica:
         grown = min(self.pool.max_rows, max(r, 2 * (c.rows if c else 0), 8))  # amortised growth where it fits
         if grown * t <= self.pool.batch_tokens:
             r = grown
-        new = RowCache(self.engine.model, r, t)
+        new = RowCache(self.engine, r, t)
         if c is not None and self.rows:
             new.copy_rows(c, len(self.rows), min(c.positions, t))
         self.cache = new
@@ -509,9 +601,7 @@ class Replica:
         if n:
             ready = self.rows[:n]
             t = min(self.cache.positions, max(r.pos for r in ready) + 1)
-            tok = torch.tensor([[r.next] for r in ready], dtype=torch.long, device=e.device)
-            pos = torch.tensor([r.pos for r in ready], dtype=torch.long, device=e.device)
-            logits = decode_rows(e, self.cache, tok, pos, t)
+            logits = self.cache.step([r.next for r in ready], [r.pos for r in ready], t)
             for j, r in enumerate(ready):
                 r.pos += 1
                 r.next = None
@@ -538,7 +628,9 @@ class Replica:
         dev = logits.device
         toks = torch.empty(len(rows), dtype=torch.long, device=dev)
         greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
-        if greedy:
+        if len(greedy) == len(rows):
+            toks = logits.argmax(dim=-1)
+        elif greedy:
             g = torch.tensor(greedy, device=dev)
             toks[g] = logits[g].argmax(dim=-1)
         groups: dict[int, list[int]] = {}
@@ -547,10 +639,7 @@ class Replica:
                 groups.setdefault(id(r.job), []).append(j)
         for js in groups.values():
             js.sort(key=lambda j: rows[j].index)  # a job's rows draw together, in choice order
-            p = rows[js[0]].job.params
-            idx = torch.tensor(js, device=dev)
-            toks[idx] = sample_next_token(logits[idx], self.gens[id(rows[js[0]].job)], p.temperature, p.top_k,
-                                          p.top_p)
+            self.sample(rows, js, logits, toks)
         col = toks.tolist()
         sampled = [True] * len(rows)
         for j, r in enumerate(rows):
@@ -592,8 +681,7 @@ class Replica:
                 elif r.in_python:
                     r.python_tokens.append(tok)
         self.pool.count("tokens_generated", len(rows))
-        for job, ds in deltas.values():
-            job.send(("delta", ds))
+        post([(job, ("delta", ds)) for job, ds in deltas.values()])
         for r in ended:
             i = next((i for i, x in enumerate(self.rows) if x is r), None)
             if i is not None:
@@ -601,6 +689,26 @@ class Replica:
         for job in {id(r.job): r.job for r in ended}.values():
             if all(c.finish is not None for c in job.choices):
                 self.finish(job)
+
+    def sample(self, rows: list[_Row], js: list[int], logits: torch.Tensor, toks: torch.Tensor) -> None:
+        """Tokens for one job's rows `js` into `toks`, drawn as `Engine.generate` draws them: on CUDA without top-k
+        or top-p the engine's one-launch Gumbel-max sampler keyed by (seed, step), so a seeded request samples the
+        same alone (on the engine's path) or in a batch; otherwise softmax + multinomial from the job's generator."""
+        job = rows[js[0]].job
+        p = job.params
+        one = len(js) == 1
+        if self.fast_sampler and p.top_k is None and (p.top_p is None or p.top_p >= 1.0):
+            j = js[0]
+            if one:  # a view of one row: no gather, the kernel writes its token in place
+                _kernels().sample(logits[j:j + 1], p.temperature, p.seed * 1_000_003 + rows[j].taken,
+                                  out=toks[j:j + 1], scratch=self.scratch)
+            else:
+                idx = torch.tensor(js, device=toks.device)
+                toks[idx] = _kernels().sample(logits[idx].contiguous(), p.temperature,
+                                              p.seed * 1_000_003 + rows[j].taken)
+            return
+        idx = torch.tensor(js, device=toks.device)
+        toks[idx] = sample_next_token(logits[idx], self.gens[id(job)], p.temperature, p.top_k, p.top_p)
 
     def solo_step(self) -> None:
         """One step of the lone request on the engine's own generate."""
@@ -624,6 +732,28 @@ class Replica:
                 self.finish(job)
         except Exception as e:
             self.fail(job, e)
+
+
+def post(messages: list[tuple[Any, tuple]]) -> None:
+    """Each job's event, with one wake-up per event loop for the lot: 64 streams at hundreds of steps a second
+    would otherwise be tens of thousands of cross-thread wake-ups a second. Jobs without a loop use `send`."""
+    by_loop: dict[Any, list[tuple[Any, tuple]]] = {}
+    for job, item in messages:
+        if getattr(job, "loop", None) is None or getattr(job, "events", None) is None:
+            job.send(item)
+        else:
+            by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+            for job, _ in items:
+                job.cancelled.set()
+
+
+def _put_all(items: list[tuple[Any, tuple]]) -> None:
+    for job, item in items:
+        job.events.put_nowait(item)
 
 
 def wait_idle(pool: Pool, timeout: float = 10.0) -> bool:

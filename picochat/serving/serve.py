@@ -704,19 +704,33 @@ class _Disconnected(Exception):
 
 
 async def _deltas(jobs: list[Job], events: asyncio.Queue):
-    """(index, text, finish, entries) as the jobs of one request report them, until every job has ended."""
+    """(index, text, finish, entries) as the jobs of one request report them, until every job has ended. What has
+    queued up since the last wake-up is merged per choice first: a server that falls behind its decode steps sends
+    one chunk for several tokens instead of one per token, so streaming cost stays bounded under load."""
     ended = 0
     while ended < len(jobs):
-        kind, data = await events.get()
-        if kind == "delta":
-            for d in data:
-                yield d
-        elif kind == "error":
-            raise _GenerationFailed(data)
-        elif data == "disconnected":
-            raise _Disconnected
-        else:
-            ended += 1
+        merged: dict[int, tuple] = {}
+        stop: Exception | None = None
+        item = await events.get()
+        while True:
+            kind, data = item
+            if kind == "delta":
+                for i, text, finish, entries in data:
+                    _, t0, f0, e0 = merged.get(i, (i, "", None, []))
+                    merged[i] = (i, t0 + text, finish or f0, e0 + list(entries))
+            elif kind == "error":
+                stop = _GenerationFailed(data)
+            elif data == "disconnected":
+                stop = _Disconnected()
+            else:
+                ended += 1
+            if stop is not None or ended == len(jobs) or events.empty():
+                break
+            item = events.get_nowait()
+        for d in merged.values():
+            yield d
+        if stop is not None:
+            raise stop
 
 
 async def _finish(jobs: list[Job], events: asyncio.Queue, receive) -> bool:
@@ -1103,8 +1117,16 @@ async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temp
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99)}
 
 
+def _bench_level_process(url: str, prompts: list[list[int]], new_tokens: int, temperature: float) -> dict:
+    return asyncio.run(_bench_level(url, prompts, new_tokens, temperature))
+
+
 def bench_main(args: argparse.Namespace) -> dict:
-    """Start `picochat serve` in this process on a free 127.0.0.1 port, then drive each --clients level."""
+    """Start `picochat serve` in this process on a free 127.0.0.1 port, then drive each --clients level from a
+    second process (as real clients are: 64 streams parsed in the server's process would compete with it for the
+    interpreter)."""
+    import concurrent.futures
+    import multiprocessing
     import random
     import socket
 
@@ -1142,16 +1164,24 @@ def bench_main(args: argparse.Namespace) -> dict:
     print(f"[bench serve] {what} on {engine.device} ({engine.mode}): prompt {n_prompt} tokens, {new_tokens} new, "
           f"clients {levels}", flush=True)
     results = []
+    clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def level(prompts: list[list[int]], tokens: int) -> dict:
+        return clients.submit(_bench_level_process, url, prompts, tokens, args.temperature).result()
+
     try:
-        asyncio.run(_bench_level(url, [[rng.choice(ids) for _ in range(n_prompt)]], min(4, new_tokens),
-                                 args.temperature))  # warm-up: first allocations and kernels
+        # warm-up, untimed: one stream, then the largest level for a few tokens (allocations, compiled kernels and
+        # the CUDA graphs of the batch sizes it reaches)
+        level([[rng.choice(ids) for _ in range(n_prompt)]], min(4, new_tokens))
+        level([[rng.choice(ids) for _ in range(n_prompt)] for _ in range(max(levels))], min(8, new_tokens))
         for c in levels:
             prompts = [[rng.choice(ids) for _ in range(n_prompt)] for _ in range(c)]
-            row = asyncio.run(_bench_level(url, prompts, new_tokens, args.temperature))
+            row = level(prompts, new_tokens)
             print(f"[bench serve] {c:3d} clients: {row['tokens_per_s']:,.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
                   f"p99 {row['ttft_p99_ms']} ms", flush=True)
             results.append(row)
     finally:
+        clients.shutdown()
         server.should_exit = True
         thread.join(30)
     return {"model": what, "device": str(engine.device), "mode": engine.mode, "prompt_tokens": n_prompt,
