@@ -317,3 +317,27 @@ def test_stream_events_queued_while_busy_are_merged_per_choice():
         return [d async for d in serve._deltas([object()], q)]
 
     assert asyncio.run(go()) == [(0, "ab", "stop", [1, 2]), (1, "x", None, [])]
+
+
+def test_same_length_prompts_prefilled_together_match_their_solo_runs(server, slow_steps, monkeypatch):
+    """Fresh prompts of one length share one batched prefill forward; each stream must still equal its solo run."""
+    sizes = []
+    real = batcher.Replica.prefill_together
+
+    def spy(self, group):
+        sizes.append(len(group))
+        return real(self, group)
+
+    monkeypatch.setattr(batcher.Replica, "prefill_together", spy)
+    c = client(server)
+    prompts = [list(range(60 + 7 * i, 60 + 7 * i + 12)) for i in range(6)]
+
+    def run(p):
+        return c.completions.create(model="x", prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+    alone = [run(p) for p in prompts]
+    sizes.clear()
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        together = list(ex.map(run, prompts))
+    assert together == alone
+    assert sum(sizes) == len(prompts) and max(sizes) > 1  # at least two prompts went through one forward

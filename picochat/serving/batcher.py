@@ -79,6 +79,13 @@ def default_batch_tokens(engine: Any, max_rows: int) -> int:
     return max_rows * ctx
 
 
+def default_prefill_chunk(engine: Any) -> int:
+    """Prompt tokens per scheduler iteration when --prefill-chunk is 0: 4096 on CUDA (a d20 forward of 4096
+    tokens is milliseconds, so several fresh prompts go in one batch), 512 elsewhere (seconds on a CPU)."""
+    dev = getattr(engine, "device", None)
+    return 4096 if isinstance(dev, torch.device) and dev.type == "cuda" else 512
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -263,9 +270,10 @@ class Pool:
     """Replicas, one scheduler thread each, fed from one FIFO queue of jobs (the oldest first)."""
 
     def __init__(self, engines: list, strings, max_rows: int = 64, batch_tokens: int = 0, max_queue: int = 256,
-                 prefill_chunk: int = 512, solo: bool | None = None):
+                 prefill_chunk: int = 0, solo: bool | None = None):
         self.engines, self.strings = engines, strings  # strings: tokenizer -> the token-text cache jobs share
-        self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(engines[0])
         self.batch_tokens = batch_tokens or default_batch_tokens(engines[0], max_rows)
         self.waiting: collections.deque = collections.deque()
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
@@ -364,10 +372,11 @@ class _Row:
     stash: torch.Tensor | None = None  # logits (V,) held while the tool runs
 
 
-@dataclass
+@dataclass(eq=False)
 class _Prefill:
     job: Any
-    cache: Any                      # a batch-1 model KVCache
+    cache: Any = None               # a model KVCache holding the prompt, allocated when its prefill starts
+    row: int = 0                    # the prompt's row in it (prompts prefilled together share one)
     done: int = 0                   # prompt tokens already in it
     logits: torch.Tensor | None = None
 
@@ -439,7 +448,7 @@ class Replica:
         g = torch.Generator(device=e.device)
         g.manual_seed(p.seed)
         self.gens[id(job)] = g
-        self.prefills.append(_Prefill(job, e.model.kv_cache(1, _round_up(len(job.prompt), CACHE_BUCKET))))
+        self.prefills.append(_Prefill(job))
 
     # -- ending jobs ----------------------------------------------------------------------------------------------
 
@@ -559,24 +568,53 @@ class Replica:
             time.sleep(0.002)  # every live row waits for its tool: nothing to compute until one returns
 
     def prefill(self) -> None:
-        """Up to --prefill-chunk prompt tokens, oldest job first; a finished prompt becomes live rows."""
+        """Up to --prefill-chunk prompt tokens, oldest job first; a finished prompt becomes live rows. Fresh
+        prompts of the oldest one's length go through one forward together (64 users arriving at once are 64
+        prompts of about one length; one at a time, the last would wait for 63 launch-bound forwards)."""
         budget = self.pool.prefill_chunk
         m = self.engine.model
         while budget > 0 and self.prefills:
             p = self.prefills[0]
-            job = p.job
+            L = len(p.job.prompt)
+            if p.cache is None and L <= budget:
+                group = [q for q in self.prefills if q.cache is None and len(q.job.prompt) == L][:budget // L]
+                budget -= L * len(group)
+                self.prefill_together(group)
+                continue
             try:
-                n = min(budget, len(job.prompt) - p.done)
-                ids = torch.tensor([job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
+                if p.cache is None:  # longer than the budget: in chunks, alone
+                    p.cache = m.kv_cache(1, _round_up(L, CACHE_BUCKET))
+                n = min(budget, L - p.done)
+                ids = torch.tensor([p.job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
                 p.logits = m(ids, kv_cache=p.cache)[0, -1:]
                 p.done += n
                 budget -= n
-                if p.done < len(job.prompt):
+                if p.done < L:
                     return
                 self.prefills.pop(0)
                 self.place(p)
             except Exception as e:
-                self.fail(job, e)
+                self.fail(p.job, e)
+
+    def prefill_together(self, group: list[_Prefill]) -> None:
+        """Whole prompts of one length in one batched forward, each then placed into its rows."""
+        m = self.engine.model
+        L = len(group[0].job.prompt)
+        try:
+            cache = m.kv_cache(len(group), _round_up(L, CACHE_BUCKET))
+            ids = torch.tensor([q.job.prompt for q in group], dtype=torch.long, device=self.engine.device)
+            logits = m(ids, kv_cache=cache)[:, -1]
+        except Exception as e:
+            for q in group:
+                self.fail(q.job, e)
+            return
+        for g, q in enumerate(group):
+            q.cache, q.row, q.done, q.logits = cache, g, L, logits[g:g + 1]
+            self.prefills.remove(q)
+            try:
+                self.place(q)
+            except Exception as e:
+                self.fail(q.job, e)
 
     def place(self, p: _Prefill) -> None:
         """A prefilled job's rows into slots, each with its first token sampled from the prompt's last logits."""
@@ -584,9 +622,9 @@ class Replica:
         self.ensure(len(self.rows) + n, max([need_positions(r.job) for r in self.rows] + [need_positions(job)]))
         base = len(self.rows)
         c = self.cache
-        c.k[:, base:base + n, :P] = p.cache.k[:, :, :P]
-        c.v[:, base:base + n, :P] = p.cache.v[:, :, :P]
-        c.prev[base:base + n] = p.cache.prev_embed.view(1, 1, -1)
+        c.k[:, base:base + n, :P] = p.cache.k[:, p.row:p.row + 1, :P]
+        c.v[:, base:base + n, :P] = p.cache.v[:, p.row:p.row + 1, :P]
+        c.prev[base:base + n] = p.cache.prev_embed[p.row].view(1, 1, -1)
         new = [_Row(job, i, P) for i in range(n)]
         self.rows.extend(new)
         self.pool.count("rows", n)

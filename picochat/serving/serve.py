@@ -80,8 +80,9 @@ class ServeConfig:
         "help": "KV-cache positions per replica, rows x longest row (0 = 70 percent of free GPU memory; "
                 "max-batch x context off GPU); a request that does not fit waits"})
     max_queue: int = field(default=256, metadata={"help": "most requests waiting; beyond it a 503 (0 = no limit)"})
-    prefill_chunk: int = field(default=512, metadata={
-        "help": "prompt tokens prefilled between two decode steps (bounds the stall a new prompt causes)"})
+    prefill_chunk: int = field(default=0, metadata={
+        "help": "prompt tokens prefilled between two decode steps (bounds the stall a new prompt causes; "
+                "0 = 4096 on CUDA, 512 elsewhere)"})
     model_name: str | None = field(default=None, metadata={"help": "model id shown by /v1/models"})
     allow_host: list[str] = field(default_factory=list, metadata={
         "help": "host name clients may address besides localhost/127.0.0.1/[::1] and --host (repeatable; '*' = "
@@ -849,7 +850,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     from fastapi.responses import FileResponse
 
     hosts = allowed_hosts(cfg)  # a bad --allow-host is reported before the model loads
-    for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 1)):
+    for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 0)):
         if getattr(cfg, name) < low:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
     from picochat.serving.batcher import Pool, Rejected  # lazy: it imports torch (~2 s); --help starts without it
