@@ -844,8 +844,8 @@ def apply_fp8(model: torch.nn.Module, flag: bool | None, device: torch.device, c
 
 
 def prepare_model(model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, seq_len: int,
-                  compile: bool | None = None, fp8: bool | None = False, activation_budget: float = 1.0
-                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
+                  compile: bool | None = None, fp8: bool | None = False, activation_budget: float = 1.0,
+                  run_folder: Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Apply, in this order, dtype -> fp8 -> attention plan -> compile to a built GPT; return (the module to call for
     training, info) with info = {"compiled": bool, "fp8": bool, "fp8_scope": "mlp" | "all" | None}. Also sets
     `model.fused_loss` from PICOCHAT_FUSED_LOSS.
@@ -854,17 +854,24 @@ def prepare_model(model: torch.nn.Module, *, device: torch.device, dtype: torch.
     it is taken first). The attention plan is decided before compiling so the traced graph holds no prints or env
     reads (`attention.prepare`). Parameters are never replaced (fp8 swaps module classes in place; compile wraps),
     so an optimizer built on `model` afterwards sees the same tensors; save and load through `model`, not the
-    returned module."""
+    returned module. `run_folder`: where compile artifacts are loaded from now and saved after the first step
+    (warmup.load_artifacts)."""
     model.fused_loss = fused_loss_switch()
     model.set_compute_dtype(dtype)
     compiled = should_compile(compile, device)
     fp8_on = apply_fp8(model, fp8, device, compiled) > 0
     attention.prepare(model.window_sizes, seq_len, device)
     cache = warmup.use_compile_cache(device) if compiled else None
+    artifacts = None
     if cache is not None:
         print0(f"[compile] {warmup.describe_cache(cache)}")
+        if run_folder is not None:
+            artifacts = warmup.load_artifacts(run_folder, device)
+            if artifacts["loaded"]:
+                print0(f"[compile] loaded {artifacts['loaded']} compile artifacts saved by this run "
+                       f"({artifacts['file']})")
     cmodel = maybe_compile(model, compile, device, activation_budget)
-    return cmodel, {"compiled": compiled, "fp8": fp8_on, "cache": cache,
+    return cmodel, {"compiled": compiled, "fp8": fp8_on, "cache": cache, "artifacts": artifacts, "device": device,
                     "fp8_scope": fp8_ops.scope(model.config.n_layer) if fp8_on else None}
 
 

@@ -11,6 +11,10 @@ Triton builds every kernel. Three things cut or explain it:
 - `compile_blocks` (PICOCHAT_COMPILE_SCOPE=blocks): compile one transformer block and reuse it for every layer
   (Dynamo reuses a graph across module instances when parameters are graph inputs), plus the head, instead of one
   graph of the whole model whose size grows with depth.
+- `load_artifacts` / `save_artifacts`: after its first step a run saves what it compiled (torch.compiler's cache
+  artifacts) into its own folder, keyed like the cache; a later process of the run loads them before compiling. A
+  resume on a new machine whose run folder came along (a volume, a synced bucket) but whose PICOCHAT_HOME cache did
+  not starts warm.
 - `CompileWatch`: counts compiled graphs and their seconds through Dynamo's compile callbacks, names the cache state
   in the heartbeat ("compiling graph 3, cache warm") and gives the start-up breakdown printed after the first step.
 """
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 
 from picochat import PROCESS_T0
-from picochat.runtime import picochat_home, print0
+from picochat.files import atomic_write_bytes
+from picochat.runtime import is_rank0, picochat_home, print0
 
 CACHE_ENV = "PICOCHAT_COMPILE_CACHE"   # "off": leave torch's own cache folders alone
 SCOPE_ENV = "PICOCHAT_COMPILE_SCOPE"   # "model" (default) | "blocks"
@@ -89,6 +94,52 @@ def describe_cache(cache: dict[str, Any]) -> str:
     how = {"warm": f"warm, {cache['entries']} files", "cold": "cold, empty",
            "user": f"TORCHINDUCTOR_CACHE_DIR, {cache['entries']} files"}[cache["state"]]
     return f"compile cache: {cache['dir']} ({how})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile artifacts kept with the run
+
+
+def artifacts_file(folder: str | Path, device: torch.device) -> Path:
+    return Path(folder) / "compile" / f"{compile_cache_key(device)}.bin"
+
+
+def _count(info: Any) -> int:
+    return sum(len(v) for v in getattr(info, "artifacts", {}).values())
+
+
+def load_artifacts(folder: str | Path, device: torch.device) -> dict[str, Any]:
+    """Before the first compile: hand the artifacts an earlier process of this run saved (same key) to torch's
+    caches. A damaged or foreign file costs a warning and a cold compile, never the run. {"folder", "file",
+    "loaded"}."""
+    path = artifacts_file(folder, device)
+    out = {"folder": str(folder), "file": str(path), "loaded": 0}
+    if not path.is_file() or not hasattr(torch.compiler, "load_cache_artifacts"):
+        return out
+    try:
+        out["loaded"] = _count(torch.compiler.load_cache_artifacts(path.read_bytes()))
+    except Exception as e:
+        print0(f"[compile] ignoring the saved compile artifacts {path} ({type(e).__name__}: {e}); compiling anew")
+    return out
+
+
+def save_artifacts(folder: str | Path, device: torch.device) -> dict[str, Any] | None:
+    """What this process compiled so far, as one file in the run's folder (written atomically; rank 0 only).
+    None when there is nothing to save or this torch cannot."""
+    if not is_rank0() or not hasattr(torch.compiler, "save_cache_artifacts"):
+        return None
+    try:
+        got = torch.compiler.save_cache_artifacts()
+        if got is None:
+            return None
+        data, info = got
+        path = artifacts_file(folder, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except Exception as e:  # a full disk or a torch quirk must not stop training: the next start compiles anew
+        print0(f"[compile] could not save the compile artifacts ({type(e).__name__}: {e}); training goes on")
+        return None
+    return {"file": str(path), "bytes": len(data), "artifacts": _count(info)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,5 +236,12 @@ def report_startup(info: dict[str, Any], watch: CompileWatch, step: int, first_s
     logged as a `startup` record at `step`. The compile figures only where the model was compiled."""
     b = startup_breakdown(info["marks"], watch if info["compiled"] else None, first_step_s, now)
     print0(format_breakdown(b))
+    art = info.get("artifacts")
+    if info["compiled"] and art is not None:
+        saved = save_artifacts(art["folder"], info["device"])
+        if saved is not None:
+            b["artifacts_saved"] = saved["artifacts"]
+            print0(f"[compile] saved {saved['artifacts']} compile artifacts ({saved['bytes'] / 2**20:.1f} MB) to "
+                   f"{saved['file']}: a later start of this run loads them")
     metrics.log({"step": step, "startup": b})
     return b

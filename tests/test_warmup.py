@@ -112,3 +112,56 @@ def test_pretraining_reports_its_startup(capsys):
     recs = [json.loads(line) for line in (Path(os.environ["PICOCHAT_HOME"]) / "runs" / "startup" / "base" /
                                           "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "startup" in r] == [1]
+
+
+class _Info:
+    artifacts = {"inductor": ["a", "b"], "aot_autograd": ["c"]}
+
+
+def test_compile_artifacts_saved_with_the_run_and_loaded_by_its_next_start(tmp_path, monkeypatch, capsys):
+    blob, loaded = b"compiled-artifacts", []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (blob, _Info()))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loaded.append(data) or _Info())
+    assert warmup.load_artifacts(tmp_path, CPU)["loaded"] == 0 and loaded == []  # nothing saved yet
+    path = tmp_path / "compile" / f"{warmup.compile_cache_key(CPU)}.bin"
+    assert warmup.save_artifacts(tmp_path, CPU) == {"file": str(path), "bytes": len(blob), "artifacts": 3}
+    assert path.read_bytes() == blob and [p.name for p in path.parent.iterdir()] == [path.name]  # no temp left
+    assert warmup.load_artifacts(tmp_path, CPU)["loaded"] == 3 and loaded == [blob]
+    monkeypatch.setattr(warmup, "compile_cache_key", lambda device: "torch0-other_gpu")  # another machine's key
+    assert warmup.load_artifacts(tmp_path, CPU)["loaded"] == 0 and len(loaded) == 1
+
+
+def test_bad_compile_artifacts_cost_a_cold_compile_not_the_run(tmp_path, monkeypatch, capsys):
+    path = warmup.artifacts_file(tmp_path, CPU)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+
+    def broken(data):
+        raise ValueError("unpickling failed")
+
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", broken)
+    assert warmup.load_artifacts(tmp_path, CPU)["loaded"] == 0
+    assert "ignoring the saved compile artifacts" in capsys.readouterr().out
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", full_disk)
+    assert warmup.save_artifacts(tmp_path, CPU) is None and path.read_bytes() == b"garbage"
+    assert "could not save the compile artifacts" in capsys.readouterr().out
+
+
+def test_first_step_report_saves_the_artifacts(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"x", _Info()))
+    logged = []
+
+    class Metrics:
+        def log(self, record):
+            logged.append(record)
+
+    now = 1e9
+    info = {"compiled": True, "device": CPU, "marks": {"setup": now - 3, "model": now - 2, "loop": now - 1},
+            "artifacts": {"folder": str(tmp_path), "loaded": 0}}
+    b = warmup.report_startup(info, warmup.CompileWatch(), 1, 0.5, Metrics(), now=now)
+    assert b["artifacts_saved"] == 3 and logged[0]["startup"]["artifacts_saved"] == 3
+    assert warmup.artifacts_file(tmp_path, CPU).read_bytes() == b"x"

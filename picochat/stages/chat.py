@@ -579,7 +579,8 @@ def open_stage(name: str, cfg: ChatStageConfig, *, source: str, source_order: Se
         st.scaler = training.loss_scaler(st.rt.dtype)
         _restore(st, same_world)
         st.train_model, st.info = training.prepare_model(st.model, device=st.rt.device, dtype=st.rt.dtype,
-                                                         seq_len=st.shape["max_seq_len"], compile=compile, fp8=False)
+                                                         seq_len=st.shape["max_seq_len"], compile=compile, fp8=False,
+                                                         run_folder=st.out_dir)
         _begin(st, record)
         st.info["marks"] = {**marks, "loop": time.time()}
         yield st

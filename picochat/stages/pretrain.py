@@ -611,7 +611,8 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
 
     model = build_model(plan.model_config, device=rt.device)
     cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
-                                 fp8=cfg.fp8, activation_budget=cfg.activation_budget)
+                                 fp8=cfg.fp8, activation_budget=cfg.activation_budget,
+                                 run_folder=stage_dir(cfg.run, "base"))
     marks["model"] = time.time()
     opt = make_optimizer(model, cfg, plan, compile_step=info["compiled"])
     loader = make_loader(cfg, tok, "train", plan.device_batch_size, rt, loop=True)
