@@ -341,3 +341,44 @@ def test_same_length_prompts_prefilled_together_match_their_solo_runs(server, sl
         together = list(ex.map(run, prompts))
     assert together == alone
     assert sum(sizes) == len(prompts) and max(sizes) > 1  # at least two prompts went through one forward
+
+
+class _ReplayGraph:
+    """Stands in for a CUDA graph on CPU: replay reruns the captured function over the same static buffers and
+    writes its static output, which is what a replay does on GPU. Lets the bucketing, padding and scratch-slot
+    logic of RowCache.step run against the eager step."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def test_padded_graph_steps_equal_eager_steps(engine, monkeypatch):
+    def fake_graph(fn, pool=None):
+        out = fn()  # the warm-up run: every row writes the scratch slot
+        return _ReplayGraph(fn, out), out
+
+    monkeypatch.setattr(engine.decoder, "_graph", fake_graph, raising=False)
+    torch.manual_seed(0)
+    graphed, eager = batcher.RowCache(engine, 8, 256), batcher.RowCache(engine, 8, 256)
+    for t in (graphed.k, graphed.v, graphed.prev):
+        t.normal_()
+    for a, b in ((eager.k, graphed.k), (eager.v, graphed.v), (eager.prev, graphed.prev)):
+        a.copy_(b)
+    graphed.graphed = True
+    # row counts that pad (3 -> 4, 5 -> 8) and positions that cross a T_BUCKET boundary
+    for n, base in ((3, 40), (5, 41), (1, 130), (8, 131), (6, 132)):
+        toks = [(7 * j + base) % 200 for j in range(n)]
+        poss = [base + j for j in range(n)]
+        t = max(poss) + 1
+        want = eager.step(toks, poss, t)
+        got = graphed.step(toks, poss, t)
+        assert got.shape == want.shape == (n, want.shape[1])
+        assert torch.allclose(got, want, atol=1e-5)
+        live = slice(0, graphed.rows)  # every live slot as the eager step left it; only the scratch slot differs
+        for a, b in ((graphed.k, eager.k), (graphed.v, eager.v)):
+            assert torch.allclose(a[:, live], b[:, live], atol=1e-5)
+        assert torch.allclose(graphed.prev[live], eager.prev[live], atol=1e-5)
+    assert sorted(graphed.graphs) == [(1, 256), (4, 128), (8, 128), (8, 256)]
