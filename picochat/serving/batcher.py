@@ -663,38 +663,12 @@ class Replica:
                 r.tool = None
                 if result is not None:
                     r.forced.extend([e.output_start, *e.tokenizer.encode(str(result)), e.output_end])
-        dev = logits.device
-        toks = torch.empty(len(rows), dtype=torch.long, device=dev)
-        greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
-        if len(greedy) == len(rows):
-            toks = logits.argmax(dim=-1)
-        elif greedy:
-            g = torch.tensor(greedy, device=dev)
-            toks[g] = logits[g].argmax(dim=-1)
-        groups: dict[int, list[int]] = {}
-        for j, r in enumerate(rows):
-            if r.job.params.temperature > 0:
-                groups.setdefault(id(r.job), []).append(j)
-        for js in groups.values():
-            js.sort(key=lambda j: rows[j].index)  # a job's rows draw together, in choice order
-            self.sample(rows, js, logits, toks)
-        col = toks.tolist()
+        col = self.draw(rows, logits)
         sampled = [True] * len(rows)
         for j, r in enumerate(rows):
             if r.forced:
                 col[j], sampled[j] = r.forced.popleft(), False
-        lps: list[Any] = [None] * len(rows)
-        scored = [j for j, r in enumerate(rows) if r.job.params.logprobs is not None]
-        if scored:
-            idx = torch.tensor(scored, device=dev)
-            lp = torch.log_softmax(logits[idx].float(), dim=-1)
-            chosen = lp.gather(1, torch.tensor([col[j] for j in scored], device=dev)[:, None])[:, 0].tolist()
-            k = min(max(rows[j].job.params.logprobs for j in scored), lp.size(-1))
-            top_lp, top_ids = torch.topk(lp, k, dim=-1)
-            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-            for a, j in enumerate(scored):
-                kj = rows[j].job.params.logprobs
-                lps[j] = (chosen[a], list(zip(top_ids[a][:kj], top_lp[a][:kj])))
+        lps = self.scores(rows, logits, col)
         deltas: dict[int, list] = {}
         ended = []
         for j, r in enumerate(rows):
@@ -710,14 +684,7 @@ class Replica:
                 continue
             r.next = tok
             if sampled[j]:
-                if tok == e.python_start:
-                    r.in_python, r.python_tokens = True, []
-                elif tok == e.python_end and r.in_python:
-                    r.in_python = False
-                    if r.python_tokens:
-                        r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(r.python_tokens))
-                elif r.in_python:
-                    r.python_tokens.append(tok)
+                self.track_tool(r, tok)
         self.pool.count("tokens_generated", len(rows))
         post([(job, ("delta", ds)) for job, ds in deltas.values()])
         for r in ended:
@@ -727,6 +694,55 @@ class Replica:
         for job in {id(r.job): r.job for r in ended}.values():
             if all(c.finish is not None for c in job.choices):
                 self.finish(job)
+
+    def draw(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """One token per row: argmax for greedy rows, each sampling job's rows drawn together (`sample`)."""
+        dev = logits.device
+        greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
+        if len(greedy) == len(rows):
+            return logits.argmax(dim=-1).tolist()
+        toks = torch.empty(len(rows), dtype=torch.long, device=dev)
+        if greedy:
+            g = torch.tensor(greedy, device=dev)
+            toks[g] = logits[g].argmax(dim=-1)
+        groups: dict[int, list[int]] = {}
+        for j, r in enumerate(rows):
+            if r.job.params.temperature > 0:
+                groups.setdefault(id(r.job), []).append(j)
+        for js in groups.values():
+            js.sort(key=lambda j: rows[j].index)  # a job's rows draw together, in choice order
+            self.sample(rows, js, logits, toks)
+        return toks.tolist()
+
+    def scores(self, rows: list[_Row], logits: torch.Tensor, col: list[int]) -> list[Any]:
+        """(logprob of the emitted token, top-K (id, logprob)) for the rows whose request asked; None elsewhere."""
+        lps: list[Any] = [None] * len(rows)
+        scored = [j for j, r in enumerate(rows) if r.job.params.logprobs is not None]
+        if not scored:
+            return lps
+        dev = logits.device
+        idx = torch.tensor(scored, device=dev)
+        lp = torch.log_softmax(logits[idx].float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor([col[j] for j in scored], device=dev)[:, None])[:, 0].tolist()
+        k = min(max(rows[j].job.params.logprobs for j in scored), lp.size(-1))
+        top_lp, top_ids = torch.topk(lp, k, dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for a, j in enumerate(scored):
+            kj = rows[j].job.params.logprobs
+            lps[j] = (chosen[a], list(zip(top_ids[a][:kj], top_lp[a][:kj])))
+        return lps
+
+    def track_tool(self, r: _Row, tok: int) -> None:
+        """The python tool's state machine for a sampled token: collect the code, submit it at its end."""
+        e = self.engine
+        if tok == e.python_start:
+            r.in_python, r.python_tokens = True, []
+        elif tok == e.python_end and r.in_python:
+            r.in_python = False
+            if r.python_tokens:
+                r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(r.python_tokens))
+        elif r.in_python:
+            r.python_tokens.append(tok)
 
     def sample(self, rows: list[_Row], js: list[int], logits: torch.Tensor, toks: torch.Tensor) -> None:
         """Tokens for one job's rows `js` into `toks`, drawn as `Engine.generate` draws them: on CUDA without top-k
