@@ -613,6 +613,31 @@ class Engine:
             warnings.warn(f"[engine] python tool failed: {type(e).__name__}: {e}")
             return None
 
+    def python_state(self, row: Any, tok: int) -> list[int] | None:
+        """The python tool's state machine for one sampled token of a row (fields `in_python`, `python_tokens`):
+        the code's tokens when this token closes a non-empty call, else None. Shared with the server's batcher."""
+        if tok == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif tok == self.python_end and row.in_python:
+            row.in_python = False
+            return row.python_tokens or None
+        elif row.in_python:
+            row.python_tokens.append(tok)
+        return None
+
+    def _budget(self, prompt_tokens: Iterable[int], num_samples: int, max_tokens: int) -> tuple[list[int], int]:
+        """The prompt as ints and the steps `generate` may take (<= 0: none), or a ValueError saying what is wrong."""
+        prompt = [int(t) for t in prompt_tokens]
+        if not prompt:
+            raise ValueError("generate: prompt_tokens is empty (start it with <|bos|>)")
+        if num_samples < 1:
+            raise ValueError(f"generate: num_samples {num_samples} must be >= 1")
+        room = self.max_context - len(prompt) + 1  # the last sampled token is never fed back
+        if room < 1:
+            raise ValueError(f"generate: prompt of {len(prompt)} tokens exceeds the model's context "
+                             f"({self.max_context})")
+        return prompt, min(max_tokens, room)
+
     @torch.no_grad()
     def generate(self, prompt_tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 42,
@@ -628,16 +653,7 @@ class Engine:
         log-probability of the row's token and the K most likely tokens, from the raw distribution (log_softmax
         of the fp32 softcapped logits, before temperature, top-k or top-p). Without it nothing extra is computed.
         """
-        prompt = [int(t) for t in prompt_tokens]
-        if not prompt:
-            raise ValueError("generate: prompt_tokens is empty (start it with <|bos|>)")
-        if num_samples < 1:
-            raise ValueError(f"generate: num_samples {num_samples} must be >= 1")
-        room = self.max_context - len(prompt) + 1  # the last sampled token is never fed back
-        if room < 1:
-            raise ValueError(f"generate: prompt of {len(prompt)} tokens exceeds the model's context "
-                             f"({self.max_context})")
-        max_tokens = min(max_tokens, room)
+        prompt, max_tokens = self._budget(prompt_tokens, num_samples, max_tokens)
         if max_tokens <= 0:
             return
         terminal = {self.assistant_end, self.bos, *(int(t) for t in (stop or ()))}
@@ -688,20 +704,12 @@ class Engine:
             col = host.tolist()
             calls = []
             for i, (row, tok) in enumerate(zip(rows, col)):
-                if row.done:
-                    continue
-                if mask[i] == 0:
+                if row.done or mask[i] == 0:
                     continue  # forced tokens never trigger the state machine
                 if tok in terminal and not ignore_eos:
                     row.done = True
-                elif tok == self.python_start:
-                    row.in_python, row.python_tokens = True, []
-                elif tok == self.python_end and row.in_python:
-                    row.in_python = False
-                    if row.python_tokens:
-                        calls.append((row, row.python_tokens))
-                elif row.in_python:
-                    row.python_tokens.append(tok)
+                elif (code := self.python_state(row, tok)) is not None:
+                    calls.append((row, code))
             if calls:
                 self._run_tools(calls)
             if logprobs is None:

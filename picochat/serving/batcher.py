@@ -733,16 +733,11 @@ class Replica:
         return lps
 
     def track_tool(self, r: _Row, tok: int) -> None:
-        """The python tool's state machine for a sampled token: collect the code, submit it at its end."""
+        """The python tool's state machine for a sampled token; a finished call runs in the engine's tool pool."""
         e = self.engine
-        if tok == e.python_start:
-            r.in_python, r.python_tokens = True, []
-        elif tok == e.python_end and r.in_python:
-            r.in_python = False
-            if r.python_tokens:
-                r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(r.python_tokens))
-        elif r.in_python:
-            r.python_tokens.append(tok)
+        code = e.python_state(r, tok)
+        if code is not None:
+            r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(code))
 
     def sample(self, rows: list[_Row], js: list[int], logits: torch.Tensor, toks: torch.Tensor) -> None:
         """Tokens for one job's rows `js` into `toks`, drawn as `Engine.generate` draws them: on CUDA without top-k
