@@ -343,3 +343,29 @@ def test_rl_raises_reward_on_tiny_arithmetic(chat_home, monkeypatch, tmp_path):
         rl.run(rl.RLConfig(device_batch_size=32, **small))
     monkeypatch.setattr(chat, "set_lr", real)
     assert rl.run(rl.RLConfig(device_batch_size=16, **small))["step"] == 3
+
+
+def test_rl_update_padded_to_a_bucket_shape_gives_the_same_loss_and_gradients():
+    """A compiled policy update pads rows and length to a few fixed shapes; the padding must not change a thing."""
+    from picochat.model import GPTConfig, build_model
+    from picochat.stages import rl
+
+    seqs = [[1, 5, 9, 13, 17, 21], [1, 6, 10, 14], [1, 7, 11, 15, 19, 23, 27, 31, 35]]
+    masks = [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]]
+    advs = [0.5, -1.0, 2.0]
+    assert rl.update_shape(seqs, 4, 2048) == (4, rl.LEN_BUCKET)
+    assert rl.update_shape(seqs, 2, 6) == (3, 8)  # never below the real length, never above the context
+    assert rl.update_shape([[1] * 300], 1, 2048) == (1, 2 * rl.LEN_BUCKET)
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=64, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    grads = []
+    for shape in (None, (5, 40)):
+        model = build_model(cfg)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        loss = rl._policy_loss(model, seqs, masks, advs, 11.0, torch.device("cpu"), 0, shape)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))

@@ -119,12 +119,27 @@ def sample_group(engine, tokenizer, task: Task, conv: dict, num_samples: int, cf
     return seqs, masks, rewards, len(prompt)
 
 
-def _policy_loss(model, seqs: list[list[int]], masks: list[list[int]], advantages: list[float], denom: float,
-                 device: torch.device, pad: int) -> torch.Tensor:
-    """-sum(logp * A) over sampled tokens of a micro-batch, divided by the step's sampled-token count."""
+LEN_BUCKET = 256  # a compiled model's update rows are padded to a multiple of this many positions (below)
+
+
+def update_shape(seqs: list[list[int]], rows: int, max_len: int) -> tuple[int, int]:
+    """The (rows, positions) a compiled policy update runs at: sampled lengths change every step and the last
+    micro-batch may be short, and a model compiled with dynamic=False compiles a graph per new shape (tens of
+    seconds on a GPU each, and past Dynamo's recompile limit it falls back to eager). Padding the micro-batch to
+    `rows` and the length to a multiple of LEN_BUCKET (capped at the context) bounds them to a few; padded
+    positions have no target, and causal attention keeps them out of the real ones."""
     T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), pad, dtype=torch.long)
-    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    return max(rows, len(seqs)), max(T, min(-(-T // LEN_BUCKET) * LEN_BUCKET, max_len))
+
+
+def _policy_loss(model, seqs: list[list[int]], masks: list[list[int]], advantages: list[float], denom: float,
+                 device: torch.device, pad: int, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """-sum(logp * A) over sampled tokens of a micro-batch, divided by the step's sampled-token count. `shape`:
+    (rows, positions) to pad to (update_shape); padding rows and positions carry no target."""
+    B, T = shape or (len(seqs), max(len(s) for s in seqs) - 1)
+    advantages = list(advantages) + [0.0] * (B - len(seqs))
+    x = torch.full((B, T), pad, dtype=torch.long)
+    y = torch.full((B, T), -1, dtype=torch.long)
     for r, (s, m) in enumerate(zip(seqs, masks)):
         ids = torch.tensor(s)
         x[r, :len(s) - 1] = ids[:-1]
@@ -257,7 +272,9 @@ def _rl_step(job: RLJob, st: Stage) -> StepOut:
         sl = slice(b * cfg.device_batch_size, (b + 1) * cfg.device_batch_size)
         # no skipping of zero-advantage micro-batches: every rank must run the same backward passes, so the
         # optimizer's gradient reductions (launched from backward hooks) happen in the same order everywhere
-        loss = _policy_loss(st.train_model, seqs[sl], masks[sl], advs[sl], denom, rt.device, st.tok.bos_id)
+        shape = (update_shape(seqs[sl], cfg.device_batch_size, st.model.config.sequence_len)
+                 if st.info["compiled"] else None)
+        loss = _policy_loss(st.train_model, seqs[sl], masks[sl], advs[sl], denom, rt.device, st.tok.bos_id, shape)
         st.arm(b == n_micro - 1)
         st.backward(loss * rt.world_size)  # the optimizer averages gradients over ranks
         loss_sum += loss.detach()
