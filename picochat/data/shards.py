@@ -14,6 +14,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from picochat.config import UserError, check_ranges, config_from_args, require, require_dir
@@ -357,6 +358,97 @@ def _has_text(path: Path) -> None:
                         f"prepare FILES --text-field COLUMN --out DIR`") from None
 
 
+def _check_shard_count(shards: int, source: str, val_shard: int | None) -> None:
+    """UserError unless --shards asks for at least one train shard and no more than a named source has."""
+    if shards < 1:
+        raise UserError(f"--shards {shards}: must be >= 1")
+    if val_shard is not None and shards > val_shard:
+        raise UserError(f"--shards {shards}: {source} has {val_shard} train shards (index {val_shard} is val); ask "
+                        f"for at most {val_shard}")
+
+
+def _resolve_commit(repo: str, revision: str | None, out: Path, old: dict, kw: dict) -> str:
+    """The dataset commit to download: the one pinned in `out`'s manifest, unless --revision moves it."""
+    from picochat.data.download import hub_commit
+
+    if revision is None and isinstance(old.get("revision"), str):
+        return old["revision"]  # pinned by an earlier run
+    commit = hub_commit(repo, revision or "main", **kw)
+    if old.get("revision") not in (None, commit) and any((out / n).exists() for n in old["files"]):
+        print(f"[download] {out}: moving from {repo}@{old['revision'][:12]} to @{commit[:12]}; files that "
+              f"differ are fetched again", flush=True)
+    return commit
+
+
+def _plan_at_commit(source: str, repo: str, val_shard: int | None, shards: int, commit: str, revision: str | None,
+                    out: Path, old: dict, kw: dict) -> dict[str, dict]:
+    """_plan, with a hint to pass --revision when the files are missing from a commit pinned by an earlier run."""
+    try:
+        return _plan(source, repo, val_shard, shards, commit, **kw)
+    except UserError as e:
+        if revision is None and commit == old.get("revision"):
+            raise UserError(f"{e} (commit {commit[:12]} is the one pinned in {out / MANIFEST}; pass --revision main "
+                            f"to move to the current one)") from None
+        raise
+
+
+def _matches(dest: Path, want: dict) -> bool:
+    """Whether `dest` holds exactly the listed bytes (size, then sha256 or git blob sha1)."""
+    from picochat.data.download import git_blob_sha1
+
+    # Always re-hashed (in parallel threads, hashlib releases the GIL): a file that rotted or was edited since
+    # it was written must not pass on the manifest's word.
+    if not dest.exists() or dest.stat().st_size != want["size"]:
+        return False
+    return (sha256_file(dest) == want["sha256"]) if "sha256" in want else git_blob_sha1(dest) == want["git_sha1"]
+
+
+def _present(out: Path, plan: dict[str, dict], workers: int) -> dict[str, bool]:
+    """name -> whether `out` already holds that planned file with the listed bytes (hashed in parallel)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return dict(zip(plan, pool.map(lambda name: _matches(out / name, plan[name]), plan)))
+
+
+def _fetch_list(out: Path, plan: dict[str, dict], present: dict[str, bool], repo: str, commit: str
+                ) -> list[tuple[str, Path, str | None]]:
+    """(url, destination, sha256) of each planned file not present; a stale copy is deleted first."""
+    from picochat.data.download import hub_file_url
+
+    todo = []
+    for name, want in plan.items():
+        if present[name]:
+            continue
+        dest = out / name
+        if dest.exists():
+            dest.unlink()  # not the listed bytes: fetch it again
+        todo.append((hub_file_url(repo, commit, want["path"]), dest, want.get("sha256")))
+    return todo
+
+
+def _check_fetched(plan: dict[str, dict], path: Path) -> None:
+    """Validator of a fetched file (`.part` or final name): the listed git blob sha1, and a `text` column."""
+    from picochat.data.download import git_blob_sha1
+
+    name = path.name.removesuffix(".part")
+    want = plan[name]
+    if "git_sha1" in want and git_blob_sha1(path) != want["git_sha1"]:
+        raise ValueError(f"git blob sha1 mismatch (expected {want['git_sha1']})")
+    _has_text(path)
+
+
+def _write_manifest(out: Path, manifest: dict, plan: dict[str, dict], known: dict) -> None:
+    """Add the files now in `out` to the manifest and write it."""
+    # Record only files that made it to their final name (a rejected .part is not recorded as done); entries
+    # of files outside this plan stay (same revision only), so asking for fewer shards does not forget others.
+    for name, entry in known.items():
+        if name not in plan and (out / name).exists():
+            manifest["files"][name] = entry
+    for name, want in plan.items():
+        if (out / name).exists():
+            manifest["files"][name] = want
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
 def download(shards: int, out: Path | None = None, source: str = DEFAULT_SOURCE, revision: str | None = None,
              workers: int = 4, retries: int = 5, progress: bool | None = None, backoff: float = 2.0,
              timeout: float = 60.0) -> dict:
@@ -368,79 +460,29 @@ def download(shards: int, out: Path | None = None, source: str = DEFAULT_SOURCE,
     and pinned in `manifest.json`, so a later run (or a re-upload) cannot mix files of two versions; pass --revision
     to move. A file whose bytes differ from the listing is deleted and fetched again; a second mismatch is an error.
     Files already present that match the listing are kept. `picochat data verify` re-checks a folder later."""
-    from picochat.data.download import git_blob_sha1, hub_commit, hub_file_url
-
     repo, val_shard = parse_source(source)
-    if shards < 1:
-        raise UserError(f"--shards {shards}: must be >= 1")
-    if val_shard is not None and shards > val_shard:
-        raise UserError(f"--shards {shards}: {source} has {val_shard} train shards (index {val_shard} is val); ask "
-                        f"for at most {val_shard}")
+    _check_shard_count(shards, source, val_shard)
     out = Path(out) if out is not None else default_download_dir(source)
     old = _read_manifest(out)
     if old.get("repo") not in (None, repo):
         raise UserError(f"{out}: holds shards of {old['repo']}, not {repo}; choose another --out (mixing two "
                         f"datasets in one folder would train on both)")
     kw = dict(retries=retries, backoff=backoff, timeout=timeout)
-    if revision is None and isinstance(old.get("revision"), str):
-        commit = old["revision"]  # pinned by an earlier run
-    else:
-        commit = hub_commit(repo, revision or "main", **kw)
-        if old.get("revision") not in (None, commit) and any((out / n).exists() for n in old["files"]):
-            print(f"[download] {out}: moving from {repo}@{old['revision'][:12]} to @{commit[:12]}; files that "
-                  f"differ are fetched again", flush=True)
-    try:
-        plan = _plan(source, repo, val_shard, shards, commit, **kw)
-    except UserError as e:
-        if revision is None and commit == old.get("revision"):
-            raise UserError(f"{e} (commit {commit[:12]} is the one pinned in {out / MANIFEST}; pass --revision main "
-                            f"to move to the current one)") from None
-        raise
+    commit = _resolve_commit(repo, revision, out, old, kw)
+    plan = _plan_at_commit(source, repo, val_shard, shards, commit, revision, out, old, kw)
 
     out.mkdir(parents=True, exist_ok=True)
     known = old.get("files", {}) if old.get("revision") == commit else {}
-    manifest = {"source": source, "repo": repo, "revision": commit, "files": {}}
-    def matches(name: str) -> bool:
-        # Always re-hashed (in parallel threads, hashlib releases the GIL): a file that rotted or was edited since
-        # it was written must not pass on the manifest's word.
-        dest, want = out / name, plan[name]
-        if not dest.exists() or dest.stat().st_size != want["size"]:
-            return False
-        return (sha256_file(dest) == want["sha256"]) if "sha256" in want else git_blob_sha1(dest) == want["git_sha1"]
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        present = dict(zip(plan, pool.map(matches, plan)))
-    todo, skipped = [], 0
-    for name, want in plan.items():
-        dest = out / name
-        if present[name]:
-            manifest["files"][name] = want
-            skipped += 1
-            continue
-        if dest.exists():
-            dest.unlink()  # not the listed bytes: fetch it again
-        todo.append((hub_file_url(repo, commit, want["path"]), dest, want.get("sha256")))
-
-    def validator(path: Path) -> None:
-        name = path.name.removesuffix(".part")
-        want = plan[name]
-        if "git_sha1" in want and git_blob_sha1(path) != want["git_sha1"]:
-            raise ValueError(f"git blob sha1 mismatch (expected {want['git_sha1']})")
-        _has_text(path)
-
+    present = _present(out, plan, workers)
+    manifest = {"source": source, "repo": repo, "revision": commit,
+                "files": {name: want for name, want in plan.items() if present[name]}}
+    skipped = len(manifest["files"])
+    todo = _fetch_list(out, plan, present, repo, commit)
     try:
         if todo:
-            download_many(todo, workers=workers, progress=progress, validator=validator, **kw)
+            download_many(todo, workers=workers, progress=progress, validator=partial(_check_fetched, plan), **kw)
     finally:
-        # Record only files that made it to their final name (a rejected .part is not recorded as done); entries
-        # of files outside this plan stay (same revision only), so asking for fewer shards does not forget others.
-        for name, entry in known.items():
-            if name not in plan and (out / name).exists():
-                manifest["files"][name] = entry
-        for name, want in plan.items():
-            if (out / name).exists():
-                manifest["files"][name] = want
-        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        _write_manifest(out, manifest, plan, known)
     return {"out": str(out), "downloaded": len(todo), "skipped": skipped, "files": len(plan), "revision": commit,
             "bytes": sum(v["size"] for v in manifest["files"].values())}
 

@@ -178,88 +178,119 @@ def worker_env(base: dict[str, str], nproc: int, use_cuda: bool, libuv: bool) ->
     return add
 
 
-def plan_launch(args: argparse.Namespace, env: dict[str, str] | None = None) -> LaunchPlan:
-    """Turn parsed `picochat launch` arguments into torchrun arguments + worker env, validating them."""
-    env = dict(os.environ if env is None else env)
+def _launch_target(args: argparse.Namespace) -> list[str]:
+    """The workers' `python -m` command, [module, *args]: --module as given, else `picochat <stage> ...`."""
     rest = list(args.stage_args)
     if rest and rest[0] == "--":
         rest = rest[1:]
-    notes: list[str] = []
     if args.module:
-        target = [args.module] + rest
-    else:
-        if not rest:
-            raise UserError("picochat launch: name the stage to run, e.g. `picochat launch --nproc-per-node 8 "
-                            "pretrain --preset d20` (or --module pkg.mod for any module)")
-        stage = rest[0]
-        if stage not in cli.COMMANDS:
-            raise UserError(f"picochat launch {stage}: unknown command; one of {', '.join(cli.COMMANDS)}")
-        if stage in ("launch", "speedrun"):
-            raise UserError(f"picochat launch {stage}: {stage} starts `picochat launch` for its own stages; "
-                            f"run `picochat {stage} ...` directly")
-        target = ["picochat"] + rest
+        return [args.module] + rest
+    if not rest:
+        raise UserError("picochat launch: name the stage to run, e.g. `picochat launch --nproc-per-node 8 "
+                        "pretrain --preset d20` (or --module pkg.mod for any module)")
+    stage = rest[0]
+    if stage not in cli.COMMANDS:
+        raise UserError(f"picochat launch {stage}: unknown command; one of {', '.join(cli.COMMANDS)}")
+    if stage in ("launch", "speedrun"):
+        raise UserError(f"picochat launch {stage}: {stage} starts `picochat launch` for its own stages; "
+                        f"run `picochat {stage} ...` directly")
+    return ["picochat"] + rest
 
-    nproc = resolve_nproc(str(args.nproc_per_node))
-    nnodes = str(args.nnodes)
+
+def _max_nodes(nnodes: str) -> int:
+    """The largest node count of --nnodes N or MIN:MAX; UserError unless every count is >= 1."""
     try:
         max_nodes = int(nnodes.split(":")[-1])
         if max_nodes < 1 or (":" in nnodes and int(nnodes.split(":")[0]) < 1):
             raise ValueError
     except ValueError:
         raise UserError(f"--nnodes {nnodes!r}: use a number of nodes (2) or an elastic range (1:4)") from None
+    return max_nodes
 
+
+def _resolve_libuv(choice: str, env: dict[str, str]) -> tuple[bool, list[str]]:
+    """(use libuv, notes for the user) for --libuv on/off/auto."""
     # libuv: "auto" trusts an explicit USE_LIBUV=0 from the user, else probes the real TCPStore
-    if args.libuv == "on":
-        libuv = True
-    elif args.libuv == "off" or env.get("USE_LIBUV") == "0":
-        libuv = False
-    else:
-        libuv, why = libuv_available()
-        if not libuv:
-            notes.append(f"this torch has no libuv TCPStore ({why}); using the classic store everywhere")
+    if choice == "on":
+        return True, []
+    if choice == "off" or env.get("USE_LIBUV") == "0":
+        return False, []
+    libuv, why = libuv_available()
+    if not libuv:
+        return False, [f"this torch has no libuv TCPStore ({why}); using the classic store everywhere"]
+    return True, []
 
-    ta = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", f"--max-restarts={args.max_restarts}"]
+
+def _static_rdzv_args(args: argparse.Namespace, max_nodes: int) -> list[str]:
+    """torchrun options of the static rendezvous: a fixed node rank and the node-rank-0 host as master."""
+    if not args.master_addr and not args.rdzv_endpoint and max_nodes > 1:
+        raise UserError("--rdzv-backend static with several nodes needs --master-addr (the node-rank-0 host)")
+    host, port = _split_endpoint(args.rdzv_endpoint or f"{args.master_addr or '127.0.0.1'}:"
+                                 f"{args.master_port or DEFAULT_RDZV_PORT}", "--rdzv-endpoint")
+    node_rank = 0 if args.node_rank is None else args.node_rank
+    return ["--rdzv-backend=static", f"--node-rank={node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+
+
+def _c10d_rdzv_args(args: argparse.Namespace, nnodes: str, max_nodes: int, env: dict[str, str]
+                    ) -> tuple[list[str], dict[str, str]]:
+    """(torchrun options, rendezvous config) of the c10d rendezvous: the shared endpoint, or a private one."""
     conf: dict[str, str] = {}
-    if args.rdzv_backend == "static":
-        if not args.master_addr and not args.rdzv_endpoint and max_nodes > 1:
-            raise UserError("--rdzv-backend static with several nodes needs --master-addr (the node-rank-0 host)")
-        host, port = _split_endpoint(args.rdzv_endpoint or f"{args.master_addr or '127.0.0.1'}:"
-                                     f"{args.master_port or DEFAULT_RDZV_PORT}", "--rdzv-endpoint")
-        node_rank = 0 if args.node_rank is None else args.node_rank
-        ta += ["--rdzv-backend=static", f"--node-rank={node_rank}", f"--master-addr={host}",
-               f"--master-port={port}"]
+    if max_nodes > 1 or args.rdzv_endpoint:
+        if not args.rdzv_endpoint:
+            raise UserError(f"--nnodes {nnodes}: multi-node needs --rdzv-endpoint HOST:PORT (the same on every "
+                            f"node, usually the first node's address, e.g. node0:{DEFAULT_RDZV_PORT})")
+        host, port = _split_endpoint(args.rdzv_endpoint, "--rdzv-endpoint")
+        endpoint = f"{host}:{port}"
+        if args.node_rank is not None:  # the node-rank-0 agent hosts the rendezvous store, the others join
+            conf["is_host"] = "1" if args.node_rank == 0 else "0"
+        rdzv_id = args.rdzv_id or env.get("SLURM_JOB_ID") or "picochat"
     else:
-        if max_nodes > 1 or args.rdzv_endpoint:
-            if not args.rdzv_endpoint:
-                raise UserError(f"--nnodes {nnodes}: multi-node needs --rdzv-endpoint HOST:PORT (the same on every "
-                                f"node, usually the first node's address, e.g. node0:{DEFAULT_RDZV_PORT})")
-            host, port = _split_endpoint(args.rdzv_endpoint, "--rdzv-endpoint")
-            endpoint = f"{host}:{port}"
-            if args.node_rank is not None:  # the node-rank-0 agent hosts the rendezvous store, the others join
-                conf["is_host"] = "1" if args.node_rank == 0 else "0"
-            rdzv_id = args.rdzv_id or env.get("SLURM_JOB_ID") or "picochat"
-        else:
-            # One node: a private rendezvous on 127.0.0.1. Port 0 lets the OS pick a free port atomically (no
-            # race with other jobs on the box); --master-port pins one.
-            endpoint = f"127.0.0.1:{args.master_port or 0}"
-            conf["is_host"] = "1"
-            rdzv_id = args.rdzv_id or f"picochat-{uuid.uuid4().hex[:8]}"
-        ta += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}"]
+        # One node: a private rendezvous on 127.0.0.1. Port 0 lets the OS pick a free port atomically (no
+        # race with other jobs on the box); --master-port pins one.
+        endpoint = f"127.0.0.1:{args.master_port or 0}"
+        conf["is_host"] = "1"
+        rdzv_id = args.rdzv_id or f"picochat-{uuid.uuid4().hex[:8]}"
+    return ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}"], conf
+
+
+def _rdzv_args(args: argparse.Namespace, nnodes: str, max_nodes: int, env: dict[str, str], libuv: bool
+               ) -> list[str]:
+    """torchrun's rendezvous options for --rdzv-backend, with the classic store pinned when libuv is off."""
+    if args.rdzv_backend == "static":
+        ta, conf = _static_rdzv_args(args, max_nodes), {}
+    else:
+        ta, conf = _c10d_rdzv_args(args, nnodes, max_nodes, env)
     if not libuv:
         conf["use_libuv"] = "0"  # older torch reads it in the c10d rendezvous backend
     if conf and args.rdzv_backend != "static":
         ta.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in conf.items()))
-    if args.log_dir:
-        ta.append(f"--log-dir={args.log_dir}")
+    return ta
 
+
+def _worker_command(target: list[str], libuv: bool) -> tuple[list[str], list[str]]:
+    """(torchrun's `-m MODULE`, the worker's arguments) for the target command."""
     # Workers: `python -m picochat <stage> ...`, or through the no-libuv bootstrap when libuv is off.
     module, *module_args = target
     if libuv:
-        ta += ["-m", module]
-        script_args = module_args
-    else:
-        ta += ["-m", "picochat.tools.launch"]
-        script_args = ["_worker", module] + module_args
+        return ["-m", module], module_args
+    return ["-m", "picochat.tools.launch"], ["_worker", module] + module_args
+
+
+def plan_launch(args: argparse.Namespace, env: dict[str, str] | None = None) -> LaunchPlan:
+    """Turn parsed `picochat launch` arguments into torchrun arguments + worker env, validating them."""
+    env = dict(os.environ if env is None else env)
+    target = _launch_target(args)
+    nproc = resolve_nproc(str(args.nproc_per_node))
+    nnodes = str(args.nnodes)
+    max_nodes = _max_nodes(nnodes)
+    libuv, notes = _resolve_libuv(args.libuv, env)
+
+    ta = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", f"--max-restarts={args.max_restarts}"]
+    ta += _rdzv_args(args, nnodes, max_nodes, env, libuv)
+    if args.log_dir:
+        ta.append(f"--log-dir={args.log_dir}")
+    module_opts, script_args = _worker_command(target, libuv)
+    ta += module_opts
     import torch
 
     use_cuda = torch.cuda.is_available() and env.get("PICOCHAT_DEVICE", "cuda") != "cpu"
