@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from picochat import runtime
@@ -530,22 +531,15 @@ def _shuffled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_task: int = -1,
-                  device: torch.device | str | None = None, batch_tokens: int | None = None,
-                  tasks: list[str] | None = None, reference: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Score `model` on the bundle's CORE tasks. Returns the summary dict (see CoreResult.summary) plus timing.
-
-    The hook the pretraining loop calls every `--core-every` steps (pass the uncompiled model: batches have many
-    shapes). `max_per_task` <= 0 means all examples. Collective under torchrun: every rank must call it.
-    """
-    t0 = time.time()
-    bundle_dir = Path(bundle_dir)
+def _resolve_device(model: Any, device: torch.device | str | None) -> torch.device:
+    """`device`, defaulting to where the model's parameters live (CPU for a model without parameters)."""
     if device is None:
         device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
-    device = torch.device(device)
-    if batch_tokens is None:
-        batch_tokens = 32768 if device.type == "cuda" else 4096
-    yaml_path = bundle_yaml(bundle_dir)
+    return torch.device(device)
+
+
+def _select_specs(yaml_path: Path, tasks: list[str] | None) -> list[TaskSpec]:
+    """The yaml's task specs, cut to `tasks` when given; an unknown task name is a UserError listing the valid ones."""
     specs = load_task_specs(yaml_path)
     if tasks:
         unknown = set(tasks) - {s.label for s in specs}
@@ -553,8 +547,13 @@ def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_ta
             raise UserError(f"--core-tasks: unknown task(s) {sorted(unknown)}; {yaml_path} has "
                             f"{', '.join(s.label for s in specs)}")
         specs = [s for s in specs if s.label in tasks]
-    baselines, baseline_source = load_baselines(bundle_dir)
-    result = CoreResult()
+    return specs
+
+
+def _runnable_specs(specs: list[TaskSpec], tasks: list[str] | None, bundle_dir: Path, yaml_path: Path,
+                    baselines: dict[str, float], result: CoreResult) -> list[TaskSpec]:
+    """The specs whose data file exists. Records in `result.missing` why each CORE task cannot run, so a partial
+    score names what it lacks; a task chosen with `tasks` is not missing for being unlisted."""
     listed = {s.label for s in specs}
     for label in CORE_TASKS:
         if label not in listed and not tasks:
@@ -571,6 +570,71 @@ def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_ta
         if spec.label not in baselines:
             raise UserError(f"{bundle_dir}: no random baseline for task {spec.label!r} in eval_meta_data*.csv")
         runnable.append(spec)
+    return runnable
+
+
+def _prepare_shard(spec: TaskSpec, bundle_dir: Path, tokenizer: Any, max_per_task: int | None, rank: int,
+                   world: int, max_len: int | None) -> tuple[list[Example], int]:
+    """This rank's tokenized examples of the task (every `world`-th of the first `max_per_task` shuffled rows),
+    and the number of rows scored over all ranks."""
+    rows = _shuffled(load_task_rows(bundle_dir / "eval_data" / spec.dataset_uri))
+    n = len(rows) if max_per_task is None or max_per_task <= 0 else min(max_per_task, len(rows))
+    mine = list(range(rank, n, world))
+    return prepare_task(spec, rows, tokenizer, mine, max_len), n
+
+
+def _score_examples(model: Any, tokenizer: Any, spec: TaskSpec, examples: list[Example], device: torch.device,
+                    batch_tokens: int, reference: bool) -> tuple[int, list[np.ndarray]]:
+    """How many of this rank's examples the model gets right, and the sequences it scored for them."""
+    seqs = [s for ex in examples for s in ex.seqs]
+    spans = [sp for ex in examples for sp in ex.spans]
+    if reference:
+        losses, oks = score_sequences_reference(model, seqs, spans, device)
+    else:
+        losses, oks = score_sequences(model, seqs, spans, device, batch_tokens=batch_tokens,
+                                      pad_id=tokenizer.bos_id)
+    return sum(judge(spec, examples, losses, oks)), seqs
+
+
+def _sum_over_ranks(correct: int, n: int, device: torch.device, world: int) -> tuple[int, int]:
+    """(correct, examples) summed over all ranks; a no-op in a single process."""
+    # on the model's device when distributed: NCCL reduces only GPU tensors
+    counts = torch.tensor([correct, n], dtype=torch.float64, device=device if world > 1 else "cpu")
+    if world > 1:
+        dist.all_reduce(counts)
+    return int(counts[0].item()), int(counts[1].item())
+
+
+def _task_entry(spec: TaskSpec, correct: int, n: int, baseline: float, seqs: list[np.ndarray], started: float,
+                prep_seconds: float) -> dict[str, Any]:
+    """The per-task record of the summary; its `seconds` run from `started` to now (prep time is separate)."""
+    acc = correct / max(n, 1)
+    return {
+        "type": spec.kind, "shots": spec.num_fewshot, "n": n, "correct": correct,
+        "accuracy": acc, "baseline": baseline, "centered": centered(acc, baseline),
+        "sequences": len(seqs), "tokens": int(sum(len(s) for s in seqs)),
+        "seconds": round(time.time() - started, 3), "prep_seconds": round(prep_seconds, 3),
+    }
+
+
+def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_task: int = -1,
+                  device: torch.device | str | None = None, batch_tokens: int | None = None,
+                  tasks: list[str] | None = None, reference: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Score `model` on the bundle's CORE tasks. Returns the summary dict (see CoreResult.summary) plus timing.
+
+    The hook the pretraining loop calls every `--core-every` steps (pass the uncompiled model: batches have many
+    shapes). `max_per_task` <= 0 means all examples. Collective under torchrun: every rank must call it.
+    """
+    t0 = time.time()
+    bundle_dir = Path(bundle_dir)
+    device = _resolve_device(model, device)
+    if batch_tokens is None:
+        batch_tokens = 32768 if device.type == "cuda" else 4096
+    yaml_path = bundle_yaml(bundle_dir)
+    specs = _select_specs(yaml_path, tasks)
+    baselines, baseline_source = load_baselines(bundle_dir)
+    result = CoreResult()
+    runnable = _runnable_specs(specs, tasks, bundle_dir, yaml_path, baselines, result)
     rank, world = runtime.get_rank(), runtime.get_world_size()  # via the module: tests patch it to fake ranks
     max_len = _model_max_len(model)
     was_training = getattr(model, "training", False)
@@ -578,42 +642,19 @@ def evaluate_core(model: Any, tokenizer: Any, bundle_dir: str | Path, max_per_ta
         model.eval()
 
     def prepared(spec: TaskSpec) -> tuple[list[Example], int]:
-        rows = _shuffled(load_task_rows(bundle_dir / "eval_data" / spec.dataset_uri))
-        n = len(rows) if max_per_task is None or max_per_task <= 0 else min(max_per_task, len(rows))
-        mine = list(range(rank, n, world))
-        return prepare_task(spec, rows, tokenizer, mine, max_len), n
+        return _prepare_shard(spec, bundle_dir, tokenizer, max_per_task, rank, world, max_len)
 
     # tokenize task k+1 on a background thread while the GPU scores task k
     for spec, (examples, n_total), t_prep in _prefetch(runnable, prepared):
         ts = time.time()
-        seqs = [s for ex in examples for s in ex.seqs]
-        spans = [sp for ex in examples for sp in ex.spans]
-        if reference:
-            losses, oks = score_sequences_reference(model, seqs, spans, device)
-        else:
-            losses, oks = score_sequences(model, seqs, spans, device, batch_tokens=batch_tokens,
-                                          pad_id=tokenizer.bos_id)
-        correct = sum(judge(spec, examples, losses, oks))
-        counts = torch.tensor([correct, len(examples)], dtype=torch.float64,
-                              device=device if world > 1 else "cpu")
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts)
-        correct_all, n_all = int(counts[0].item()), int(counts[1].item())
-        acc = correct_all / max(n_all, 1)
-        b = baselines[spec.label]
-        result.tasks[spec.label] = {
-            "type": spec.kind, "shots": spec.num_fewshot, "n": n_all, "correct": correct_all,
-            "accuracy": acc, "baseline": b, "centered": centered(acc, b),
-            "sequences": len(seqs), "tokens": int(sum(len(s) for s in seqs)),
-            "seconds": round(time.time() - ts, 3), "prep_seconds": round(t_prep, 3),
-        }
+        correct, seqs = _score_examples(model, tokenizer, spec, examples, device, batch_tokens, reference)
+        correct_all, n_all = _sum_over_ranks(correct, len(examples), device, world)
+        r = _task_entry(spec, correct_all, n_all, baselines[spec.label], seqs, ts, t_prep)
+        result.tasks[spec.label] = r
         if spec.label not in CORE_BASELINES_V1:
             result.extra.append(spec.label)
         if verbose:
-            r = result.tasks[spec.label]
-            print0(f"[core] {spec.label:<34} {spec.kind:<6} acc {acc:.4f} centered {r['centered']:+.4f} "
+            print0(f"[core] {spec.label:<34} {spec.kind:<6} acc {r['accuracy']:.4f} centered {r['centered']:+.4f} "
                    f"n={n_all} ({r['seconds']:.1f}s)")
     if was_training and hasattr(model, "train"):
         model.train()

@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from picochat.config import UserError
 from picochat.files import atomic_write_text
@@ -174,98 +174,135 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def make_plots(run_dir: Path, stage_records: dict[str, list[dict[str, Any]]]) -> list[tuple[str, Path]]:
-    """PNG plots under runs/<run>/plots/. Returns (title, path) pairs; empty when matplotlib is missing."""
+def _pyplot() -> Any | None:
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Write `fig` to `path` through a temporary file, so a crash never leaves a half-written PNG, and close it."""
+    tmp = path.with_suffix(".part.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _points_vs_flops(records: list[dict[str, Any]], name: str, positive_flops: bool) -> tuple[list, list]:
+    """(FLOPs, value) pairs of the records that logged both; `positive_flops` also drops FLOPs <= 0."""
+    fxs, fys = [], []
+    for r in records:
+        v, f = _get(r, name), _get(r, "flops")
+        if v is not None and f is not None and (not positive_flops or f > 0):
+            fxs.append(f)
+            fys.append(v)
+    return fxs, fys
+
+
+def _per_stage_figure(plt: Any, stage_records: dict[str, list[dict[str, Any]]], metric: str, ylabel: str,
+                      title: str, size: tuple) -> Any | None:
+    """One line per training stage that logged `metric`; None when none did."""
+    lines = [(label, series(stage_records.get(stage, []), metric)) for stage, label in STAGES]
+    lines = [(label, xy) for label, xy in lines if xy[0]]
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=size)
+    for label, (xs, ys) in lines:
+        ax.plot(xs, ys, label=label, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+def _val_bpb_figure(plt: Any, base: list[dict[str, Any]]) -> Any | None:
+    """Validation bpb vs step (left) and vs FLOPs (right, blank when no FLOPs were logged); None without val bpb."""
+    xs, ys = series(base, "val_bpb")
+    if not xs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(xs, ys, marker="o", ms=3)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("val bpb")
+    axes[0].set_title("Validation bits per byte")
+    fxs, fys = _points_vs_flops(base, "val_bpb", positive_flops=False)
+    if fxs:
+        axes[1].plot(fxs, fys, marker="o", ms=3)
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("training FLOPs")
+        axes[1].set_title("Validation bpb vs FLOPs")
+    else:
+        axes[1].axis("off")
+    return fig
+
+
+def _loss_flops_figure(plt: Any, base: list[dict[str, Any]]) -> Any | None:
+    """Training loss vs FLOPs on a log axis; None when no record has positive FLOPs."""
+    fxs, fys = _points_vs_flops(base, "loss", positive_flops=True)
+    if not fxs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(fxs, fys, lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("train loss")
+    ax.set_title("Training loss vs FLOPs")
+    return fig
+
+
+def _throughput_figure(plt: Any, base: list[dict[str, Any]]) -> Any | None:
+    """Tokens/s with MFU on a second y axis (only when some MFU is positive); None when neither was logged."""
+    txs, tys = series(base, "tok_per_sec")
+    mxs, mys = series(base, "mfu")
+    if not (txs or mxs):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if txs:
+        ax.plot(txs, tys, lw=1, color="tab:blue")
+        ax.set_ylabel("tokens/s", color="tab:blue")
+    if mxs and any(y > 0 for y in mys):
+        ax2 = ax.twinx()
+        ax2.plot(mxs, mys, lw=1, color="tab:orange")
+        ax2.set_ylabel("MFU %", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_title("Pretraining throughput")
+    return fig
+
+
+def _figures(plt: Any, stage_records: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, str, Any | None]]:
+    """Yield (file name, caption, figure or None) per plot, in report order. A generator, so each figure is built
+    only after the previous one was saved and closed."""
+    base = stage_records.get("base", [])
+    yield "loss.png", "Training loss vs step", _per_stage_figure(
+        plt, stage_records, "loss", "train loss", "Training loss", (7, 4))
+    yield "val_bpb.png", "Validation bpb vs step and vs FLOPs", _val_bpb_figure(plt, base)
+    yield "loss_flops.png", "Training loss vs FLOPs", _loss_flops_figure(plt, base)
+    yield "throughput.png", "Throughput (tokens/s) and MFU", _throughput_figure(plt, base)
+    yield "lr.png", "Learning-rate schedule", _per_stage_figure(
+        plt, stage_records, "lr", "LR multiplier", "Learning-rate schedule", (7, 3.5))
+
+
+def make_plots(run_dir: Path, stage_records: dict[str, list[dict[str, Any]]]) -> list[tuple[str, Path]]:
+    """PNG plots under runs/<run>/plots/. Returns (title, path) pairs; empty when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return []
     pdir = run_dir / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     plots: list[tuple[str, Path]] = []
-
-    def save(fig, name: str, title: str) -> None:
-        path = pdir / name
-        tmp = path.with_suffix(".part.png")
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
-        plots.append((title, path))
-
-    def per_stage_plot(metric: str, ylabel: str, title: str, name: str, caption: str, size: tuple) -> None:
-        """One line per training stage that logged `metric`; no file when none did."""
-        lines = [(label, series(stage_records.get(stage, []), metric)) for stage, label in STAGES]
-        lines = [(label, xy) for label, xy in lines if xy[0]]
-        if not lines:
-            return
-        fig, ax = plt.subplots(figsize=size)
-        for label, (xs, ys) in lines:
-            ax.plot(xs, ys, label=label, lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend()
-        save(fig, name, caption)
-
-    base = stage_records.get("base", [])
-    per_stage_plot("loss", "train loss", "Training loss", "loss.png", "Training loss vs step", (7, 4))
-    # val bpb vs step and vs FLOPs
-    xs, ys = series(base, "val_bpb")
-    if xs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        axes[0].plot(xs, ys, marker="o", ms=3)
-        axes[0].set_xlabel("step")
-        axes[0].set_ylabel("val bpb")
-        axes[0].set_title("Validation bits per byte")
-        fxs, fys = [], []
-        for r in base:
-            v, f = _get(r, "val_bpb"), _get(r, "flops")
-            if v is not None and f is not None:
-                fxs.append(f)
-                fys.append(v)
-        if fxs:
-            axes[1].plot(fxs, fys, marker="o", ms=3)
-            axes[1].set_xscale("log")
-            axes[1].set_xlabel("training FLOPs")
-            axes[1].set_title("Validation bpb vs FLOPs")
-        else:
-            axes[1].axis("off")
-        save(fig, "val_bpb.png", "Validation bpb vs step and vs FLOPs")
-    # loss vs FLOPs
-    fxs, fys = [], []
-    for r in base:
-        v, f = _get(r, "loss"), _get(r, "flops")
-        if v is not None and f is not None and f > 0:
-            fxs.append(f)
-            fys.append(v)
-    if fxs:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(fxs, fys, lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("train loss")
-        ax.set_title("Training loss vs FLOPs")
-        save(fig, "loss_flops.png", "Training loss vs FLOPs")
-    # throughput and MFU
-    txs, tys = series(base, "tok_per_sec")
-    mxs, mys = series(base, "mfu")
-    if txs or mxs:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if txs:
-            ax.plot(txs, tys, lw=1, color="tab:blue")
-            ax.set_ylabel("tokens/s", color="tab:blue")
-        if mxs and any(y > 0 for y in mys):
-            ax2 = ax.twinx()
-            ax2.plot(mxs, mys, lw=1, color="tab:orange")
-            ax2.set_ylabel("MFU %", color="tab:orange")
-        ax.set_xlabel("step")
-        ax.set_title("Pretraining throughput")
-        save(fig, "throughput.png", "Throughput (tokens/s) and MFU")
-    per_stage_plot("lr", "LR multiplier", "Learning-rate schedule", "lr.png", "Learning-rate schedule", (7, 3.5))
+    for name, caption, fig in _figures(plt, stage_records):
+        if fig is None:  # the run logged nothing this plot shows
+            continue
+        _save_figure(plt, fig, pdir / name)
+        plots.append((caption, pdir / name))
     return plots
 
 
