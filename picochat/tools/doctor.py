@@ -447,16 +447,8 @@ def _recommend(gpus: list[dict[str, Any]], attention: str, disk: dict[str, Any],
     return rec
 
 
-def run() -> dict[str, Any]:
-    """Probe everything; return a JSON-able report with `warnings` and `recommendations`."""
-    import torch
-
-    warnings: list[str] = []
-    problems: list[str] = []
-    report: dict[str, Any] = {"versions": _versions(torch)}
-    w = torch_path_warning(report["versions"]["torch_path"])
-    if w:
-        warnings.append(w)
+def _probe_cuda(torch: Any, report: dict[str, Any], problems: list[str], warnings: list[str]) -> list[dict]:
+    """The GPUs, the architectures this torch has kernels for, and the driver against torch's CUDA."""
     try:
         arch_list = list(torch.cuda.get_arch_list()) if torch.cuda.is_available() else []
     except Exception:
@@ -467,14 +459,19 @@ def run() -> dict[str, Any]:
         gpus, gw = _gpus(torch, arch_list)
     except Exception as e:
         gpus, gw = [], [f"probing the GPUs failed: {e}"]
-    problems += gw  # a GPU without kernels for its architecture, or a failing trivial kernel: nothing trains on it
+    problems.extend(gw)  # a GPU without kernels for its architecture, or a failing trivial kernel: nothing trains on it
     report["gpus"] = gpus
     report["driver_cuda"] = _dotted(probe_driver_cuda())
-    smi_gpus = probe_smi_gpus()
-    p, w = cuda_findings(torch.version.cuda, _version_tuple(report["driver_cuda"]), smi_gpus,
+    p, w = cuda_findings(torch.version.cuda, _version_tuple(report["driver_cuda"]), probe_smi_gpus(),
                          report["cuda_available"], os.environ.get("CUDA_VISIBLE_DEVICES"))
-    problems += p
-    warnings += w
+    problems.extend(p)
+    warnings.extend(w)
+    return gpus
+
+
+def _probe_toolchain(torch: Any, report: dict[str, Any], gpus: list[dict], problems: list[str],
+                     warnings: list[str]) -> None:
+    """A C compiler and Python.h for Triton, /dev/shm for NCCL in containers, Apple MPS."""
     report["c_compiler"] = probe_cc()
     report["python_h"] = probe_python_h()
     try:
@@ -483,13 +480,17 @@ def run() -> dict[str, Any]:
         compiles = should_compile(None, torch.device("cuda"))
     except Exception:
         compiles = True
-    problems += compiler_findings(bool(gpus), report["versions"].get("triton"), compiles, report["c_compiler"],
-                                  report["python_h"])
+    problems.extend(compiler_findings(bool(gpus), report["versions"].get("triton"), compiles, report["c_compiler"],
+                                      report["python_h"]))
     report["shm_bytes"] = probe_shm()
     w = shm_warning(len(gpus), report["shm_bytes"])
     if w:
         warnings.append(w)
     report["mps"] = probe_mps(torch) if not gpus else False
+
+
+def _probe_runtime(torch: Any, report: dict[str, Any], gpus: list[dict]) -> None:
+    """What picochat would use here: attention backend, compute dtype, distributed backends, free disk."""
     device = torch.device("cuda", 0) if gpus else torch.device("cpu")
     try:
         from picochat.ops.attention import backend_name
@@ -513,6 +514,21 @@ def run() -> dict[str, Any]:
         report["disk"] = _disk()
     except Exception as e:
         report["disk"] = {"error": str(e)}
+
+
+def run() -> dict[str, Any]:
+    """Probe everything; return a JSON-able report with `warnings` and `recommendations`."""
+    import torch
+
+    warnings: list[str] = []
+    problems: list[str] = []
+    report: dict[str, Any] = {"versions": _versions(torch)}
+    w = torch_path_warning(report["versions"]["torch_path"])
+    if w:
+        warnings.append(w)
+    gpus = _probe_cuda(torch, report, problems, warnings)
+    _probe_toolchain(torch, report, gpus, problems, warnings)
+    _probe_runtime(torch, report, gpus)
     report["sandbox"] = sandbox_status()
     if report["sandbox"]["kind"] == "none":
         warnings.append(f"python tool and HumanEval are off: {report['sandbox']['reason']}; to enable them, "
@@ -525,7 +541,7 @@ def run() -> dict[str, Any]:
                                                  "PICOCHAT_EXPECT_TORCH_PATH", "TORCH_LOCAL_PATH")
                      if k in os.environ}
     report["recommendations"] = _recommend(gpus, report["attention_backend"], report["disk"],
-                                           dist_info["libuv"], os.cpu_count() or 1, mps=report["mps"])
+                                           report["distributed"]["libuv"], os.cpu_count() or 1, mps=report["mps"])
     report["warnings"] = warnings
     report["problems"] = problems
     return report
