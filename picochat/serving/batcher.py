@@ -129,7 +129,7 @@ def row_pieces(engine: Engine) -> tuple:
 class RowCache:
     """k/v (n_layer, R + 1, T, Hkv, D), the smear's previous embedding per row (R + 1, 1, d), and each row's
     position (host ints: the number of tokens the row has in the cache). Slot R is scratch: the padding rows of a
-    captured step write there. Grown on demand; freed when no row is live.
+    captured step write there (one row beyond --batch-tokens). Grown on demand; freed when no row is live.
 
     On CUDA (with the engine's CUDA graphs on) a step is replayed from a CUDA graph captured per (rows, positions)
     bucket over static input buffers: at batch 64 an eager step is kernel-launch bound (hundreds of small kernels
@@ -519,7 +519,7 @@ class Replica:
         t = min(ctx, _round_up(max(positions, c.positions if c else 0), CACHE_BUCKET))
         r = max(rows, c.rows if c else 0)
         grown = min(self.pool.max_rows, max(r, 2 * (c.rows if c else 0), 8))  # amortised growth where it fits
-        if grown * t <= self.pool.batch_tokens:
+        if (grown + 1) * t <= self.pool.batch_tokens:  # + the scratch slot
             r = grown
         new = RowCache(self.engine, r, t)
         if c is not None and self.rows:
@@ -586,7 +586,7 @@ class Replica:
                     p.cache = m.kv_cache(1, _round_up(L, CACHE_BUCKET))
                 n = min(budget, L - p.done)
                 ids = torch.tensor([p.job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
-                p.logits = m(ids, kv_cache=p.cache)[0, -1:]
+                p.logits = m(ids, kv_cache=p.cache)[0, -1:].clone()  # not a view keeping (n, V) alive
                 p.done += n
                 budget -= n
                 if p.done < L:
@@ -603,7 +603,7 @@ class Replica:
         try:
             cache = m.kv_cache(len(group), _round_up(L, CACHE_BUCKET))
             ids = torch.tensor([q.job.prompt for q in group], dtype=torch.long, device=self.engine.device)
-            logits = m(ids, kv_cache=cache)[:, -1]
+            logits = m(ids, kv_cache=cache)[:, -1].clone()
         except Exception as e:
             for q in group:
                 self.fail(q.job, e)
@@ -740,9 +740,10 @@ class Replica:
             r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(code))
 
     def sample(self, rows: list[_Row], js: list[int], logits: torch.Tensor, toks: torch.Tensor) -> None:
-        """Tokens for one job's rows `js` into `toks`, drawn as `Engine.generate` draws them: on CUDA without top-k
-        or top-p the engine's one-launch Gumbel-max sampler keyed by (seed, step), so a seeded request samples the
-        same alone (on the engine's path) or in a batch; otherwise softmax + multinomial from the job's generator."""
+        """Tokens for one job's rows `js` into `toks`. On CUDA without top-k or top-p: the engine's one-launch
+        Gumbel-max sampler keyed by (seed, step), so a seeded one-choice request draws as it would alone on
+        `Engine.generate` (the rows of an n > 1 job draw together, keyed by the first row's step, which matches
+        `generate` only while its rows stay in step); otherwise softmax + multinomial from the job's generator."""
         job = rows[js[0]].job
         p = job.params
         one = len(js) == 1
