@@ -545,6 +545,23 @@ def _kernels():
     return kernels
 
 
+def untruncated(top_k: int | None, top_p: float | None) -> bool:
+    """No top-k or top-p: the draw is from the whole softmax, which the Gumbel-max kernel samples."""
+    return top_k is None and (top_p is None or top_p >= 1.0)
+
+
+def gumbel_sampling(device: torch.device, top_k: int | None, top_p: float | None) -> bool:
+    """Whether a request samples with the one-launch Gumbel-max kernel (`gumbel_key`): untruncated, on CUDA with
+    the fused kernels on."""
+    return untruncated(top_k, top_p) and device.type == "cuda" and _fused_kernels_on()
+
+
+def gumbel_key(seed: int, step: int) -> int:
+    """The Gumbel-max sampler's key for a request's `step`-th token: `Engine.generate` and the server's batcher use
+    the same, so a seeded request draws the same tokens on either path."""
+    return seed * 1_000_003 + step
+
+
 def _fused_kernels_on() -> bool:
     """The engine's Triton fast paths (batch-1 step, sampler): triton present and PICOCHAT_FUSED_DECODE != 0."""
     return os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0" and _kernels().available()
@@ -668,7 +685,7 @@ class Engine:
         host = torch.empty(B, dtype=torch.long, pin_memory=pinned)
         logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
         # on CUDA without top-k/top-p: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches)
-        fast = dev.type == "cuda" and top_k is None and (top_p is None or top_p >= 1.0) and _fused_kernels_on()
+        fast = gumbel_sampling(dev, top_k, top_p)
         scratch = torch.zeros(2, B, dtype=torch.long, device=dev) if fast else None  # the sampler's, reused
         if logprobs is not None:  # host buffers the scores are copied into with this step's tokens
             k = min(int(logprobs), logits.size(-1))
@@ -676,7 +693,7 @@ class Engine:
             ids_host = torch.empty(B, k, dtype=torch.long, pin_memory=pinned)
         for step in range(max_tokens):
             if fast:
-                col_dev = _kernels().sample(logits, temperature, seed * 1_000_003 + step,
+                col_dev = _kernels().sample(logits, temperature, gumbel_key(seed, step),
                                             out=self.decoder.token_buffer(B), scratch=scratch)
             else:
                 col_dev = sample_next_token(logits, gen, temperature, top_k, top_p)

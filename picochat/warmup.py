@@ -11,10 +11,10 @@ Triton builds every kernel. Three things cut or explain it:
 - `compile_blocks` (PICOCHAT_COMPILE_SCOPE=blocks): compile one transformer block and reuse it for every layer
   (Dynamo reuses a graph across module instances when parameters are graph inputs), plus the head, instead of one
   graph of the whole model whose size grows with depth.
-- `load_artifacts` / `save_artifacts`: after its first step a run saves what it compiled (torch.compiler's cache
-  artifacts) into its own folder, keyed like the cache; a later process of the run loads them before compiling. A
-  resume on a new machine whose run folder came along (a volume, a synced bucket) but whose PICOCHAT_HOME cache did
-  not starts warm.
+- `load_artifacts` / `save_artifacts`: after its first step a process that loaded none saves what it compiled
+  (torch.compiler's cache artifacts) into the run's folder, keyed like the cache; a later process of the run loads
+  them before compiling. A resume on a new machine whose run folder came along (a volume, a synced bucket) but
+  whose PICOCHAT_HOME cache did not starts warm.
 - `CompileWatch`: counts compiled graphs and their seconds through Dynamo's compile callbacks, names the cache state
   in the heartbeat ("compiling graph 3, cache warm") and gives the start-up breakdown printed after the first step.
 """
@@ -233,11 +233,14 @@ def format_breakdown(b: dict[str, Any]) -> str:
 def report_startup(info: dict[str, Any], watch: CompileWatch, step: int, first_step_s: float, metrics: Any,
                    now: float | None = None) -> dict[str, Any]:
     """After a process's first step: the breakdown (`info` is prepare_model's, with "marks"), printed on rank 0 and
-    logged as a `startup` record at `step`. The compile figures only where the model was compiled."""
+    logged as a `startup` record at `step`. The compile figures only where the model was compiled; the compile
+    artifacts are saved where none were loaded (save_artifacts)."""
     b = startup_breakdown(info["marks"], watch if info["compiled"] else None, first_step_s, now)
     print0(format_breakdown(b))
     art = info.get("artifacts")
-    if info["compiled"] and art is not None:
+    # a start that loaded the run's artifacts compiled from them: writing the same file again on every resume would
+    # only add seconds of serialization and I/O to each start
+    if info["compiled"] and art is not None and not art["loaded"]:
         saved = save_artifacts(art["folder"], info["device"])
         if saved is not None:
             b["artifacts_saved"] = saved["artifacts"]

@@ -165,3 +165,19 @@ def test_first_step_report_saves_the_artifacts(tmp_path, monkeypatch):
     b = warmup.report_startup(info, warmup.CompileWatch(), 1, 0.5, Metrics(), now=now)
     assert b["artifacts_saved"] == 3 and logged[0]["startup"]["artifacts_saved"] == 3
     assert warmup.artifacts_file(tmp_path, CPU).read_bytes() == b"x"
+
+
+def test_a_start_that_loaded_the_artifacts_does_not_write_them_again(tmp_path, monkeypatch):
+    def no_save():
+        raise AssertionError("saved although the artifacts were loaded")
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", no_save)
+
+    class Metrics:
+        def log(self, record):
+            pass
+
+    now = 1e9
+    info = {"compiled": True, "device": CPU, "marks": {"setup": now - 3, "model": now - 2, "loop": now - 1},
+            "artifacts": {"folder": str(tmp_path), "loaded": 3}}
+    assert "artifacts_saved" not in warmup.report_startup(info, warmup.CompileWatch(), 1, 0.5, Metrics(), now=now)

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _fused_kernels_on, _GPTDecoder, _kernels,
-                             _lm_head, sample_next_token)
+from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _kernels, _lm_head,
+                             gumbel_key, gumbel_sampling, sample_next_token, untruncated)
 from picochat.model import rms_norm
 
 
@@ -396,9 +396,9 @@ class Replica:
         self.solo: tuple[Any, Any] | None = None  # (job, generator) on Engine.generate
         self.gens: dict[int, torch.Generator] = {}
         self.strings = None
-        dev = getattr(engine, "device", None)
-        self.fast_sampler = self.batched and dev.type == "cuda" and _fused_kernels_on()
-        self.scratch = torch.zeros(2, 1, dtype=torch.long, device=dev) if self.fast_sampler else None
+        # the Gumbel-max sampler's (2, 1) scratch, shared by the one-row draws of this replica's thread
+        self.gumbel = self.batched and gumbel_sampling(engine.device, None, None)
+        self.scratch = torch.zeros(2, 1, dtype=torch.long, device=engine.device) if self.gumbel else None
 
     # -- admission ------------------------------------------------------------------------------------------------
 
@@ -746,16 +746,14 @@ class Replica:
         `generate` only while its rows stay in step); otherwise softmax + multinomial from the job's generator."""
         job = rows[js[0]].job
         p = job.params
-        one = len(js) == 1
-        if self.fast_sampler and p.top_k is None and (p.top_p is None or p.top_p >= 1.0):
+        if self.gumbel and untruncated(p.top_k, p.top_p):
             j = js[0]
-            if one:  # a view of one row: no gather, the kernel writes its token in place
-                _kernels().sample(logits[j:j + 1], p.temperature, p.seed * 1_000_003 + rows[j].taken,
-                                  out=toks[j:j + 1], scratch=self.scratch)
+            key = gumbel_key(p.seed, rows[j].taken)
+            if len(js) == 1:  # a view of one row: no gather, the kernel writes its token in place
+                _kernels().sample(logits[j:j + 1], p.temperature, key, out=toks[j:j + 1], scratch=self.scratch)
             else:
                 idx = torch.tensor(js, device=toks.device)
-                toks[idx] = _kernels().sample(logits[idx].contiguous(), p.temperature,
-                                              p.seed * 1_000_003 + rows[j].taken)
+                toks[idx] = _kernels().sample(logits[idx].contiguous(), p.temperature, key)
             return
         idx = torch.tensor(js, device=toks.device)
         toks[idx] = sample_next_token(logits[idx], self.gens[id(job)], p.temperature, p.top_k, p.top_p)

@@ -1167,17 +1167,17 @@ def bench_main(args: argparse.Namespace) -> dict:
     results = []
     clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def level(prompts: list[list[int]], tokens: int) -> dict:
+    def level(streams: int, tokens: int) -> dict:
+        prompts = [[rng.choice(ids) for _ in range(n_prompt)] for _ in range(streams)]
         return clients.submit(_bench_level_process, url, prompts, tokens, args.temperature).result()
 
     try:
         # warm-up, untimed: one stream, then the largest level for a few tokens (allocations, compiled kernels and
         # the CUDA graphs of the batch sizes it reaches)
-        level([[rng.choice(ids) for _ in range(n_prompt)]], min(4, new_tokens))
-        level([[rng.choice(ids) for _ in range(n_prompt)] for _ in range(max(levels))], min(8, new_tokens))
+        level(1, min(4, new_tokens))
+        level(max(levels), min(8, new_tokens))
         for c in levels:
-            prompts = [[rng.choice(ids) for _ in range(n_prompt)] for _ in range(c)]
-            row = level(prompts, new_tokens)
+            row = level(c, new_tokens)
             print(f"[bench serve] {c:3d} clients: {row['tokens_per_s']:,.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
                   f"p99 {row['ttft_p99_ms']} ms", flush=True)
             results.append(row)
