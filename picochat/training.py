@@ -367,7 +367,8 @@ class StopFlag:
     """Turns SIGTERM/SIGINT into a request to stop at the next step boundary (the loop saves, then exits 0).
 
     Spot preemption and `kill` send SIGTERM; Ctrl-C sends SIGINT. A second SIGINT restores the default behaviour
-    (KeyboardInterrupt) so a stuck process can still be interrupted. `restore()` puts the old handlers back.
+    (KeyboardInterrupt) and a second SIGTERM exits at once (status 143), so a process stuck before its next step
+    boundary (minutes of compile before the first) can still be stopped. `restore()` puts the old handlers back.
     """
 
     def __init__(self) -> None:
@@ -388,6 +389,9 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+        if self.requested and signum == signal.SIGTERM:
+            print("[signal] second SIGTERM: exiting now, without waiting for the step boundary", flush=True)
+            raise SystemExit(128 + signal.SIGTERM)
         self.requested = True
         self.signame = signal.Signals(signum).name
         print(f"[signal] {self.signame} received: saving a checkpoint at the next step boundary, then exiting",

@@ -343,3 +343,26 @@ def test_saved_config_without_new_keys_builds_plain_model(monkeypatch):
     assert not old.smear and not old.backout
     m = build_model(old)
     m.load_state_dict(_model(CFG).state_dict(), strict=True)
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_sampler_per_row_launch_draws_as_each_request_alone():
+    """The server's one-launch draw over the rows of many requests (own seed, noise row and temperature per row)
+    gives each row the token its own launch would, and leaves the shared scratch zeroed for the next launch."""
+    from picochat.ops import kernels
+
+    dev = _triton_device()
+    torch.manual_seed(0)
+    V = 3000
+    logits = torch.randn(5, V, device=dev)
+    seeds, rows, temps = [11, 22, 33, 33, 44], [0, 0, 0, 1, 0], [1.0, 0.7, 1.3, 1.3, 0.5]
+    alone = []
+    for j in (0, 1, 2, 4):  # rows 2 and 3 are one request's two choices: one launch of two rows
+        n = 2 if j == 2 else 1
+        alone += kernels.sample(logits[j:j + n].contiguous(), temps[j], seeds[j]).tolist()
+    scratch = torch.zeros(2, 8, dtype=torch.long, device=dev)
+    out = torch.empty(5, dtype=torch.long, device=dev)
+    kernels.sample_rows(logits, kernels.sample_params(temps, seeds, rows).to(dev), out, scratch)
+    assert out.tolist() == alone
+    assert not scratch.any()
+    assert len(set(alone)) > 1  # not one constant token

@@ -429,6 +429,9 @@ def test_stop_flag_and_rng_roundtrip():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert flag.requested and flag.signame == "SIGTERM"
+        with pytest.raises(SystemExit) as e:  # a second one does not wait for the step boundary
+            flag._handle(signal.SIGTERM, None)
+        assert e.value.code == 128 + signal.SIGTERM
     finally:
         flag.restore()
     st = training.capture_rng_state()

@@ -302,24 +302,32 @@ if triton is not None:
 
 
     @triton.jit
-    def _sample_kernel(LOGITS, OUT, BEST, COUNT, stride_row, inv_temp, seed, V, NPROG: tl.constexpr,
-                       GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_kernel(LOGITS, OUT, BEST, COUNT, PARAMS, stride_row, inv_temp, seed, V, NPROG: tl.constexpr,
+                       GREEDY: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
         """argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T) (the Gumbel-max trick); the plain
         argmax when GREEDY. Program (row, j) takes the j-th BLOCK of the row's vocabulary and folds its best
         (score, index) into BEST[row] with one 64-bit atomic max: the score's bits made order-preserving in the
         high half, the index inverted in the low half, so equal scores keep the lowest index. The last program of
         a row to finish (COUNT) writes OUT[row] and resets BEST and COUNT for the next launch. Why not one program
         per row: at batch 1 that loops over 32K logits on one SM, 24.5 us per token of a 610 us d20 step on an
-        H200 (measured); spread over NPROG SMs it is one block's latency."""
+        H200 (measured); spread over NPROG SMs it is one block's latency. PER_ROW: each row's seed, its row
+        number for the noise and its 1/T come from PARAMS (3, B) int32 (the last as float32 bits), so the rows of
+        many requests draw in one launch exactly as each would alone."""
         row = tl.program_id(0)
         pid = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < V
         score = tl.load(LOGITS + row * stride_row + offs, mask=ok, other=0.0).to(tl.float32)
         if not GREEDY:
-            u = tl.rand(seed, row * V + offs)
+            s, r, it = seed, row, inv_temp
+            if PER_ROW:
+                nrows = tl.num_programs(0)
+                s = tl.load(PARAMS + row)
+                r = tl.load(PARAMS + nrows + row)
+                it = tl.load(PARAMS + 2 * nrows + row).to(tl.float32, bitcast=True)
+            u = tl.rand(s, r * V + offs)
             u = tl.minimum(tl.maximum(u, 1e-12), 1.0 - 1e-7)
-            score = score * inv_temp - tl.log(-tl.log(u))
+            score = score * it - tl.log(-tl.log(u))
         score = tl.where(ok, score, -float("inf"))
         m = tl.max(score, 0)
         idx = pid * BLOCK + tl.argmax(score, 0)
@@ -545,9 +553,33 @@ def sample(logits: torch.Tensor, temperature: float, seed: int, out: torch.Tenso
     assert scratch.shape == (2, B) and scratch.dtype == torch.long and scratch.is_contiguous()
     greedy = temperature <= 0.0
     nprog = triton.cdiv(V, SAMPLE_BLOCK)
-    _sample_kernel[(B, nprog)](logits, out, scratch[0], scratch[1], logits.stride(0),
+    _sample_kernel[(B, nprog)](logits, out, scratch[0], scratch[1], out, logits.stride(0),
                                1.0 / temperature if not greedy else 1.0, int(seed) & 0x7FFFFFFF, V, NPROG=nprog,
-                               GREEDY=greedy, BLOCK=SAMPLE_BLOCK, num_warps=4)
+                               GREEDY=greedy, PER_ROW=False, BLOCK=SAMPLE_BLOCK, num_warps=4)
+    return out
+
+
+def sample_params(temperatures: list[float], seeds: list[int], noise_rows: list[int]) -> torch.Tensor:
+    """The host side of `sample_rows`' PARAMS: (3, B) int32 of seeds, noise rows and 1/T as float32 bits, for one
+    H2D copy. Temperatures must be > 0 (greedy rows take an argmax instead)."""
+    p = torch.empty(3, len(seeds), dtype=torch.int32)
+    p[0] = torch.tensor([int(s) & 0x7FFFFFFF for s in seeds], dtype=torch.int32)
+    p[1] = torch.tensor(noise_rows, dtype=torch.int32)
+    p[2] = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32).view(torch.int32)
+    return p
+
+
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`sample` with each row's own seed, noise row and temperature (`sample_params`, on the logits' device): row
+    j draws what `sample(logits[j:j+1] ...)` would as row noise_rows[j] of a launch with seeds[j] at its
+    temperature, so a server draws the rows of all its requests in one launch. scratch: (2, >= B) zeroed int64."""
+    B, V = logits.shape
+    assert logits.stride(1) == 1 and params.shape == (3, B) and params.dtype == torch.int32
+    assert out.shape == (B,) and out.dtype == torch.long and out.is_contiguous()
+    assert scratch.shape[0] == 2 and scratch.shape[1] >= B and scratch.dtype == torch.long and scratch.is_contiguous()
+    nprog = triton.cdiv(V, SAMPLE_BLOCK)
+    _sample_kernel[(B, nprog)](logits, out, scratch[0], scratch[1], params, logits.stride(0), 1.0, 0, V,
+                               NPROG=nprog, GREEDY=False, PER_ROW=True, BLOCK=SAMPLE_BLOCK, num_warps=4)
     return out
 
 

@@ -151,6 +151,7 @@ class RowCache:
         self.pieces = row_pieces(engine)
         self.inputs = torch.zeros(3, rows, dtype=torch.long, device=dev)  # token, position, slot per padded row
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.captured: list[float] = []  # seconds of each capture (the scheduler moves them into Pool.timing)
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
 
     @property
@@ -184,7 +185,9 @@ class RowCache:
         key = (nb, tb)
         if key not in self.graphs:
             try:
+                t0 = time.perf_counter()
                 self.graphs[key] = self._capture(nb, tb)
+                self.captured.append(time.perf_counter() - t0)
             except Exception as e:  # compiled pieces first, then the graph itself: fall back one level per failure
                 torch.cuda.synchronize(dev)
                 self.graphs = {}
@@ -278,6 +281,10 @@ class Pool:
         self.waiting: collections.deque = collections.deque()
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
                       "active": 0, "rows": 0}
+        # where the scheduler threads' time goes (seconds, host wall clock; GPU time shows where the host waits for
+        # it, in `draw`): `bench serve` reports it per level
+        self.timing = {"iterations": 0, "steps": 0, "step_rows": 0, "prefill_s": 0.0, "step_s": 0.0,
+                       "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0}
         self.closed = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -391,14 +398,16 @@ class Replica:
         # for engines that cannot batch
         self.solo_ok = (not self.batched) or (solo if solo is not None else bool(engine.decoder.fused))
         self.cache: RowCache | None = None
+        dev = getattr(engine, "device", None)
+        self.graphs_on = self.batched and dev.type == "cuda" and engine.decoder.cuda_graph
         self.rows: list[_Row] = []
         self.prefills: list[_Prefill] = []
         self.solo: tuple[Any, Any] | None = None  # (job, generator) on Engine.generate
         self.gens: dict[int, torch.Generator] = {}
         self.strings = None
-        # the Gumbel-max sampler's (2, 1) scratch, shared by the one-row draws of this replica's thread
+        # the Gumbel-max sampler's zeroed scratch (2, rows), one per replica: its launches run on this thread only
         self.gumbel = self.batched and gumbel_sampling(engine.device, None, None)
-        self.scratch = torch.zeros(2, 1, dtype=torch.long, device=engine.device) if self.gumbel else None
+        self.scratch = torch.zeros(2, pool.max_rows, dtype=torch.long, device=engine.device) if self.gumbel else None
 
     # -- admission ------------------------------------------------------------------------------------------------
 
@@ -507,8 +516,8 @@ class Replica:
             self.rows[i] = self.rows[last]
         self.rows.pop()
         self.pool.count("rows", -1)
-        if not self.rows and not self.prefills:
-            self.cache = None  # nothing live: give the memory back
+        if not self.rows and not self.prefills and not self.cache.graphed:
+            self.cache = None  # nothing live: give the memory back (a graphed cache is kept: its graphs with it)
 
     def ensure(self, rows: int, positions: int) -> None:
         """Room for `rows` rows of `positions` positions, keeping the live rows."""
@@ -518,7 +527,8 @@ class Replica:
         ctx = self.engine.max_context
         t = min(ctx, _round_up(max(positions, c.positions if c else 0), CACHE_BUCKET))
         r = max(rows, c.rows if c else 0)
-        grown = min(self.pool.max_rows, max(r, 2 * (c.rows if c else 0), 8))  # amortised growth where it fits
+        # amortised growth where it fits; on CUDA straight to --max-batch rows: each new cache recaptures its graphs
+        grown = self.pool.max_rows if self.graphs_on else min(self.pool.max_rows, max(r, 2 * (c.rows if c else 0), 8))
         if (grown + 1) * t <= self.pool.batch_tokens:  # + the scratch slot
             r = grown
         new = RowCache(self.engine, r, t)
@@ -556,12 +566,15 @@ class Replica:
                         self._failed(job, e)
 
     def iteration(self) -> None:
+        self.pool.timing["iterations"] += 1
         for job in self.jobs():
             if job.cancelled.is_set():  # the client left: its rows are freed before this step
                 self.cancel(job)
         self.admit()
         if self.prefills:
+            t0 = time.perf_counter()
             self.prefill()
+            self.pool.timing["prefill_s"] += time.perf_counter() - t0
         if self.solo is not None:
             self.solo_step()
         if self.rows and not self.decode() and not self.prefills and self.solo is None:
@@ -632,27 +645,42 @@ class Replica:
 
     def decode(self) -> bool:
         """One step over the rows with a token to feed; False when there was nothing to do."""
-        e = self.engine
         resolved = [r for r in self.rows if r.next is None and r.tool is not None and r.tool.done()]
         n = self.partition()
-        items: list[tuple[_Row, torch.Tensor]] = []
-        if n:
-            ready = self.rows[:n]
-            t = min(self.cache.positions, max(r.pos for r in ready) + 1)
-            logits = self.cache.step([r.next for r in ready], [r.pos for r in ready], t)
-            for j, r in enumerate(ready):
-                r.pos += 1
-                r.next = None
-                if r.tool is not None and not r.tool.done():
-                    r.stash = logits[j].clone()  # its tool still runs: it waits, the others go on
-                else:
-                    items.append((r, logits[j]))
+        ready: list[_Row] = self.rows[:n]
+        logits = self.step(ready) if n else None
+        waiting = [j for j, r in enumerate(ready) if r.tool is not None and not r.tool.done()]
+        for j in waiting:
+            ready[j].stash = logits[j].clone()  # its tool still runs: it waits, the others go on
+        if not resolved and not waiting:
+            if n:
+                self.choose(ready, logits)  # the common step: every row's logits in order, no gather
+            return bool(n)
+        items = [(r, logits[j]) for j, r in enumerate(ready) if j not in waiting]
         items += [(r, r.stash) for r in resolved]
         for r in resolved:
             r.stash = None
         if items:
             self.choose([r for r, _ in items], torch.stack([lg for _, lg in items]))
-        return bool(n or resolved)
+        return True
+
+    def step(self, ready: list[_Row]) -> torch.Tensor:
+        """The row cache's step for slots [0, len(ready)); each row's position advances. Timed into Pool.timing."""
+        t = min(self.cache.positions, max(r.pos for r in ready) + 1)
+        t0 = time.perf_counter()
+        logits = self.cache.step([r.next for r in ready], [r.pos for r in ready], t)
+        timing = self.pool.timing
+        timing["step_s"] += time.perf_counter() - t0
+        timing["steps"] += 1
+        timing["step_rows"] += len(ready)
+        if self.cache.captured:
+            timing["captures"] += len(self.cache.captured)
+            timing["capture_s"] += sum(self.cache.captured)
+            self.cache.captured.clear()
+        for r in ready:
+            r.pos += 1
+            r.next = None
+        return logits
 
     def choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample (or force) one token per row from its logits (len(rows), V), emit it, run the state machine."""
@@ -663,7 +691,10 @@ class Replica:
                 r.tool = None
                 if result is not None:
                     r.forced.extend([e.output_start, *e.tokenizer.encode(str(result)), e.output_end])
+        t0 = time.perf_counter()
         col = self.draw(rows, logits)
+        t1 = time.perf_counter()
+        self.pool.timing["draw_s"] += t1 - t0
         sampled = [True] * len(rows)
         for j, r in enumerate(rows):
             if r.forced:
@@ -694,9 +725,11 @@ class Replica:
         for job in {id(r.job): r.job for r in ended}.values():
             if all(c.finish is not None for c in job.choices):
                 self.finish(job)
+        self.pool.timing["emit_s"] += time.perf_counter() - t1
 
     def draw(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """One token per row: argmax for greedy rows, each sampling job's rows drawn together (`sample`)."""
+        """One token per row: argmax for greedy rows; on CUDA the untruncated sampling rows of every job in one
+        Gumbel-max launch (`gumbel_rows`); the other sampling jobs' rows drawn together per job (`sample`)."""
         dev = logits.device
         greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
         if len(greedy) == len(rows):
@@ -709,10 +742,41 @@ class Replica:
         for j, r in enumerate(rows):
             if r.job.params.temperature > 0:
                 groups.setdefault(id(r.job), []).append(j)
+        fast: list[list[int]] = []
         for js in groups.values():
             js.sort(key=lambda j: rows[j].index)  # a job's rows draw together, in choice order
-            self.sample(rows, js, logits, toks)
+            p = rows[js[0]].job.params
+            if self.gumbel and untruncated(p.top_k, p.top_p):
+                fast.append(js)
+            else:
+                self.sample(rows, js, logits, toks)
+        if fast:
+            self.gumbel_rows(rows, fast, logits, toks)
         return toks.tolist()
+
+    def gumbel_rows(self, rows: list[_Row], groups: list[list[int]], logits: torch.Tensor,
+                    toks: torch.Tensor) -> None:
+        """The rows of untruncated sampling jobs in one launch of the engine's Gumbel-max kernel, each job keyed by
+        (seed, step) and its rows numbered as `Engine.generate` numbers them: a seeded one-choice request draws as
+        it would alone (an n > 1 job's rows are keyed by its first row's step, which matches `generate` only while
+        its rows stay in step). One launch instead of one per job: at 64 streams, 64 launches were milliseconds
+        of host time per step."""
+        js = [j for g in groups for j in g]
+        temps, seeds, noise = [], [], []
+        for g in groups:
+            p = rows[g[0]].job.params
+            key = gumbel_key(p.seed, rows[g[0]].taken)
+            temps += [p.temperature] * len(g)
+            seeds += [key] * len(g)
+            noise += list(range(len(g)))
+        k = _kernels()
+        params = k.sample_params(temps, seeds, noise).to(toks.device, non_blocking=True)
+        if len(js) == len(rows) and js == list(range(len(rows))):
+            k.sample_rows(logits, params, toks, self.scratch)  # every row, in order: no gather, written in place
+            return
+        idx = torch.tensor(js, device=toks.device)
+        out = torch.empty(len(js), dtype=torch.long, device=toks.device)
+        toks[idx] = k.sample_rows(logits[idx].contiguous(), params, out, self.scratch)
 
     def scores(self, rows: list[_Row], logits: torch.Tensor, col: list[int]) -> list[Any]:
         """(logprob of the emitted token, top-K (id, logprob)) for the rows whose request asked; None elsewhere."""
@@ -740,21 +804,10 @@ class Replica:
             r.tool = e._tool_pool.submit(e._safe_tool, e.tokenizer.decode(code))
 
     def sample(self, rows: list[_Row], js: list[int], logits: torch.Tensor, toks: torch.Tensor) -> None:
-        """Tokens for one job's rows `js` into `toks`. On CUDA without top-k or top-p: the engine's one-launch
-        Gumbel-max sampler keyed by (seed, step), so a seeded one-choice request draws as it would alone on
-        `Engine.generate` (the rows of an n > 1 job draw together, keyed by the first row's step, which matches
-        `generate` only while its rows stay in step); otherwise softmax + multinomial from the job's generator."""
+        """Tokens for one job's rows `js` into `toks`: softmax (top-k, top-p) + multinomial from the job's
+        generator."""
         job = rows[js[0]].job
         p = job.params
-        if self.gumbel and untruncated(p.top_k, p.top_p):
-            j = js[0]
-            key = gumbel_key(p.seed, rows[j].taken)
-            if len(js) == 1:  # a view of one row: no gather, the kernel writes its token in place
-                _kernels().sample(logits[j:j + 1], p.temperature, key, out=toks[j:j + 1], scratch=self.scratch)
-            else:
-                idx = torch.tensor(js, device=toks.device)
-                toks[idx] = _kernels().sample(logits[idx].contiguous(), p.temperature, key)
-            return
         idx = torch.tensor(js, device=toks.device)
         toks[idx] = sample_next_token(logits[idx], self.gens[id(job)], p.temperature, p.top_k, p.top_p)
 

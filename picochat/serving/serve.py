@@ -1118,6 +1118,19 @@ async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temp
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99)}
 
 
+def _timing_delta(before: dict, after: dict, wall: float) -> dict:
+    """The scheduler's time over one bench level (Pool.timing after - before): per decode step, the host time
+    launching it (step), sampling and waiting for the GPU (draw) and emitting tokens (emit); seconds of prefill
+    and graph captures; busy = the share of the level's wall time inside those."""
+    d = {k: after[k] - before[k] for k in before}
+    steps = max(d["steps"], 1)
+    busy = d["prefill_s"] + d["step_s"] + d["draw_s"] + d["emit_s"]
+    return {"steps": d["steps"], "rows_per_step": round(d["step_rows"] / steps, 1),
+            "step_ms": round(d["step_s"] / steps * 1e3, 2), "draw_ms": round(d["draw_s"] / steps * 1e3, 2),
+            "emit_ms": round(d["emit_s"] / steps * 1e3, 2), "prefill_s": round(d["prefill_s"], 3),
+            "captures": d["captures"], "capture_s": round(d["capture_s"], 3), "busy": round(busy / max(wall, 1e-9), 3)}
+
+
 def _bench_level_process(url: str, prompts: list[list[int]], new_tokens: int, temperature: float) -> dict:
     return asyncio.run(_bench_level(url, prompts, new_tokens, temperature))
 
@@ -1169,7 +1182,9 @@ def bench_main(args: argparse.Namespace) -> dict:
 
     def level(streams: int, tokens: int) -> dict:
         prompts = [[rng.choice(ids) for _ in range(n_prompt)] for _ in range(streams)]
-        return clients.submit(_bench_level_process, url, prompts, tokens, args.temperature).result()
+        before = dict(app.state.pool.timing)
+        row = clients.submit(_bench_level_process, url, prompts, tokens, args.temperature).result()
+        return {**row, "server": _timing_delta(before, app.state.pool.timing, row["wall_s"])}
 
     try:
         # warm-up, untimed: one stream, then the largest level for a few tokens (allocations, compiled kernels and
@@ -1178,8 +1193,11 @@ def bench_main(args: argparse.Namespace) -> dict:
         level(max(levels), min(8, new_tokens))
         for c in levels:
             row = level(c, new_tokens)
+            sv = row["server"]
             print(f"[bench serve] {c:3d} clients: {row['tokens_per_s']:,.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
-                  f"p99 {row['ttft_p99_ms']} ms", flush=True)
+                  f"p99 {row['ttft_p99_ms']} ms; scheduler per step: {sv['rows_per_step']} rows, step "
+                  f"{sv['step_ms']} ms, draw {sv['draw_ms']} ms, emit {sv['emit_ms']} ms; prefill {sv['prefill_s']} s, "
+                  f"{sv['captures']} graph captures {sv['capture_s']} s, busy {sv['busy']:.0%}", flush=True)
             results.append(row)
     finally:
         clients.shutdown()
