@@ -366,3 +366,31 @@ def test_sampler_per_row_launch_draws_as_each_request_alone():
     assert out.tolist() == alone
     assert not scratch.any()
     assert len(set(alone)) > 1  # not one constant token
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_server_draw_truncates_per_row_and_ignores_the_other_rows():
+    """The server's one-launch draw with per-row top-k / top-p: top-k 1 and a tiny top-p give the argmax, top-k 3
+    stays among the 3 best, an untruncated row draws what the engine's sampler draws alone, and every row draws
+    the same token alone as in a batch of rows truncated otherwise."""
+    from picochat.ops import kernels
+    from picochat.serving.batcher import gumbel_draw
+
+    dev = _triton_device()
+    torch.manual_seed(1)
+    V = 500
+    logits = torch.randn(6, V, device=dev) * 2
+    temps, keys, noise = [1.0, 0.8, 1.2, 1.0, 0.9, 1.1], [5, 6, 7, 8, 9, 10], [0] * 6
+    ks, ps = [1, 0, 3, 0, 3, 40], [1.0, 1e-6, 1.0, 1.0, 0.9, 0.5]
+    scratch = torch.zeros(2, 8, dtype=torch.long, device=dev)
+    both = gumbel_draw(logits, temps, keys, noise, ks, ps, scratch).tolist()
+    alone = [gumbel_draw(logits[j:j + 1], temps[j:j + 1], keys[j:j + 1], [0], ks[j:j + 1], ps[j:j + 1],
+                         scratch).item() for j in range(6)]
+    assert both == alone
+    best = logits.argmax(-1).tolist()
+    assert both[0] == best[0] and both[1] == best[1]
+    assert both[2] in logits[2].topk(3).indices.tolist() and both[4] in logits[4].topk(3).indices.tolist()
+    assert both[3] == kernels.sample(logits[3:4].contiguous(), 1.0, 8).item()
+    draws = {gumbel_draw(logits[2:3], [1.2], [k], [0], [3], [1.0], scratch).item() for k in range(40)}
+    assert draws == set(logits[2].topk(3).indices.tolist())  # all three candidates come up, nothing else
+    assert not scratch.any()

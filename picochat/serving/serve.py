@@ -1042,6 +1042,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default="1,8,32,64", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the requests")
     parser.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
+    parser.add_argument("--prefill-chunk", type=int, default=0, help="the server's --prefill-chunk (0: its default)")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: auto)")
 
 
@@ -1152,6 +1153,7 @@ def bench_main(args: argparse.Namespace) -> dict:
     require(all(c.strip().isdigit() and int(c) > 0 for c in str(args.clients).split(",")),
             f"--clients {args.clients!r}: expected positive numbers separated by commas, e.g. 1,8,32,64")
     require(args.max_batch >= 1, f"--max-batch {args.max_batch}: must be >= 1")
+    require(args.prefill_chunk >= 0, f"--prefill-chunk {args.prefill_chunk}: must be >= 0 (0: the default)")
     require(0.0 <= args.temperature <= 2.0, f"--temperature {args.temperature}: must be between 0 and 2")
     levels = [int(c) for c in str(args.clients).split(",")]
     engine, what = _bench_engine(args)
@@ -1159,7 +1161,7 @@ def bench_main(args: argparse.Namespace) -> dict:
     n_prompt = max(1, min(args.prompt_tokens, engine.max_context - args.new_tokens))
     new_tokens = min(args.new_tokens, engine.max_context - n_prompt)
     cfg = ServeConfig(api_key="", max_batch=args.max_batch, max_tokens_limit=max(new_tokens, 1),
-                      max_total_chars=10**9, max_queue=0)
+                      max_total_chars=10**9, max_queue=0, prefill_chunk=args.prefill_chunk)
     app = create_app(cfg, engines=[engine], model_name="bench")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1205,4 +1207,5 @@ def bench_main(args: argparse.Namespace) -> dict:
         thread.join(30)
     return {"model": what, "device": str(engine.device), "mode": engine.mode, "prompt_tokens": n_prompt,
             "new_tokens": new_tokens, "temperature": args.temperature, "max_batch": args.max_batch,
+            "prefill_chunk": app.state.pool.prefill_chunk,
             "results": results}
