@@ -562,6 +562,50 @@ def gumbel_key(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int], noise_rows: list[int],
+                top_ks: list[int], top_ps: list[float], scratch: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits (B, V) on CUDA, each row at its own temperature (> 0), top-k (0: off) and top-p
+    (1: off), drawn by the Gumbel-max kernel from its own (key, noise row): the argmax of logits / T + Gumbel
+    noise over a row's candidates is a draw from the softmax over them. The candidates are what
+    `sample_next_token` keeps: the top-k by logit, then the shortest prefix of those holding top_p of the mass.
+    Untruncated rows draw over the vocabulary in id order (as `Engine.generate` draws them), truncated ones over
+    their sorted candidates, so a row's draw does not depend on the other rows. No host sync."""
+    B, V = logits.shape
+    kern = _kernels()
+    ks = [t if 0 < t < V else V for t in top_ks]
+    ps = [p if 0.0 < p < 1.0 else 1.0 for p in top_ps]
+    host = torch.empty(5, B, dtype=torch.int32)
+    host[:3] = kern.sample_params(temperatures, keys, noise_rows)
+    host[3] = torch.tensor(ks, dtype=torch.int32)
+    host[4] = torch.tensor(ps, dtype=torch.float32).view(torch.int32)
+    params = host.to(logits.device, non_blocking=True)
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    cut = [j for j in range(B) if ks[j] < V or ps[j] < 1.0]
+    if not cut:
+        return kern.sample_rows(logits.contiguous(), params[:3], out, scratch)
+    whole = [j for j in range(B) if ks[j] == V and ps[j] == 1.0]
+    if whole:  # the untruncated rows draw in id order, then the truncated ones below
+        w = torch.tensor(whole, device=logits.device)
+        out[w] = kern.sample_rows(logits[w].contiguous(), params[:, w][:3].contiguous(),
+                                  torch.empty(len(whole), dtype=torch.long, device=logits.device), scratch)
+    c = torch.tensor(cut, device=logits.device) if whole else None
+    sub, prm = (logits, params) if c is None else (logits[c], params[:, c].contiguous())
+    width = max(ks[j] if ps[j] == 1.0 else V for j in cut)
+    vals, ids = torch.topk(sub.float(), width, dim=-1)  # sorted, descending
+    drop = torch.arange(width, device=logits.device)[None, :] >= prm[3, :, None]
+    if any(ps[j] < 1.0 for j in cut):
+        inv_t = prm[2].view(torch.float32)[:, None]
+        probs = torch.softmax((vals * inv_t).masked_fill(drop, float("-inf")), dim=-1)
+        drop |= (torch.cumsum(probs, dim=-1) - probs) >= prm[4].view(torch.float32)[:, None]
+    choice = kern.sample_rows(vals.masked_fill(drop, float("-inf")), prm[:3].contiguous(),
+                              torch.empty(len(cut), dtype=torch.long, device=logits.device), scratch)
+    tok = ids.gather(1, choice[:, None])[:, 0]
+    if c is None:
+        return tok
+    out[c] = tok
+    return out
+
+
 def _fused_kernels_on() -> bool:
     """The engine's Triton fast paths (batch-1 step, sampler): triton present and PICOCHAT_FUSED_DECODE != 0."""
     return os.environ.get("PICOCHAT_FUSED_DECODE", "1") != "0" and _kernels().available()
@@ -684,15 +728,20 @@ class Engine:
         pinned = dev.type == "cuda"
         host = torch.empty(B, dtype=torch.long, pin_memory=pinned)
         logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
-        # on CUDA without top-k/top-p: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches)
-        fast = gumbel_sampling(dev, top_k, top_p)
+        # on CUDA: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches); with top-k/top-p
+        # the same draw over each row's candidates (`gumbel_draw`, as the server's batcher draws)
+        fast = gumbel_sampling(dev, None, None)
+        truncated = fast and temperature > 0 and not untruncated(top_k, top_p)
         scratch = torch.zeros(2, B, dtype=torch.long, device=dev) if fast else None  # the sampler's, reused
         if logprobs is not None:  # host buffers the scores are copied into with this step's tokens
             k = min(int(logprobs), logits.size(-1))
             lp_host = torch.empty(B, 1 + k, dtype=torch.float32, pin_memory=pinned)
             ids_host = torch.empty(B, k, dtype=torch.long, pin_memory=pinned)
         for step in range(max_tokens):
-            if fast:
+            if truncated:
+                col_dev = gumbel_draw(logits, [temperature] * B, [gumbel_key(seed, step)] * B, list(range(B)),
+                                      [top_k or 0] * B, [top_p or 1.0] * B, scratch)
+            elif fast:
                 col_dev = _kernels().sample(logits, temperature, gumbel_key(seed, step),
                                             out=self.decoder.token_buffer(B), scratch=scratch)
             else:

@@ -374,7 +374,7 @@ def test_server_draw_truncates_per_row_and_ignores_the_other_rows():
     stays among the 3 best, an untruncated row draws what the engine's sampler draws alone, and every row draws
     the same token alone as in a batch of rows truncated otherwise."""
     from picochat.ops import kernels
-    from picochat.serving.batcher import gumbel_draw
+    from picochat.engine import gumbel_draw
 
     dev = _triton_device()
     torch.manual_seed(1)

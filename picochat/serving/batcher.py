@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _kernels, _lm_head,
-                             gumbel_key, gumbel_sampling, sample_next_token, untruncated)
+from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _lm_head,
+                             gumbel_draw, gumbel_key, gumbel_sampling, sample_next_token)
 from picochat.model import rms_norm
 
 
@@ -263,50 +263,6 @@ def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.T
     if m.backout_lambda is not None:
         x = x - m.backout_lambda.to(dt) * x_mid
     return head(x, m.lm_head.weight, c.vocab_size, c.softcap)
-
-
-def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int], noise_rows: list[int],
-                top_ks: list[int], top_ps: list[float], scratch: torch.Tensor) -> torch.Tensor:
-    """One token per row of logits (B, V) on CUDA, each row at its own temperature (> 0), top-k (0: off) and top-p
-    (1: off), drawn by the Gumbel-max kernel from its own (key, noise row): the argmax of logits / T + Gumbel
-    noise over a row's candidates is a draw from the softmax over them. The candidates are what
-    `sample_next_token` keeps: the top-k by logit, then the shortest prefix of those holding top_p of the mass.
-    Untruncated rows draw over the vocabulary in id order (as `Engine.generate` draws them), truncated ones over
-    their sorted candidates, so a row's draw does not depend on the other rows. No host sync."""
-    B, V = logits.shape
-    kern = _kernels()
-    ks = [t if 0 < t < V else V for t in top_ks]
-    ps = [p if 0.0 < p < 1.0 else 1.0 for p in top_ps]
-    host = torch.empty(5, B, dtype=torch.int32)
-    host[:3] = kern.sample_params(temperatures, keys, noise_rows)
-    host[3] = torch.tensor(ks, dtype=torch.int32)
-    host[4] = torch.tensor(ps, dtype=torch.float32).view(torch.int32)
-    params = host.to(logits.device, non_blocking=True)
-    out = torch.empty(B, dtype=torch.long, device=logits.device)
-    cut = [j for j in range(B) if ks[j] < V or ps[j] < 1.0]
-    if not cut:
-        return kern.sample_rows(logits.contiguous(), params[:3], out, scratch)
-    whole = [j for j in range(B) if ks[j] == V and ps[j] == 1.0]
-    if whole:  # the untruncated rows draw in id order, then the truncated ones below
-        w = torch.tensor(whole, device=logits.device)
-        out[w] = kern.sample_rows(logits[w].contiguous(), params[:, w][:3].contiguous(),
-                                  torch.empty(len(whole), dtype=torch.long, device=logits.device), scratch)
-    c = torch.tensor(cut, device=logits.device) if whole else None
-    sub, prm = (logits, params) if c is None else (logits[c], params[:, c].contiguous())
-    width = max(ks[j] if ps[j] == 1.0 else V for j in cut)
-    vals, ids = torch.topk(sub.float(), width, dim=-1)  # sorted, descending
-    drop = torch.arange(width, device=logits.device)[None, :] >= prm[3, :, None]
-    if any(ps[j] < 1.0 for j in cut):
-        inv_t = prm[2].view(torch.float32)[:, None]
-        probs = torch.softmax((vals * inv_t).masked_fill(drop, float("-inf")), dim=-1)
-        drop |= (torch.cumsum(probs, dim=-1) - probs) >= prm[4].view(torch.float32)[:, None]
-    choice = kern.sample_rows(vals.masked_fill(drop, float("-inf")), prm[:3].contiguous(),
-                              torch.empty(len(cut), dtype=torch.long, device=logits.device), scratch)
-    tok = ids.gather(1, choice[:, None])[:, 0]
-    if c is None:
-        return tok
-    out[c] = tok
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,8 +728,8 @@ class Replica:
         self.pool.timing["emit_s"] += time.perf_counter() - t1
 
     def draw(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """One token per row: argmax for greedy rows; on CUDA the untruncated sampling rows of every job in one
-        Gumbel-max launch (`gumbel_rows`); the other sampling jobs' rows drawn together per job (`sample`)."""
+        """One token per row: argmax for greedy rows; on CUDA the sampling rows of every job in one Gumbel-max
+        draw (`gumbel_rows`); elsewhere each sampling job's rows drawn together from its generator (`sample`)."""
         dev = logits.device
         greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
         if len(greedy) == len(rows):
