@@ -382,3 +382,29 @@ def test_padded_graph_steps_equal_eager_steps(engine, monkeypatch):
             assert torch.allclose(a[:, live], b[:, live], atol=1e-5)
         assert torch.allclose(graphed.prev[live], eager.prev[live], atol=1e-5)
     assert sorted(graphed.graphs) == [(1, 256), (4, 128), (8, 128), (8, 256)]
+
+
+def test_failed_one_launch_sampler_falls_back_loudly(engine):
+    """Where the one-launch Gumbel-max draw fails (here: no Triton on the CPU), the step still samples every row,
+    from each request's own generator, with a warning, and the replica stays on the per-request sampler."""
+    from types import SimpleNamespace
+
+    from picochat.serving.serve import TokenStrings
+
+    pool = batcher.Pool([engine], TokenStrings, max_rows=4)
+    try:
+        rep = pool.replicas[0]
+        rep.gumbel, rep.scratch = True, torch.zeros(2, 4, dtype=torch.long)
+        jobs = [SimpleNamespace(params=SimpleNamespace(temperature=1.0, top_k=k, top_p=None, seed=s, logprobs=None))
+                for s, k in ((1, None), (2, 5))]
+        for j in jobs:
+            rep.gens[id(j)] = torch.Generator().manual_seed(j.params.seed)
+        rows = [batcher._Row(j, 0, 3) for j in jobs]
+        V = engine.model.config.vocab_size
+        logits = torch.randn(2, V)
+        with pytest.warns(UserWarning, match="one-launch sampler failed"):
+            toks = rep.draw(rows, logits)
+        assert rep.gumbel is False and len(toks) == 2 and all(0 <= t < V for t in toks)
+        assert toks[1] in logits[1].topk(5).indices.tolist()  # the fallback keeps the request's top-k
+    finally:
+        pool.close()
