@@ -36,6 +36,8 @@ def engine(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(engine):
     app = create_app(ServeConfig(api_key="", max_batch=32), engines=[engine], model_name="batch")
+    for rep in app.state.pool.replicas:  # chained steps, as on CUDA (test_serve.py's server runs them unchained)
+        rep.chain = True
     with ServerThread(app) as s:
         s.pool = app.state.pool
         yield s
@@ -191,7 +193,8 @@ def bigram_engine(tok, program: dict[int, int], tool) -> Engine:
     return Engine(prepare_model(model), tok, tool=tool)
 
 
-def test_tool_call_in_one_row_while_others_decode(engine):
+@pytest.mark.parametrize("chain", [False, True])
+def test_tool_call_in_one_row_while_others_decode(engine, chain):
     tok = engine.tokenizer
     sp = tok.special_tokens
     a, b, c_, d, e = 50, 51, 52, 60, 61
@@ -206,6 +209,8 @@ def test_tool_call_in_one_row_while_others_decode(engine):
         return "42"
 
     app = create_app(ServeConfig(api_key=""), engines=[bigram_engine(tok, program, tool)], model_name="tool")
+    for rep in app.state.pool.replicas:
+        rep.chain = chain
     with ServerThread(app) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
         out = {}
@@ -221,8 +226,9 @@ def test_tool_call_in_one_row_while_others_decode(engine):
         t.join(20)
     text = out["tool"].choices[0].text
     assert calls == [tok.decode([b])]
-    assert text.startswith(f"<|python_start|>{tok.decode([b])}<|python_end|><|output_start|>42<|output_end|>"
-                           + tok.decode([c_]))
+    assert text == (f"<|python_start|>{tok.decode([b])}<|python_end|><|output_start|>42<|output_end|>"
+                    + tok.decode([c_]) * (12 - 5 - len(tok.encode("42"))))
+    assert app.state.pool.stats["tokens_generated"] == 12 + 20
 
 
 def test_full_queue_is_a_503_and_oversized_requests_a_400(engine, slow_steps):
@@ -368,13 +374,17 @@ def test_padded_graph_steps_equal_eager_steps(engine, monkeypatch):
     for a, b in ((eager.k, graphed.k), (eager.v, graphed.v), (eager.prev, graphed.prev)):
         a.copy_(b)
     graphed.graphed = True
-    # row counts that pad (3 -> 4, 5 -> 8) and positions that cross a T_BUCKET boundary
-    for n, base in ((3, 40), (5, 41), (1, 130), (8, 131), (6, 132)):
+    # row counts that pad (3 -> 4, 5 -> 8) and positions that cross a T_BUCKET boundary; every other step takes
+    # its tokens as a device tensor (a chained step), and from 3 rows up row 1 is being dropped (scratch slot)
+    for i, (n, base) in enumerate(((3, 40), (5, 41), (1, 130), (8, 131), (6, 132))):
         toks = [(7 * j + base) % 200 for j in range(n)]
         poss = [base + j for j in range(n)]
+        slots = list(range(n))
+        if n >= 3:
+            poss[1], slots[1] = 0, graphed.rows
         t = max(poss) + 1
-        want = eager.step(toks, poss, t)
-        got = graphed.step(toks, poss, t)
+        want = eager.step(toks, poss, t, slots)
+        got = graphed.step(torch.tensor(toks) if i % 2 else toks, poss, t, slots)
         assert got.shape == want.shape == (n, want.shape[1])
         assert torch.allclose(got, want, atol=1e-5)
         live = slice(0, graphed.rows)  # every live slot as the eager step left it; only the scratch slot differs
@@ -403,8 +413,38 @@ def test_failed_one_launch_sampler_falls_back_loudly(engine):
         V = engine.model.config.vocab_size
         logits = torch.randn(2, V)
         with pytest.warns(UserWarning, match="one-launch sampler failed"):
-            toks = rep.draw(rows, logits)
+            toks = rep.draw(rows, logits).tolist()
         assert rep.gumbel is False and len(toks) == 2 and all(0 <= t < V for t in toks)
         assert toks[1] in logits[1].topk(5).indices.tolist()  # the fallback keeps the request's top-k
     finally:
         pool.close()
+
+
+def test_chained_steps_equal_unchained_steps(engine, monkeypatch):
+    """Steps launched from the device tokens before the host reads them (as on CUDA) give every greedy row the
+    text unchained steps give, while rows of different max_tokens end mid-chain (their slots compacted under a
+    launched step) and a request arrives mid-stream."""
+    slow_down(monkeypatch, 0.003)
+    texts = {}
+    for chain in (False, True):
+        app = create_app(ServeConfig(api_key="", max_batch=8), engines=[engine], model_name="chain")
+        pool = app.state.pool
+        for rep in pool.replicas:
+            rep.chain = chain
+        with ServerThread(app) as s:
+            c = client(s)
+
+            def one(i):
+                if i == 5:
+                    time.sleep(0.05)  # arrives while the others decode
+                r = c.completions.create(model="chain", prompt=f"row {i}: " + "so " * i, max_tokens=6 + 5 * i,
+                                         temperature=0)
+                return r.choices[0].text, r.choices[0].finish_reason
+
+            with ThreadPoolExecutor(6) as ex:
+                texts[chain] = list(ex.map(one, range(6)))
+            assert pool.stats["rows"] == 0 and pool.stats["errors"] == 0
+            chained = pool.timing["chained"]
+        assert (chained > 10) if chain else chained == 0
+    assert texts[True] == texts[False]
+    assert all(t for t, _ in texts[True])

@@ -14,13 +14,15 @@ One scheduler iteration:
    cache, so a long prompt takes several iterations and running streams still get a step after each chunk. A
    finished prefill samples each row's first token and copies the prompt's keys/values into the rows' slots.
 3. decode: one step over the rows that have a token to feed. Each row samples with its own request's
-   temperature, top-k, top-p and seeded generator (the rows of one request draw together from it, as
-   `Engine.generate` does) and reports its own logprobs; stop strings and max tokens end rows one by one. A
-   python tool call runs in the engine's tool pool: its row sits out the steps until the result is forced in,
-   while the others decode.
+   temperature, top-k, top-p and seed (on CUDA every row of the step in one Gumbel-max launch, `gumbel_draw`;
+   elsewhere each request's rows together from its seeded generator) and reports its own logprobs; stop strings
+   and max tokens end rows one by one. A python tool call runs in the engine's tool pool: its row sits out the
+   steps until the result is forced in, while the others decode.
 
 On CUDA a decode step replays a CUDA graph captured per (rows, positions) bucket (RowCache.step), with the
-engine's compiled pieces recompiled once for a dynamic batch; padding rows of a bucket write a scratch slot.
+engine's compiled pieces recompiled once for a dynamic batch; padding rows of a bucket write a scratch slot. While
+nothing else needs the scheduler, steps are chained (`Replica.run`): the next step is launched from the drawn
+tokens on the device before the host reads them, so the host's emitting overlaps the GPU's next step.
 
 A lone request on a CUDA replica with the fused batch-1 kernels runs on `Engine.generate` instead (the batch-1
 fast path), stepped once per iteration beside the batch, so one user keeps single-stream speed. Engines that are
@@ -173,13 +175,19 @@ class RowCache:
         self.v[:, idx, :t] = self.v[:, rev, :t]
         self.prev[idx] = self.prev[rev]
 
-    def step(self, toks: list[int], poss: list[int], t: int) -> torch.Tensor:
-        """One token per row for slots [0, n) (see decode_rows); fp32 logits (n, V), valid until the next step."""
-        n = len(toks)
+    def step(self, toks: list[int] | torch.Tensor, poss: list[int], t: int,
+             slots: list[int] | None = None) -> torch.Tensor:
+        """One token per row for slots [0, n) (see decode_rows); fp32 logits (n, V), valid until the next step.
+        toks: host ints, or a device tensor (a chained step feeds the tokens just drawn without reading them);
+        slots: each row's write slot, j for row j unless it is `rows` (the scratch slot: a row being dropped)."""
+        n = len(poss)
         dev = self.k.device
+        slots = list(range(n)) if slots is None else slots
+        on_device = isinstance(toks, torch.Tensor)
         if not self.graphed:
-            inp = torch.tensor([toks, poss, list(range(n))], dtype=torch.long, device=dev)
-            return decode_rows(self.engine, self, inp[0, :, None], inp[1], inp[2], t)
+            inp = torch.tensor([[0] * n if on_device else toks, poss, slots], dtype=torch.long, device=dev)
+            tok = toks[:, None] if on_device else inp[0, :, None]
+            return decode_rows(self.engine, self, tok, inp[1], inp[2], t)
         nb = min(self.rows, next((b for b in self.ROW_BUCKETS if b >= n), _round_up(n, 16)))
         tb = min(self.positions, _round_up(t, self.T_BUCKET))
         key = (nb, tb)
@@ -199,11 +207,13 @@ class RowCache:
                     warnings.warn(f"[serve] batched decode: CUDA graph capture failed ({type(e).__name__}: {e}); "
                                   f"decoding these rows eagerly")
                     self.graphed = False
-                return self.step(toks, poss, t)
+                return self.step(toks, poss, t, slots)
         pad = nb - n  # padding rows feed token 0 at position 0 into the scratch slot
-        host = torch.tensor([toks + [0] * pad, poss + [0] * pad, list(range(n)) + [self.rows] * pad],
-                            dtype=torch.long)
+        host = torch.tensor([([0] * n if on_device else toks) + [0] * pad, poss + [0] * pad,
+                             slots + [self.rows] * pad], dtype=torch.long)
         self.inputs[:, :nb].copy_(host, non_blocking=True)
+        if on_device:
+            self.inputs[0, :n].copy_(toks)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
@@ -273,8 +283,9 @@ class Pool:
     """Replicas, one scheduler thread each, fed from one FIFO queue of jobs (the oldest first)."""
 
     def __init__(self, engines: list, strings, max_rows: int = 64, batch_tokens: int = 0, max_queue: int = 256,
-                 prefill_chunk: int = 0, solo: bool | None = None):
+                 prefill_chunk: int = 0, solo: bool | None = None, chain: bool | None = None):
         self.engines, self.strings = engines, strings  # strings: tokenizer -> the token-text cache jobs share
+        self.chain = chain
         self.max_rows, self.max_queue = max_rows, max_queue
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(engines[0])
         self.batch_tokens = batch_tokens or default_batch_tokens(engines[0], max_rows)
@@ -283,7 +294,7 @@ class Pool:
                       "active": 0, "rows": 0}
         # where the scheduler threads' time goes (seconds, host wall clock; GPU time shows where the host waits for
         # it, in `draw`): `bench serve` reports it per level
-        self.timing = {"iterations": 0, "steps": 0, "step_rows": 0, "prefill_s": 0.0, "step_s": 0.0,
+        self.timing = {"iterations": 0, "steps": 0, "chained": 0, "step_rows": 0, "prefill_s": 0.0, "step_s": 0.0,
                        "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0}
         self.closed = False
         self._lock = threading.Lock()
@@ -400,6 +411,10 @@ class Replica:
         self.cache: RowCache | None = None
         dev = getattr(engine, "device", None)
         self.graphs_on = self.batched and dev.type == "cuda" and engine.decoder.cuda_graph
+        # chained steps (`run`) on CUDA, where the host's work can overlap the GPU's; `Pool(chain=)` overrides
+        self.chain = self.batched and (pool.chain if pool.chain is not None else dev.type == "cuda")
+        self.pinned = self.batched and dev.type == "cuda"
+        self.host_tokens = torch.empty(pool.max_rows + 1, dtype=torch.long, pin_memory=self.pinned)
         self.rows: list[_Row] = []
         self.prefills: list[_Prefill] = []
         self.solo: tuple[Any, Any] | None = None  # (job, generator) on Engine.generate
@@ -644,18 +659,19 @@ class Replica:
         self.choose(new, p.logits.expand(n, -1))
 
     def decode(self) -> bool:
-        """One step over the rows with a token to feed; False when there was nothing to do."""
+        """One step over the rows with a token to feed (more, chained, while nothing else needs the scheduler);
+        False when there was nothing to do."""
         resolved = [r for r in self.rows if r.next is None and r.tool is not None and r.tool.done()]
         n = self.partition()
         ready: list[_Row] = self.rows[:n]
         logits = self.step(ready) if n else None
         waiting = [j for j, r in enumerate(ready) if r.tool is not None and not r.tool.done()]
-        for j in waiting:
-            ready[j].stash = logits[j].clone()  # its tool still runs: it waits, the others go on
         if not resolved and not waiting:
             if n:
-                self.choose(ready, logits)  # the common step: every row's logits in order, no gather
+                self.run(ready, logits)  # the common step: every row's logits in order, no gather
             return bool(n)
+        for j in waiting:
+            ready[j].stash = logits[j].clone()  # its tool still runs: it waits, the others go on
         items = [(r, logits[j]) for j, r in enumerate(ready) if j not in waiting]
         items += [(r, r.stash) for r in resolved]
         for r in resolved:
@@ -664,37 +680,108 @@ class Replica:
             self.choose([r for r, _ in items], torch.stack([lg for _, lg in items]))
         return True
 
-    def step(self, ready: list[_Row]) -> torch.Tensor:
-        """The row cache's step for slots [0, len(ready)); each row's position advances. Timed into Pool.timing."""
-        t = min(self.cache.positions, max(r.pos for r in ready) + 1)
+    def step(self, ready: list[_Row], toks: torch.Tensor | None = None, spare: frozenset = frozenset()) -> torch.Tensor:
+        """The row cache's step for slots [0, len(ready)); each row's position advances. toks: the device tokens
+        of a chained step (else each row's `next`); rows in `spare` (ids) are ending: they write the scratch slot.
+        Timed into Pool.timing."""
+        c = self.cache
+        poss = [0 if id(r) in spare else r.pos for r in ready]
+        slots = [c.rows if id(r) in spare else j for j, r in enumerate(ready)]
+        t = min(c.positions, max(poss) + 1)
         t0 = time.perf_counter()
-        logits = self.cache.step([r.next for r in ready], [r.pos for r in ready], t)
+        logits = c.step([r.next for r in ready] if toks is None else toks, poss, t, slots)
         timing = self.pool.timing
         timing["step_s"] += time.perf_counter() - t0
         timing["steps"] += 1
         timing["step_rows"] += len(ready)
-        if self.cache.captured:
-            timing["captures"] += len(self.cache.captured)
-            timing["capture_s"] += sum(self.cache.captured)
-            self.cache.captured.clear()
+        if c.captured:
+            timing["captures"] += len(c.captured)
+            timing["capture_s"] += sum(c.captured)
+            c.captured.clear()
         for r in ready:
             r.pos += 1
             r.next = None
         return logits
 
+    def run(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Draw and emit every live row's token from `logits`. While nothing else needs the scheduler (`steady`),
+        the next step is launched from the drawn tokens on the device before the host reads them, so emitting
+        this step's tokens overlaps the GPU's next step (as `Engine.generate` does at batch 1); a row that ends
+        meanwhile wastes one row of that step."""
+        while True:
+            self.take_tool_results(rows)
+            t0 = time.perf_counter()
+            toks = self.draw(rows, logits)
+            host = self.host_tokens[:len(rows)]
+            host.copy_(toks, non_blocking=self.pinned)
+            ready = torch.cuda.Event() if self.pinned else None
+            if ready is not None:
+                ready.record()
+            t1 = time.perf_counter()
+            nxt = None
+            if self.steady(rows):  # rows at their last token write the scratch slot: no position is left for them
+                spare = frozenset(id(r) for r in rows if r.taken + 1 >= r.job.params.max_tokens)
+                nxt = self.step(rows, toks, spare)
+                self.pool.timing["chained"] += 1
+            t2 = time.perf_counter()
+            if ready is not None:
+                ready.synchronize()
+            self.pool.timing["draw_s"] += (t1 - t0) + (time.perf_counter() - t2)
+            order = {id(r): j for j, r in enumerate(rows)}
+            self.emit(rows, host.tolist(), logits)
+            if nxt is None or not self.rows:
+                return
+            rows = list(self.rows)  # the survivors, in their (compacted) slot order; each was fed its token
+            for r in rows:
+                r.next = None
+            idx = [order[id(r)] for r in rows]
+            logits = nxt[:len(rows)] if idx == list(range(len(rows))) else nxt[torch.tensor(idx, device=nxt.device)]
+            tools = [j for j, r in enumerate(rows) if r.tool is not None]
+            if tools:  # a tool call began at this token: its row waits with these logits, the others take theirs
+                for j in tools:
+                    rows[j].stash = logits[j].clone()
+                rest = [j for j in range(len(rows)) if j not in tools]
+                if rest:
+                    self.choose([rows[j] for j in rest], logits[torch.tensor(rest, device=logits.device)])
+                return
+
+    def steady(self, rows: list[_Row]) -> bool:
+        """Whether the next step can be launched before this one's tokens are read: chaining is on, every live
+        row is in it, none is forced, calls tools or asks for logprobs (their scores read this step's logits,
+        which a graphed next step overwrites), no client left, nothing waits to be admitted or prefilled, and
+        some row goes on."""
+        if not self.chain or len(rows) != len(self.rows) or self.prefills or self.solo is not None:
+            return False
+        waiting = self.pool.waiting
+        if self.pool.closed or (waiting and self.fits(waiting[0])):
+            return False
+        for r in rows:
+            if r.forced or r.tool is not None or r.job.params.logprobs is not None or r.job.cancelled.is_set():
+                return False
+        return any(r.taken + 1 < r.job.params.max_tokens for r in rows)
+
     def choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample (or force) one token per row from its logits (len(rows), V), emit it, run the state machine."""
+        self.take_tool_results(rows)
+        t0 = time.perf_counter()
+        col = self.draw(rows, logits).tolist()
+        self.pool.timing["draw_s"] += time.perf_counter() - t0
+        self.emit(rows, col, logits)
+
+    def take_tool_results(self, rows: list[_Row]) -> None:
+        """A finished tool call's output is forced, from this token on, into its row."""
         e = self.engine
         for r in rows:
-            if r.tool is not None:  # finished: its output is forced from this token on
+            if r.tool is not None and r.tool.done():
                 result = r.tool.result()
                 r.tool = None
                 if result is not None:
                     r.forced.extend([e.output_start, *e.tokenizer.encode(str(result)), e.output_end])
-        t0 = time.perf_counter()
-        col = self.draw(rows, logits)
+
+    def emit(self, rows: list[_Row], col: list[int], logits: torch.Tensor) -> None:
+        """Each row's drawn token (or its next forced one) into its job: stream deltas, stops, tool calls, ended
+        rows and jobs."""
         t1 = time.perf_counter()
-        self.pool.timing["draw_s"] += t1 - t0
         sampled = [True] * len(rows)
         for j, r in enumerate(rows):
             if r.forced:
@@ -727,13 +814,13 @@ class Replica:
                 self.finish(job)
         self.pool.timing["emit_s"] += time.perf_counter() - t1
 
-    def draw(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    def draw(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """One token per row: argmax for greedy rows; on CUDA the sampling rows of every job in one Gumbel-max
         draw (`gumbel_rows`); elsewhere each sampling job's rows drawn together from its generator (`sample`)."""
         dev = logits.device
         greedy = [j for j, r in enumerate(rows) if r.job.params.temperature <= 0]
         if len(greedy) == len(rows):
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         toks = torch.empty(len(rows), dtype=torch.long, device=dev)
         if greedy:
             g = torch.tensor(greedy, device=dev)
@@ -758,7 +845,7 @@ class Replica:
                 self.gumbel = False
                 for js in fast:
                     self.sample(rows, js, logits, toks)
-        return toks.tolist()
+        return toks
 
     def gumbel_rows(self, rows: list[_Row], groups: list[list[int]], logits: torch.Tensor,
                     toks: torch.Tensor) -> None:
