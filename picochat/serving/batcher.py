@@ -752,8 +752,11 @@ class Replica:
         some row goes on."""
         if not self.chain or len(rows) != len(self.rows) or self.prefills or self.solo is not None:
             return False
-        waiting = self.pool.waiting
-        if self.pool.closed or (waiting and self.fits(waiting[0])):
+        try:
+            head = self.pool.waiting[0]  # read without the lock: at worst one step more or less is chained
+        except IndexError:
+            head = None
+        if self.pool.closed or (head is not None and self.fits(head)):
             return False
         for r in rows:
             if r.forced or r.tool is not None or r.job.params.logprobs is not None or r.job.cancelled.is_set():
