@@ -598,7 +598,7 @@ def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int]
         probs = torch.softmax((vals * inv_t).masked_fill(drop, float("-inf")), dim=-1)
         drop |= (torch.cumsum(probs, dim=-1) - probs) >= prm[4].view(torch.float32)[:, None]
     choice = kern.sample_rows(vals.masked_fill(drop, float("-inf")), prm[:3].contiguous(),
-                              torch.empty(len(cut), dtype=torch.long, device=logits.device), scratch)
+                              torch.empty(len(cut), dtype=torch.long, device=logits.device), scratch, noise_stride=V)
     tok = ids.gather(1, choice[:, None])[:, 0]
     if c is None:
         return tok

@@ -391,6 +391,10 @@ def test_server_draw_truncates_per_row_and_ignores_the_other_rows():
     assert both[0] == best[0] and both[1] == best[1]
     assert both[2] in logits[2].topk(3).indices.tolist() and both[4] in logits[4].topk(3).indices.tolist()
     assert both[3] == kernels.sample(logits[3:4].contiguous(), 1.0, 8).item()
+    # the second choice of a top-k request: alone, and beside a nucleus row that widens the launch to V columns
+    two = gumbel_draw(logits[2:4], [1.2, 1.2], [7, 7], [0, 1], [30, 30], [1.0, 1.0], scratch).tolist()
+    wide = gumbel_draw(logits[1:4], [0.8, 1.2, 1.2], [6, 7, 7], [0, 0, 1], [0, 30, 30], [0.9, 1.0, 1.0], scratch)
+    assert wide.tolist()[1:] == two
     draws = {gumbel_draw(logits[2:3], [1.2], [k], [0], [3], [1.0], scratch).item() for k in range(40)}
     assert draws == set(logits[2].topk(3).indices.tolist())  # all three candidates come up, nothing else
     assert not scratch.any()

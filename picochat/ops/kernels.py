@@ -302,7 +302,8 @@ if triton is not None:
 
 
     @triton.jit
-    def _sample_kernel(LOGITS, OUT, BEST, COUNT, PARAMS, stride_row, inv_temp, seed, V, NPROG: tl.constexpr,
+    def _sample_kernel(LOGITS, OUT, BEST, COUNT, PARAMS, stride_row, inv_temp, seed, V, noise_stride,
+                       NPROG: tl.constexpr,
                        GREEDY: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
         """argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T) (the Gumbel-max trick); the plain
         argmax when GREEDY. Program (row, j) takes the j-th BLOCK of the row's vocabulary and folds its best
@@ -325,7 +326,7 @@ if triton is not None:
                 s = tl.load(PARAMS + row)
                 r = tl.load(PARAMS + nrows + row)
                 it = tl.load(PARAMS + 2 * nrows + row).to(tl.float32, bitcast=True)
-            u = tl.rand(s, r * V + offs)
+            u = tl.rand(s, r * noise_stride + offs)  # noise_stride >= V: a row's noise is its own
             u = tl.minimum(tl.maximum(u, 1e-12), 1.0 - 1e-7)
             score = score * it - tl.log(-tl.log(u))
         score = tl.where(ok, score, -float("inf"))
@@ -554,7 +555,7 @@ def sample(logits: torch.Tensor, temperature: float, seed: int, out: torch.Tenso
     greedy = temperature <= 0.0
     nprog = triton.cdiv(V, SAMPLE_BLOCK)
     _sample_kernel[(B, nprog)](logits, out, scratch[0], scratch[1], out, logits.stride(0),
-                               1.0 / temperature if not greedy else 1.0, int(seed) & 0x7FFFFFFF, V, NPROG=nprog,
+                               1.0 / temperature if not greedy else 1.0, int(seed) & 0x7FFFFFFF, V, V, NPROG=nprog,
                                GREEDY=greedy, PER_ROW=False, BLOCK=SAMPLE_BLOCK, num_warps=4)
     return out
 
@@ -569,17 +570,21 @@ def sample_params(temperatures: list[float], seeds: list[int], noise_rows: list[
     return p
 
 
-def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor,
+                noise_stride: int = 0) -> torch.Tensor:
     """`sample` with each row's own seed, noise row and temperature (`sample_params`, on the logits' device): row
     j draws what `sample(logits[j:j+1] ...)` would as row noise_rows[j] of a launch with seeds[j] at its
-    temperature, so a server draws the rows of all its requests in one launch. scratch: (2, >= B) zeroed int64."""
+    temperature, so a server draws the rows of all its requests in one launch. scratch: (2, >= B) zeroed int64.
+    noise_stride (default V): the noise offset between noise rows; columns that are a row's sorted candidates
+    pass the vocabulary size, so the noise does not depend on how many columns this launch has."""
     B, V = logits.shape
     assert logits.stride(1) == 1 and params.shape == (3, B) and params.dtype == torch.int32
     assert out.shape == (B,) and out.dtype == torch.long and out.is_contiguous()
     assert scratch.shape[0] == 2 and scratch.shape[1] >= B and scratch.dtype == torch.long and scratch.is_contiguous()
     nprog = triton.cdiv(V, SAMPLE_BLOCK)
     _sample_kernel[(B, nprog)](logits, out, scratch[0], scratch[1], params, logits.stride(0), 1.0, 0, V,
-                               NPROG=nprog, GREEDY=False, PER_ROW=True, BLOCK=SAMPLE_BLOCK, num_warps=4)
+                               max(noise_stride, V), NPROG=nprog, GREEDY=False, PER_ROW=True, BLOCK=SAMPLE_BLOCK,
+                               num_warps=4)
     return out
 
 

@@ -36,6 +36,7 @@ Jobs are duck-typed (serve.Job): `prompt`, `params`, `cancelled`, `start`, `take
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 import warnings
@@ -752,9 +753,9 @@ class Replica:
         some row goes on."""
         if not self.chain or len(rows) != len(self.rows) or self.prefills or self.solo is not None:
             return False
-        try:
-            head = self.pool.waiting[0]  # read without the lock: at worst one step more or less is chained
-        except IndexError:
+        try:  # read without the lock (at worst one step more or less is chained); a cancelled head is skipped
+            head = next((j for j in list(itertools.islice(self.pool.waiting, 4)) if not j.cancelled.is_set()), None)
+        except (IndexError, RuntimeError):  # another thread changed the queue meanwhile
             head = None
         if self.pool.closed or (head is not None and self.fits(head)):
             return False
