@@ -209,22 +209,29 @@ class CompileWatch:
 
 
 def startup_breakdown(marks: dict[str, float], watch: CompileWatch | None, first_step_s: float,
-                      now: float | None = None) -> dict[str, Any]:
+                      now: float | None = None, parts: dict[str, float] | None = None) -> dict[str, Any]:
     """Seconds from process start to the end of the first step (`now`; default: the 'loop' mark + the step), by
     phase. `marks` holds time.time() stamps: 'setup' (imports and runtime done), 'model' (model built or loaded,
-    and prepared in pretraining) and 'loop' (optimizer, data, resume and run header done; chat stages prepare the
-    model here). An eval before the first step counts in the total only."""
+    and prepared in pretraining), optionally 'built' (pretraining: plan made and model built, before it is
+    prepared) and 'loop' (optimizer, data, resume and run header done; chat stages prepare the model here). `parts`:
+    prepare_model's own seconds by part. An eval before the first step counts in the total only."""
     t_end = marks["loop"] + first_step_s if now is None else now
-    out = {"start_s": marks["setup"] - PROCESS_T0, "model_s": marks["model"] - marks["setup"],
-           "setup_s": marks["loop"] - marks["model"], "first_step_s": first_step_s, "total_s": t_end - PROCESS_T0}
+    out: dict[str, Any] = {"start_s": marks["setup"] - PROCESS_T0, "model_s": marks["model"] - marks["setup"],
+                           "setup_s": marks["loop"] - marks["model"], "first_step_s": first_step_s,
+                           "total_s": t_end - PROCESS_T0}
+    split = ({"plan + build": marks["built"] - marks["setup"]} if "built" in marks else {}) | (parts or {})
+    if split:
+        out["model_parts"] = {k: round(v, 2) for k, v in split.items()}
     if watch is not None:
         out.update(graphs=watch.graphs, compile_s=watch.compile_s, cache=watch.cache["state"])
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def format_breakdown(b: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in b.get("model_parts", {}).items() if v >= 0.05)
     text = (f"[startup] first step done {b['total_s']:.1f}s after start: imports/runtime {b['start_s']:.1f}s, "
-            f"model {b['model_s']:.1f}s, optimizer/data/resume {b['setup_s']:.1f}s, first step {b['first_step_s']:.1f}s")
+            f"model {b['model_s']:.1f}s{f' ({parts})' if parts else ''}, optimizer/data/resume {b['setup_s']:.1f}s, "
+            f"first step {b['first_step_s']:.1f}s")
     if b.get("graphs"):
         text += f" (of which Dynamo+Inductor compiled {b['graphs']} graphs in {b['compile_s']:.1f}s, cache {b['cache']})"
     return text
@@ -235,7 +242,10 @@ def report_startup(info: dict[str, Any], watch: CompileWatch, step: int, first_s
     """After a process's first step: the breakdown (`info` is prepare_model's, with "marks"), printed on rank 0 and
     logged as a `startup` record at `step`. The compile figures only where the model was compiled; the compile
     artifacts are saved where none were loaded (save_artifacts)."""
-    b = startup_breakdown(info["marks"], watch if info["compiled"] else None, first_step_s, now)
+    # prepare_model's parts belong to the model phase where it ran there (pretraining marks 'built' before it);
+    # chat stages prepare the model in their setup phase
+    parts = info.get("prepare_s") if "built" in info["marks"] else None
+    b = startup_breakdown(info["marks"], watch if info["compiled"] else None, first_step_s, now, parts)
     print0(format_breakdown(b))
     art = info.get("artifacts")
     # a start that loaded the run's artifacts compiled from them: writing the same file again on every resume would

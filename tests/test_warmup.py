@@ -99,6 +99,12 @@ def test_startup_breakdown_adds_up():
                  "graphs": 5, "compile_s": 12.25, "cache": "warm"}
     line = warmup.format_breakdown(b)
     assert line.startswith("[startup] first step done 24.0s after start") and "5 graphs in 12.2s, cache warm" in line
+    # pretraining also splits the model phase: planning + building, then prepare_model's own parts
+    b = warmup.startup_breakdown({**marks, "built": t0 + 2.25}, None, 20.0,
+                                 parts={"dtype/fp8": 0.75, "attention plan": 0.02, "compile setup": 0.48})
+    assert b["model_parts"] == {"plan + build": 0.25, "dtype/fp8": 0.75, "attention plan": 0.02, "compile setup": 0.48}
+    line = warmup.format_breakdown(b)
+    assert "model 1.5s (plan + build 0.2s, dtype/fp8 0.8s, compile setup 0.5s)" in line  # parts under 0.05 s left out
 
 
 def test_pretraining_reports_its_startup(capsys):
@@ -108,6 +114,7 @@ def test_pretraining_reports_its_startup(capsys):
     out = run(cfg)
     assert out["startup"]["first_step_s"] >= 0 and out["startup"]["total_s"] >= out["startup"]["first_step_s"]
     assert "graphs" not in out["startup"]  # not compiled on a CPU by default
+    assert set(out["startup"]["model_parts"]) == {"plan + build", "dtype/fp8", "attention plan", "compile setup"}
     assert "[startup] first step done" in capsys.readouterr().out
     recs = [json.loads(line) for line in (Path(os.environ["PICOCHAT_HOME"]) / "runs" / "startup" / "base" /
                                           "metrics.jsonl").read_text().splitlines()]

@@ -610,6 +610,7 @@ def _setup_locked(cfg: PretrainConfig, rt: Any, tok: Any, tok_dir: Path | None, 
     _print_plan(cfg, plan, rt)
 
     model = build_model(plan.model_config, device=rt.device)
+    marks["built"] = time.time()
     cmodel, info = prepare_model(model, device=rt.device, dtype=rt.dtype, seq_len=cfg.seq_len, compile=cfg.compile,
                                  fp8=cfg.fp8, activation_budget=cfg.activation_budget,
                                  run_folder=stage_dir(cfg.run, "base"))
@@ -1026,7 +1027,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     print0(f"[bench] warmup {args.warmup} steps: {warm_s:.1f}s"
            + (f" (loss {loss.item():.3f})" if loss is not None else ""))
     info["startup"] = {"first_step_at_s": None if first_at is None else round(first_at, 1), "graphs": watch.graphs,
-                       "compile_s": round(watch.compile_s, 1), "cache": (info["cache"] or {}).get("state")}
+                       "compile_s": round(watch.compile_s, 1), "cache": (info["cache"] or {}).get("state"),
+                       "model_parts": {k: round(v, 2) for k, v in info["prepare_s"].items()}}
     t0 = time.perf_counter()
     loss = steps(args.warmup, args.steps)
     synchronize(rt.device)
