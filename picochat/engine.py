@@ -562,6 +562,12 @@ def gumbel_key(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 values (indices) on `device` without waiting for its stream: `torch.tensor(values, device=cuda)`
+    copies synchronously, which in the server's chained steps would wait for the step already in flight."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int], noise_rows: list[int],
                 top_ks: list[int], top_ps: list[float], scratch: torch.Tensor) -> torch.Tensor:
     """One token per row of logits (B, V) on CUDA, each row at its own temperature (> 0), top-k (0: off) and top-p
@@ -585,10 +591,10 @@ def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int]
         return kern.sample_rows(logits.contiguous(), params[:3], out, scratch)
     whole = [j for j in range(B) if ks[j] == V and ps[j] == 1.0]
     if whole:  # the untruncated rows draw in id order, then the truncated ones below
-        w = torch.tensor(whole, device=logits.device)
+        w = device_ints(whole, logits.device)
         out[w] = kern.sample_rows(logits[w].contiguous(), params[:, w][:3].contiguous(),
                                   torch.empty(len(whole), dtype=torch.long, device=logits.device), scratch)
-    c = torch.tensor(cut, device=logits.device) if whole else None
+    c = device_ints(cut, logits.device) if whole else None
     sub, prm = (logits, params) if c is None else (logits[c], params[:, c].contiguous())
     width = max(ks[j] if ps[j] == 1.0 else V for j in cut)
     vals, ids = torch.topk(sub.float(), width, dim=-1)  # sorted, descending

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _lm_head,
-                             gumbel_draw, gumbel_key, gumbel_sampling, sample_next_token)
+                             device_ints, gumbel_draw, gumbel_key, gumbel_sampling,
+                             sample_next_token)
 from picochat.model import rms_norm
 
 
@@ -171,7 +172,7 @@ class RowCache:
         self.prev[:n] = other.prev[:n]
 
     def swap(self, i: int, j: int, t: int) -> None:
-        idx, rev = [i, j], [j, i]
+        idx, rev = device_ints([i, j], self.k.device), device_ints([j, i], self.k.device)
         self.k[:, idx, :t] = self.k[:, rev, :t]  # the right side is gathered (a copy) before the write
         self.v[:, idx, :t] = self.v[:, rev, :t]
         self.prev[idx] = self.prev[rev]
@@ -736,14 +737,14 @@ class Replica:
             for r in rows:
                 r.next = None
             idx = [order[id(r)] for r in rows]
-            logits = nxt[:len(rows)] if idx == list(range(len(rows))) else nxt[torch.tensor(idx, device=nxt.device)]
+            logits = nxt[:len(rows)] if idx == list(range(len(rows))) else nxt[device_ints(idx, nxt.device)]
             tools = [j for j, r in enumerate(rows) if r.tool is not None]
             if tools:  # a tool call began at this token: its row waits with these logits, the others take theirs
                 for j in tools:
                     rows[j].stash = logits[j].clone()
                 rest = [j for j in range(len(rows)) if j not in tools]
                 if rest:
-                    self.choose([rows[j] for j in rest], logits[torch.tensor(rest, device=logits.device)])
+                    self.choose([rows[j] for j in rest], logits[device_ints(rest, logits.device)])
                 return
 
     def steady(self, rows: list[_Row]) -> bool:
@@ -827,7 +828,7 @@ class Replica:
             return logits.argmax(dim=-1)
         toks = torch.empty(len(rows), dtype=torch.long, device=dev)
         if greedy:
-            g = torch.tensor(greedy, device=dev)
+            g = device_ints(greedy, dev)
             toks[g] = logits[g].argmax(dim=-1)
         groups: dict[int, list[int]] = {}
         for j, r in enumerate(rows):
@@ -869,7 +870,7 @@ class Replica:
         if js == list(range(len(rows))):
             toks.copy_(gumbel_draw(logits, *cols, scratch=self.scratch))  # every row, in order: no gather
             return
-        idx = torch.tensor(js, device=toks.device)
+        idx = device_ints(js, toks.device)
         toks[idx] = gumbel_draw(logits[idx], *cols, scratch=self.scratch)
 
     def scores(self, rows: list[_Row], logits: torch.Tensor, col: list[int]) -> list[Any]:
@@ -879,7 +880,7 @@ class Replica:
         if not scored:
             return lps
         dev = logits.device
-        idx = torch.tensor(scored, device=dev)
+        idx = device_ints(scored, dev)
         lp = torch.log_softmax(logits[idx].float(), dim=-1)
         chosen = lp.gather(1, torch.tensor([col[j] for j in scored], device=dev)[:, None])[:, 0].tolist()
         k = min(max(rows[j].job.params.logprobs for j in scored), lp.size(-1))
