@@ -230,6 +230,7 @@ def test_bench_on_cpu_measures_and_predicts_every_preset(capsys):
     assert main(["doctor", "--bench", "--bench-steps", "1", "--json", "--price", "0.5"]) == 0
     cap = capsys.readouterr()
     r = json.loads(cap.out)  # the bench's progress lines went to stderr
+    assert "[doctor] timing 1 training steps of the tiny preset's model here" in cap.err  # said before the wait
     b = r["bench"]
     m = b["measured"]
     assert m["depth"] == 4 and m["device"] == "cpu" and m["tok_per_s"] > 0 and b["allreduce"] is None

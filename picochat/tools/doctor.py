@@ -678,6 +678,9 @@ def run_bench(report: dict[str, Any], steps: int = 0, price: float | None = None
     n = len(report["gpus"])
     steps = steps or (10 if n else 3)
     warmup = 3 if n else 1
+    # a d20 model with an empty compile cache was still compiling after 150 s on an H100: say so before the wait
+    print(f"[doctor] timing {steps} training steps of the {rec['preset']} preset's model here; the model is compiled "
+          f"first, which takes minutes on a GPU when the compile cache is empty", flush=True)
     measured = bench_model(rec["preset"], steps, warmup)
     allreduce = measure_allreduce(n) if n > 1 else None
     if price is None:
@@ -780,7 +783,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--bench", action="store_true",
                         help="also time a few training steps of the recommended preset's model (and an all-reduce "
-                             "across several GPUs) and predict every preset's pipeline time and cost here")
+                             "across several GPUs) and predict every preset's pipeline time and cost here; the "
+                             "model compiles first (minutes on a GPU with an empty compile cache)")
     parser.add_argument("--bench-steps", type=int, default=0, metavar="N",
                         help="timed steps of --bench (default: 10 on GPUs, 3 on a CPU)")
     parser.add_argument("--price", type=float, default=None,
