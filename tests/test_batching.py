@@ -284,15 +284,18 @@ def test_bench_serve_runs_in_seconds(engine, tmp_path, capsys):
 
     t0 = time.time()
     rc = cli.main(["bench", "serve", "--depth", "1", "--vocab-size", "320", "--prompt-tokens", "16",
-                   "--new-tokens", "6", "--clients", "1,4", "--device", "cpu"])
+                   "--new-tokens", "6", "--clients", "1,4", "--device", "cpu", "--top-k", "0"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and time.time() - t0 < 30
     import json
 
     res = json.loads(out[-1])
     assert res["bench"] == "serve" and [r["clients"] for r in res["results"]] == [1, 4]
+    assert res["top_k"] == 0  # sampled as `bench infer` samples, not with the server's default top-k
     for r in res["results"]:
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        sv = r["server"]  # the scheduler's own breakdown of the level
+        assert sv["steps"] > 0 and sv["rows_per_step"] >= 1 and 0 < sv["busy"] <= 1.5 and sv["chained"] == 0
     assert cli.main(["bench", "serve", "--clients", "1,x"]) == 2  # one line, before any model is built
     assert "--clients '1,x'" in capsys.readouterr().err
 

@@ -1041,6 +1041,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="max_tokens of every request")
     parser.add_argument("--clients", default="1,8,32,64", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the requests")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="top_k of the requests (0: off, as `bench infer` samples; default: the server's own)")
     parser.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     parser.add_argument("--prefill-chunk", type=int, default=0, help="the server's --prefill-chunk (0: its default)")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: auto)")
@@ -1081,14 +1083,15 @@ def _bench_engine(args: argparse.Namespace):
     return Engine(prepare_model(model), _BenchTokenizer(cfg.vocab_size)), f"random-init depth {args.depth}"
 
 
-async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temperature: float) -> dict:
+async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temperature: float,
+                       top_k: int | None = None) -> dict:
     """Every prompt as one streaming /v1/completions request, all at once: tokens/s over the whole wall time and
     the time to first token of each."""
     import httpx
 
     async def one(client, prompt: list[int]) -> tuple[float, int]:
         body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": temperature, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, **({} if top_k is None else {"top_k": top_k})}
         t0 = time.perf_counter()
         ttft, tokens = None, 0
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -1133,8 +1136,9 @@ def _timing_delta(before: dict, after: dict, wall: float) -> dict:
             "captures": d["captures"], "capture_s": round(d["capture_s"], 3), "busy": round(busy / max(wall, 1e-9), 3)}
 
 
-def _bench_level_process(url: str, prompts: list[list[int]], new_tokens: int, temperature: float) -> dict:
-    return asyncio.run(_bench_level(url, prompts, new_tokens, temperature))
+def _bench_level_process(url: str, prompts: list[list[int]], new_tokens: int, temperature: float,
+                         top_k: int | None) -> dict:
+    return asyncio.run(_bench_level(url, prompts, new_tokens, temperature, top_k))
 
 
 def bench_main(args: argparse.Namespace) -> dict:
@@ -1156,6 +1160,7 @@ def bench_main(args: argparse.Namespace) -> dict:
     require(args.max_batch >= 1, f"--max-batch {args.max_batch}: must be >= 1")
     require(args.prefill_chunk >= 0, f"--prefill-chunk {args.prefill_chunk}: must be >= 0 (0: the default)")
     require(0.0 <= args.temperature <= 2.0, f"--temperature {args.temperature}: must be between 0 and 2")
+    require(args.top_k is None or 0 <= args.top_k <= 1000, f"--top-k {args.top_k}: must be between 0 (off) and 1000")
     levels = [int(c) for c in str(args.clients).split(",")]
     engine, what = _bench_engine(args)
     tok = engine.tokenizer
@@ -1186,7 +1191,7 @@ def bench_main(args: argparse.Namespace) -> dict:
     def level(streams: int, tokens: int) -> dict:
         prompts = [[rng.choice(ids) for _ in range(n_prompt)] for _ in range(streams)]
         before = dict(app.state.pool.timing)
-        row = clients.submit(_bench_level_process, url, prompts, tokens, args.temperature).result()
+        row = clients.submit(_bench_level_process, url, prompts, tokens, args.temperature, args.top_k).result()
         return {**row, "server": _timing_delta(before, app.state.pool.timing, row["wall_s"])}
 
     try:
@@ -1208,6 +1213,7 @@ def bench_main(args: argparse.Namespace) -> dict:
         server.should_exit = True
         thread.join(30)
     return {"model": what, "device": str(engine.device), "mode": engine.mode, "prompt_tokens": n_prompt,
-            "new_tokens": new_tokens, "temperature": args.temperature, "max_batch": args.max_batch,
+            "new_tokens": new_tokens, "temperature": args.temperature,
+            "top_k": cfg.top_k if args.top_k is None else args.top_k, "max_batch": args.max_batch,
             "prefill_chunk": app.state.pool.prefill_chunk,
             "results": results}
