@@ -451,3 +451,29 @@ def test_chained_steps_equal_unchained_steps(engine, monkeypatch):
         assert (chained > 10) if chain else chained == 0
     assert texts[True] == texts[False]
     assert all(t for t, _ in texts[True])
+
+
+def test_a_failed_chained_step_fails_its_jobs_and_unchains_the_replica(engine, monkeypatch):
+    """A step that raises fails the jobs in it with a clear error; the replica goes on, unchained, and serves the
+    next request."""
+    app = create_app(ServeConfig(api_key="", max_batch=4), engines=[engine], model_name="fail")
+    rep = app.state.pool.replicas[0]
+    rep.chain = True
+    real = batcher.Replica.emit
+    calls = {"n": 0}
+
+    def flaky(self, rows, col, logits):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in step 3")
+        return real(self, rows, col, logits)
+
+    monkeypatch.setattr(batcher.Replica, "emit", flaky)
+    with ServerThread(app) as s:
+        c = client(s)
+        with pytest.warns(UserWarning, match="without chained steps"):
+            with pytest.raises(openai.InternalServerError, match="boom in step 3"):
+                c.completions.create(model="fail", prompt="hello", max_tokens=8, temperature=0)
+            assert rep.chain is False
+        r = c.completions.create(model="fail", prompt="hello", max_tokens=8, temperature=0)
+        assert r.choices[0].text and app.state.pool.stats["errors"] == 1

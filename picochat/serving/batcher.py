@@ -576,6 +576,10 @@ class Replica:
                 try:
                     self.iteration()
                 except Exception as e:  # a failed step: every job in it gets the error; the replica goes on
+                    if self.chain:  # chained steps are the newest path: later steps run unchained, loudly
+                        warnings.warn(f"[serve] a decode step failed ({type(e).__name__}: {e}); decoding without "
+                                      f"chained steps from now on")
+                        self.chain = False
                     jobs = self.jobs()
                     self.pool.count("rows", -len(self.rows))
                     self.rows, self.prefills, self.cache, self.solo, self.gens = [], [], None, None, {}
