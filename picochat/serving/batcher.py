@@ -60,6 +60,11 @@ class Rejected(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def cuda_graphs(engine: Engine) -> bool:
+    """Whether this engine's steps are replayed from CUDA graphs (its decoder's setting, on CUDA)."""
+    return engine.device.type == "cuda" and engine.decoder.cuda_graph
+
+
 def batchable(engine: Any) -> bool:
     """Whether rows of different requests can share this engine's decode steps (a KV-cached picochat GPT)."""
     return isinstance(engine, Engine) and isinstance(engine.decoder, _GPTDecoder)
@@ -133,7 +138,8 @@ def row_pieces(engine: Engine) -> tuple:
 class RowCache:
     """k/v (n_layer, R + 1, T, Hkv, D), the smear's previous embedding per row (R + 1, 1, d), and each row's
     position (host ints: the number of tokens the row has in the cache). Slot R is scratch: the padding rows of a
-    captured step write there (one row beyond --batch-tokens). Grown on demand; freed when no row is live.
+    captured step write there (one row beyond --batch-tokens). Grown on demand; freed when no row is live, unless
+    graphed (its graphs hold its buffers' addresses: a graphed cache is allocated at --max-batch rows and kept).
 
     On CUDA (with the engine's CUDA graphs on) a step is replayed from a CUDA graph captured per (rows, positions)
     bucket over static input buffers: at batch 64 an eager step is kernel-launch bound (hundreds of small kernels
@@ -151,7 +157,7 @@ class RowCache:
         self.k = torch.zeros(shape, dtype=dt, device=dev)
         self.v = torch.zeros(shape, dtype=dt, device=dev)
         self.prev = torch.zeros(rows + 1, 1, c.n_embd, dtype=dt, device=dev)
-        self.graphed = dev.type == "cuda" and engine.decoder.cuda_graph
+        self.graphed = cuda_graphs(engine)
         self.pieces = row_pieces(engine)
         self.inputs = torch.zeros(3, rows, dtype=torch.long, device=dev)  # token, position, slot per padded row
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
@@ -295,7 +301,8 @@ class Pool:
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
                       "active": 0, "rows": 0}
         # where the scheduler threads' time goes (seconds, host wall clock; GPU time shows where the host waits for
-        # it, in `draw`): `bench serve` reports it per level
+        # it, in `draw`): `bench serve` reports it per level. Diagnostics, updated without the lock: with several
+        # replicas an increment can be lost
         self.timing = {"iterations": 0, "steps": 0, "chained": 0, "step_rows": 0, "prefill_s": 0.0, "step_s": 0.0,
                        "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0}
         self.closed = False
@@ -411,11 +418,10 @@ class Replica:
         # for engines that cannot batch
         self.solo_ok = (not self.batched) or (solo if solo is not None else bool(engine.decoder.fused))
         self.cache: RowCache | None = None
-        dev = getattr(engine, "device", None)
-        self.graphs_on = self.batched and dev.type == "cuda" and engine.decoder.cuda_graph
+        self.graphs_on = self.batched and cuda_graphs(engine)
+        self.pinned = self.batched and engine.device.type == "cuda"
         # chained steps (`run`) on CUDA, where the host's work can overlap the GPU's; `Pool(chain=)` overrides
-        self.chain = self.batched and (pool.chain if pool.chain is not None else dev.type == "cuda")
-        self.pinned = self.batched and dev.type == "cuda"
+        self.chain = self.batched and (pool.chain if pool.chain is not None else self.pinned)
         self.host_tokens = torch.empty(pool.max_rows + 1, dtype=torch.long, pin_memory=self.pinned)
         self.rows: list[_Row] = []
         self.prefills: list[_Prefill] = []
@@ -714,8 +720,8 @@ class Replica:
         the next step is launched from the drawn tokens on the device before the host reads them, so emitting
         this step's tokens overlaps the GPU's next step (as `Engine.generate` does at batch 1); a row that ends
         meanwhile wastes one row of that step."""
+        self.take_tool_results(rows)  # none in a chained step: a row whose tool starts leaves the chain below
         while True:
-            self.take_tool_results(rows)
             t0 = time.perf_counter()
             toks = self.draw(rows, logits)
             host = self.host_tokens[:len(rows)]
