@@ -550,10 +550,10 @@ def untruncated(top_k: int | None, top_p: float | None) -> bool:
     return top_k is None and (top_p is None or top_p >= 1.0)
 
 
-def gumbel_sampling(device: torch.device, top_k: int | None, top_p: float | None) -> bool:
-    """Whether a request samples with the one-launch Gumbel-max kernel (`gumbel_key`): untruncated, on CUDA with
-    the fused kernels on."""
-    return untruncated(top_k, top_p) and device.type == "cuda" and _fused_kernels_on()
+def gumbel_sampling(device: torch.device) -> bool:
+    """Whether sampling on `device` uses the one-launch Gumbel-max kernel (`gumbel_key`, `gumbel_draw`): on CUDA
+    with the fused kernels on."""
+    return device.type == "cuda" and _fused_kernels_on()
 
 
 def gumbel_key(seed: int, step: int) -> int:
@@ -736,7 +736,7 @@ class Engine:
         logits = self.decoder.prefill(prompt, B, len(prompt) + max_tokens - 1)
         # on CUDA: one Gumbel-max kernel per step instead of softmax + multinomial (~5 launches); with top-k/top-p
         # the same draw over each row's candidates (`gumbel_draw`, as the server's batcher draws)
-        fast = gumbel_sampling(dev, None, None)
+        fast = gumbel_sampling(dev)
         truncated = fast and temperature > 0 and not untruncated(top_k, top_p)
         scratch = torch.zeros(2, B, dtype=torch.long, device=dev) if fast else None  # the sampler's, reused
         if logprobs is not None:  # host buffers the scores are copied into with this step's tokens

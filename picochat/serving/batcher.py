@@ -429,7 +429,7 @@ class Replica:
         self.gens: dict[int, torch.Generator] = {}
         self.strings = None
         # the Gumbel-max sampler's zeroed scratch (2, rows), one per replica: its launches run on this thread only
-        self.gumbel = self.batched and gumbel_sampling(engine.device, None, None)
+        self.gumbel = self.batched and gumbel_sampling(engine.device)
         self.scratch = torch.zeros(2, pool.max_rows, dtype=torch.long, device=engine.device) if self.gumbel else None
 
     # -- admission ------------------------------------------------------------------------------------------------
