@@ -324,10 +324,10 @@ class _GPTDecoder:
         """The prompt (padded or not) through `GPT.forward` into `s.prefix`; logits (1, V) at index `last`."""
         m = self.model
         s.prefix.reset()
-        logits = m(ids, kv_cache=s.prefix)
+        logits = m(ids, kv_cache=s.prefix, logits_at=last)
         if m.smear_gate is not None:  # the last real prompt token's embedding (the prompt may be padded)
             s.prev_embed.copy_(rms_norm(m.wte(ids.index_select(1, last)).to(m.compute_dtype)).expand_as(s.prev_embed))
-        return logits.index_select(1, last).view(1, -1)
+        return logits.view(1, -1)
 
     # -- slots and graphs -----------------------------------------------------------------------------------------
 
@@ -562,10 +562,20 @@ def gumbel_key(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def host_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor to copy to `device`: pinned for a CUDA device, since only a pinned source lets a
+    non_blocking copy return without waiting for the stream (from pageable memory the driver may first wait for
+    the work queued before it, which undoes chained steps). torch's caching host allocator reuses the block once
+    the copy that read it is done."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
 def device_ints(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 values (indices) on `device` without waiting for its stream: `torch.tensor(values, device=cuda)`
     copies synchronously, which in the server's chained steps would wait for the step already in flight."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    host = host_buffer((len(values),), torch.long, device)
+    host.copy_(torch.tensor(values, dtype=torch.long))
+    return host.to(device, non_blocking=True)
 
 
 def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int], noise_rows: list[int],
@@ -580,7 +590,7 @@ def gumbel_draw(logits: torch.Tensor, temperatures: list[float], keys: list[int]
     kern = _kernels()
     ks = [t if 0 < t < V else V for t in top_ks]
     ps = [p if 0.0 < p < 1.0 else 1.0 for p in top_ps]
-    host = torch.empty(5, B, dtype=torch.int32)
+    host = host_buffer((5, B), torch.int32, logits.device)
     host[:3] = kern.sample_params(temperatures, keys, noise_rows)
     host[3] = torch.tensor(ks, dtype=torch.int32)
     host[4] = torch.tensor(ps, dtype=torch.float32).view(torch.int32)

@@ -302,8 +302,10 @@ class GPT(nn.Module):
     # Forward
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1)."""
+                loss_reduction: str = "mean", logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1).
+        `logits_at` (1-D positions along T): logits of those positions only, (B, len, vocab); a prefill that needs
+        the last position's skips the head's work and the fp32 logits of every other one."""
         B, T = idx.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.rotary_len:
@@ -324,6 +326,8 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if self.backout_lambda is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
+        if logits_at is not None:
+            x = x.index_select(1, logits_at)
         return self.head(x, targets, loss_reduction)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, loss_reduction: str = "mean") -> torch.Tensor:

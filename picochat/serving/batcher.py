@@ -626,7 +626,7 @@ class Replica:
                     p.cache = m.kv_cache(1, _round_up(L, CACHE_BUCKET))
                 n = min(budget, L - p.done)
                 ids = torch.tensor([p.job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
-                p.logits = m(ids, kv_cache=p.cache)[0, -1:].clone()  # not a view keeping (n, V) alive
+                p.logits = m(ids, kv_cache=p.cache, logits_at=device_ints([n - 1], ids.device))[0]
                 p.done += n
                 budget -= n
                 if p.done < L:
@@ -643,7 +643,7 @@ class Replica:
         try:
             cache = m.kv_cache(len(group), _round_up(L, CACHE_BUCKET))
             ids = torch.tensor([q.job.prompt for q in group], dtype=torch.long, device=self.engine.device)
-            logits = m(ids, kv_cache=cache)[:, -1].clone()
+            logits = m(ids, kv_cache=cache, logits_at=device_ints([L - 1], ids.device))[:, 0]
         except Exception as e:
             for q in group:
                 self.fail(q.job, e)
