@@ -303,8 +303,8 @@ class Pool:
         # where the scheduler threads' time goes (seconds, host wall clock; GPU time shows where the host waits for
         # it, in `draw`): `bench serve` reports it per level. Diagnostics, updated without the lock: with several
         # replicas an increment can be lost
-        self.timing = {"iterations": 0, "steps": 0, "chained": 0, "step_rows": 0, "prefill_s": 0.0, "step_s": 0.0,
-                       "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0}
+        self.timing = {"iterations": 0, "steps": 0, "chained": 0, "step_rows": 0, "prefills": 0, "prefill_s": 0.0,
+                       "step_s": 0.0, "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0}
         self.closed = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -627,6 +627,7 @@ class Replica:
                 n = min(budget, L - p.done)
                 ids = torch.tensor([p.job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
                 p.logits = m(ids, kv_cache=p.cache, logits_at=device_ints([n - 1], ids.device))[0]
+                self.pool.timing["prefills"] += 1
                 p.done += n
                 budget -= n
                 if p.done < L:
@@ -644,6 +645,7 @@ class Replica:
             cache = m.kv_cache(len(group), _round_up(L, CACHE_BUCKET))
             ids = torch.tensor([q.job.prompt for q in group], dtype=torch.long, device=self.engine.device)
             logits = m(ids, kv_cache=cache, logits_at=device_ints([L - 1], ids.device))[:, 0]
+            self.pool.timing["prefills"] += 1
         except Exception as e:
             for q in group:
                 self.fail(q.job, e)

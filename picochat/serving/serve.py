@@ -1125,14 +1125,15 @@ async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temp
 def _timing_delta(before: dict, after: dict, wall: float) -> dict:
     """The scheduler's time over one bench level (Pool.timing after - before): decode steps (those chained:
     launched before the previous step's tokens were read), and per step the host time launching it (step),
-    sampling and waiting for the GPU (draw) and emitting tokens (emit); seconds of prefill and graph captures;
+    sampling and waiting for the GPU (draw) and emitting tokens (emit); seconds of prefill (and its forwards: one
+    per group of prompts that arrived together) and of graph captures;
     busy = the share of the level's wall time inside those."""
     d = {k: after[k] - before[k] for k in before}
     steps = max(d["steps"], 1)
     busy = d["prefill_s"] + d["step_s"] + d["draw_s"] + d["emit_s"]
     return {"steps": d["steps"], "chained": d["chained"], "rows_per_step": round(d["step_rows"] / steps, 1),
             "step_ms": round(d["step_s"] / steps * 1e3, 2), "draw_ms": round(d["draw_s"] / steps * 1e3, 2),
-            "emit_ms": round(d["emit_s"] / steps * 1e3, 2), "prefill_s": round(d["prefill_s"], 3),
+            "emit_ms": round(d["emit_s"] / steps * 1e3, 2), "prefill_s": round(d["prefill_s"], 3), "prefills": d["prefills"],
             "captures": d["captures"], "capture_s": round(d["capture_s"], 3), "busy": round(busy / max(wall, 1e-9), 3)}
 
 
@@ -1205,7 +1206,7 @@ def bench_main(args: argparse.Namespace) -> dict:
             print(f"[bench serve] {c:3d} clients: {row['tokens_per_s']:,.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
                   f"p99 {row['ttft_p99_ms']} ms; scheduler: {sv['steps']} steps ({sv['chained']} chained) of "
                   f"{sv['rows_per_step']} rows, per step: launch "
-                  f"{sv['step_ms']} ms, draw {sv['draw_ms']} ms, emit {sv['emit_ms']} ms; prefill {sv['prefill_s']} s, "
+                  f"{sv['step_ms']} ms, draw {sv['draw_ms']} ms, emit {sv['emit_ms']} ms; prefill {sv['prefill_s']} s in {sv['prefills']} forwards, "
                   f"{sv['captures']} graph captures {sv['capture_s']} s, busy {sv['busy']:.0%}", flush=True)
             results.append(row)
     finally:
