@@ -176,6 +176,21 @@ def test_kv_cache_decode_equals_full_forward(pattern):
     assert torch.allclose(torch.cat(out, dim=1), full, atol=1e-4)
 
 
+def test_prefill_logits_at_equals_full_forward_rows():
+    # a 100-token prefill under a 128-token window: the window covers every key, so the cached path drops the mask;
+    # logits_at computes only the asked positions, equal to those rows of the full forward
+    cfg = GPTConfig(sequence_len=512, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+    m = _live(_model(cfg))
+    idx = torch.randint(0, 300, (2, 100))
+    with torch.no_grad():
+        full = m(idx)
+        cache = m.kv_cache(2, 128)
+        at = torch.tensor([99, 10])
+        part = m(idx, kv_cache=cache, logits_at=at)
+    assert part.shape == (2, 2, 300)
+    assert torch.allclose(part, full[:, [99, 10]], atol=1e-4)
+
+
 def test_config_validation():
     from picochat.config import ConfigError
 
