@@ -477,3 +477,62 @@ def test_a_failed_chained_step_fails_its_jobs_and_unchains_the_replica(engine, m
             assert rep.chain is False
         r = c.completions.create(model="fail", prompt="hello", max_tokens=8, temperature=0)
         assert r.choices[0].text and app.state.pool.stats["errors"] == 1
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL"])
+def test_prefill_through_the_step_pieces_equals_the_model_forward(pattern):
+    """`prefill_rows` (the server's prefill) against `GPT.forward` with a KV cache: the last position's logits,
+    the cache's keys, values and smear state, for whole prompts and for a prompt in two chunks; every feature on
+    (value embeddings, smear, backout, GQA, a window shorter than the prompt)."""
+    from test_model import _live
+
+    cfg = GPTConfig(sequence_len=512, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                    window_pattern=pattern, smear=True, backout=True)  # S: a 128-token window
+    torch.manual_seed(0)
+    m = _live(build_model(cfg))
+    with torch.no_grad():
+        m.backout_lambda.fill_(0.3)
+    eng = Engine(m, serve._BenchTokenizer(300), cuda_graph=False, compile=False)
+    ids = torch.randint(0, 300, (3, 160))
+    with torch.no_grad():
+        for cuts in ([160], [100, 60]):
+            ref, got = m.kv_cache(3, 256), m.kv_cache(3, 256)
+            t = 0
+            for n in cuts:
+                want = m(ids[:, t:t + n], kv_cache=ref)[:, -1]
+                out = batcher.prefill_rows(eng, got, ids[:, t:t + n], n - 1)
+                assert torch.allclose(out, want, atol=1e-4), (cuts, (out - want).abs().max())
+                t += n
+            assert got.pos == ref.pos == 160
+            for a, b in ((got.k, ref.k), (got.v, ref.v), (got.prev_embed, ref.prev_embed)):
+                assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_failed_piece_prefill_falls_back_to_the_model_forward_loudly(engine):
+    """Should the step pieces fail on a prompt (a compile error on some GPU), the replica warns once, prefills with
+    the model's forward from then on and returns what the forward returns, the cache at the same position."""
+    pool = batcher.Pool([engine], None, max_rows=4)
+    try:
+        rep = pool.replicas[0]
+        m = engine.model
+        ids = torch.randint(0, m.config.vocab_size, (2, 20))
+        with torch.no_grad():
+            ref = m.kv_cache(2, 32)
+            want = m(ids, kv_cache=ref)[:, -1]
+            cache = m.kv_cache(2, 32)
+            real = batcher.prefill_rows
+
+            def broken(*a):
+                real(*a)  # writes the cache and moves its position, then fails
+                raise RuntimeError("no kernel image for this GPU")
+
+            batcher.prefill_rows = broken
+            try:
+                with pytest.warns(UserWarning, match="prefill through the decode step's pieces failed"):
+                    got = rep.forward(ids, cache)
+            finally:
+                batcher.prefill_rows = real
+        assert rep.piece_prefill is False and cache.pos == 20
+        assert torch.allclose(got, want, atol=1e-5)
+    finally:
+        pool.close()
