@@ -536,3 +536,13 @@ def test_failed_piece_prefill_falls_back_to_the_model_forward_loudly(engine):
         assert torch.allclose(got, want, atol=1e-5)
     finally:
         pool.close()
+
+
+def test_piece_prefill_switch(engine):
+    """On where the step pieces run uncompiled (this CPU engine); the env turns it on or off; a bad value is one
+    clear error naming the variable."""
+    assert batcher.piece_prefill(engine, {}) is True
+    assert batcher.piece_prefill(engine, {"PICOCHAT_PIECE_PREFILL": "0"}) is False
+    assert batcher.piece_prefill(engine, {"PICOCHAT_PIECE_PREFILL": "1"}) is True
+    with pytest.raises(UserError, match="PICOCHAT_PIECE_PREFILL='yes'"):
+        batcher.piece_prefill(engine, {"PICOCHAT_PIECE_PREFILL": "yes"})

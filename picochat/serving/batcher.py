@@ -11,8 +11,11 @@ One scheduler iteration:
    rows x positions <= --batch-tokens); otherwise it waits, and the jobs behind it wait too. Jobs whose client left
    are dropped from the queue and from the batch.
 2. prefill: up to --prefill-chunk prompt tokens, oldest admitted job first, each prompt into its own batch-1
-   cache, so a long prompt takes several iterations and running streams still get a step after each chunk. A
-   finished prefill samples each row's first token and copies the prompt's keys/values into the rows' slots.
+   cache, so a long prompt takes several iterations and running streams still get a step after each chunk; fresh
+   prompts of one length go through one forward together. A finished prefill samples each row's first token and
+   copies the prompt's keys/values into the rows' slots. The forward is the decode step's pieces
+   (`prefill_rows`, a few launches per layer) where they run uncompiled or PICOCHAT_PIECE_PREFILL=1, else the
+   model's own forward.
 3. decode: one step over the rows that have a token to feed. Each row samples with its own request's
    temperature, top-k, top-p and seed (on CUDA every row of the step in one Gumbel-max launch, `gumbel_draw`;
    elsewhere each request's rows together from its seeded generator) and reports its own logprobs; stop strings
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 import warnings
@@ -46,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from picochat.config import UserError
 from picochat.engine import (CACHE_BUCKET, Engine, _attn_post_mlp, _attn_pre, _GPTDecoder, _lm_head,
                              device_ints, gumbel_draw, gumbel_key, gumbel_sampling,
                              sample_next_token)
@@ -284,6 +289,24 @@ def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.T
     return head(x, m.lm_head.weight, c.vocab_size, c.softcap)
 
 
+PIECE_PREFILL_ENV = "PICOCHAT_PIECE_PREFILL"  # "1" | "0"; unset: on where the step pieces are not compiled
+
+
+def piece_prefill(engine: Engine, env: dict | None = None) -> bool:
+    """Whether a replica prefills through `prefill_rows`. By default only where the step pieces run uncompiled
+    (CPU, --no-compile): with compiled pieces (CUDA) the first prefill of each kind compiles them for its shapes,
+    and that path is not yet measured on a GPU against the model's forward; PICOCHAT_PIECE_PREFILL=1 turns it on
+    there, =0 off everywhere."""
+    flag = (os.environ if env is None else env).get(PIECE_PREFILL_ENV, "")
+    if flag not in ("", "0", "1"):
+        raise UserError(f"{PIECE_PREFILL_ENV}={flag!r}: use 1 (prefill through the decode step's pieces) or 0 "
+                        f"(the model's forward)")
+    if flag:
+        return flag == "1"
+    dec = engine.decoder
+    return dec._pre is _attn_pre  # the engine compiles nothing, so neither are the row pieces
+
+
 def prefill_rows(engine: Engine, cache: KVCache, ids: torch.Tensor, last: int) -> torch.Tensor:
     """Prompts ids (B, T), continuing `cache` from cache.pos, through the decode step's pieces (`row_pieces`): the
     math of `GPT.forward` with a KV cache in a handful of launches per layer where the eager forward has about
@@ -465,7 +488,7 @@ class Replica:
         # the Gumbel-max sampler's zeroed scratch (2, rows), one per replica: its launches run on this thread only
         self.gumbel = self.batched and gumbel_sampling(engine.device)
         self.scratch = torch.zeros(2, pool.max_rows, dtype=torch.long, device=engine.device) if self.gumbel else None
-        self.piece_prefill = self.batched  # prompts through the decode step's pieces (`prefill_rows`)
+        self.piece_prefill = self.batched and piece_prefill(engine)
 
     # -- admission ------------------------------------------------------------------------------------------------
 
