@@ -172,8 +172,12 @@ def verify_checkpoint(ckpt: str | Path, names: set[str] | None = None) -> list[s
         todo = [(n, rec) for n, rec in sums["files"].items() if names is None or n in names]
         # the files hash at once, one thread each: hashlib and file reads release the GIL, and a resume reads the
         # model and the optimizer state, gigabytes each at d20
-        with ThreadPoolExecutor(max(1, min(len(todo), 8)), thread_name_prefix="picochat-verify") as pool:
-            found = list(pool.map(lambda item: _file_problem(ckpt, item[0], item[1], algorithm), todo))
+        check = lambda item: _file_problem(ckpt, item[0], item[1], algorithm)  # noqa: E731
+        try:
+            with ThreadPoolExecutor(max(1, min(len(todo), 8)), thread_name_prefix="picochat-verify") as pool:
+                found = list(pool.map(check, todo))
+        except RuntimeError:  # no thread could start (interpreter shutdown, thread limit): one file at a time
+            found = [check(item) for item in todo]
         return [msg for msg in found if msg]
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         return [f"meta.json: malformed checksums ({e!r})"]

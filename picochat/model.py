@@ -327,6 +327,8 @@ class GPT(nn.Module):
         if self.backout_lambda is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
         if logits_at is not None:
+            if targets is not None:
+                raise ValueError("GPT.forward: logits_at selects logits for inference; pass it without targets")
             x = x.index_select(1, logits_at)
         return self.head(x, targets, loss_reduction)
 

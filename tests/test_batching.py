@@ -328,8 +328,12 @@ def test_stream_events_queued_while_busy_are_merged_per_choice():
     assert asyncio.run(go()) == [(0, "ab", "stop", [1, 2]), (1, "x", None, [])]
 
 
-def test_same_length_prompts_prefilled_together_match_their_solo_runs(server, slow_steps, monkeypatch):
-    """Fresh prompts of one length share one batched prefill forward; each stream must still equal its solo run."""
+@pytest.mark.parametrize("piece", [False, True])
+def test_same_length_prompts_prefilled_together_match_their_solo_runs(server, slow_steps, monkeypatch, piece):
+    """Fresh prompts of one length share one batched prefill forward (the model's, or with PICOCHAT_PIECE_PREFILL=1
+    the step pieces'); each stream must still equal its solo run."""
+    for rep in server.pool.replicas:
+        monkeypatch.setattr(rep, "piece_prefill", piece)
     sizes = []
     real = batcher.Replica.prefill_together
 
@@ -514,6 +518,7 @@ def test_failed_piece_prefill_falls_back_to_the_model_forward_loudly(engine):
     pool = batcher.Pool([engine], None, max_rows=4)
     try:
         rep = pool.replicas[0]
+        rep.piece_prefill = True  # as with PICOCHAT_PIECE_PREFILL=1
         m = engine.model
         ids = torch.randint(0, m.config.vocab_size, (2, 20))
         with torch.no_grad():
@@ -538,11 +543,10 @@ def test_failed_piece_prefill_falls_back_to_the_model_forward_loudly(engine):
         pool.close()
 
 
-def test_piece_prefill_switch(engine):
-    """On where the step pieces run uncompiled (this CPU engine); the env turns it on or off; a bad value is one
-    clear error naming the variable."""
-    assert batcher.piece_prefill(engine, {}) is True
-    assert batcher.piece_prefill(engine, {"PICOCHAT_PIECE_PREFILL": "0"}) is False
-    assert batcher.piece_prefill(engine, {"PICOCHAT_PIECE_PREFILL": "1"}) is True
+def test_piece_prefill_switch():
+    """Off by default; the env turns it on or off; a bad value is one clear error naming the variable."""
+    assert batcher.piece_prefill({}) is False
+    assert batcher.piece_prefill({"PICOCHAT_PIECE_PREFILL": "0"}) is False
+    assert batcher.piece_prefill({"PICOCHAT_PIECE_PREFILL": "1"}) is True
     with pytest.raises(UserError, match="PICOCHAT_PIECE_PREFILL='yes'"):
-        batcher.piece_prefill(engine, {"PICOCHAT_PIECE_PREFILL": "yes"})
+        batcher.piece_prefill({"PICOCHAT_PIECE_PREFILL": "yes"})

@@ -189,6 +189,8 @@ def test_prefill_logits_at_equals_full_forward_rows():
         part = m(idx, kv_cache=cache, logits_at=at)
     assert part.shape == (2, 2, 300)
     assert torch.allclose(part, full[:, [99, 10]], atol=1e-4)
+    with pytest.raises(ValueError, match="without targets"):
+        m(idx, targets=idx, logits_at=at)
 
 
 def test_config_validation():

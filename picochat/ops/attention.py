@@ -184,7 +184,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     """Attention of new queries (absolute positions q_offset..) against the whole cache prefix k/v (inference)."""
     gqa = k.shape[2] != q.shape[2]
     Tq, Tk = q.shape[1], k.shape[1]
-    if window is not None and window >= Tk:  # every key is within the window: no mask, so the flash kernel
+    # every key within the window: no mask needed, so a prefill takes the unmasked causal kernel
+    if window is not None and window >= Tk:
         window = None
     if q_offset == 0 and Tq == Tk and window is None:
         return _sdpa(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -14,8 +14,7 @@ One scheduler iteration:
    cache, so a long prompt takes several iterations and running streams still get a step after each chunk; fresh
    prompts of one length go through one forward together. A finished prefill samples each row's first token and
    copies the prompt's keys/values into the rows' slots. The forward is the decode step's pieces
-   (`prefill_rows`, a few launches per layer) where they run uncompiled or PICOCHAT_PIECE_PREFILL=1, else the
-   model's own forward.
+   (`prefill_rows`) with PICOCHAT_PIECE_PREFILL=1, else the model's own forward.
 3. decode: one step over the rows that have a token to feed. Each row samples with its own request's
    temperature, top-k, top-p and seed (on CUDA every row of the step in one Gumbel-max launch, `gumbel_draw`;
    elsewhere each request's rows together from its seeded generator) and reports its own logprobs; stop strings
@@ -289,30 +288,28 @@ def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.T
     return head(x, m.lm_head.weight, c.vocab_size, c.softcap)
 
 
-PIECE_PREFILL_ENV = "PICOCHAT_PIECE_PREFILL"  # "1" | "0"; unset: on where the step pieces are not compiled
+PIECE_PREFILL_ENV = "PICOCHAT_PIECE_PREFILL"  # "1": prefill through `prefill_rows`; unset or "0": the model's forward
 
 
-def piece_prefill(engine: Engine, env: dict | None = None) -> bool:
-    """Whether a replica prefills through `prefill_rows`. By default only where the step pieces run uncompiled
-    (CPU, --no-compile): with compiled pieces (CUDA) the first prefill of each kind compiles them for its shapes,
-    and that path is not yet measured on a GPU against the model's forward; PICOCHAT_PIECE_PREFILL=1 turns it on
-    there, =0 off everywhere."""
+def piece_prefill(env: dict | None = None) -> bool:
+    """Whether a replica prefills through `prefill_rows` (PICOCHAT_PIECE_PREFILL=1). Off by default: it pays only
+    where the pieces are compiled (CUDA), where it is not yet measured against the model's forward (and the first
+    prefill of each kind compiles the pieces for its shapes); uncompiled, the pieces are the forward's own ops."""
     flag = (os.environ if env is None else env).get(PIECE_PREFILL_ENV, "")
     if flag not in ("", "0", "1"):
         raise UserError(f"{PIECE_PREFILL_ENV}={flag!r}: use 1 (prefill through the decode step's pieces) or 0 "
                         f"(the model's forward)")
-    if flag:
-        return flag == "1"
-    dec = engine.decoder
-    return dec._pre is _attn_pre  # the engine compiles nothing, so neither are the row pieces
+    return flag == "1"
 
 
 def prefill_rows(engine: Engine, cache: KVCache, ids: torch.Tensor, last: int) -> torch.Tensor:
     """Prompts ids (B, T), continuing `cache` from cache.pos, through the decode step's pieces (`row_pieces`): the
-    math of `GPT.forward` with a KV cache in a handful of launches per layer where the eager forward has about
-    forty. Prompts arrive a few at a time, and the eager forward of a few prompts is bound by the host: on an H100
-    at 64 clients (d20, 512-token prompts) the server's 24 prefill forwards took 0.44 s, with the eager forward's
-    Python lines the replica thread's largest share. Returns fp32 logits (B, V) of position `last`."""
+    math of `GPT.forward` with a KV cache. Compiled (CUDA), the pieces are a handful of launches per layer where
+    the eager forward has about forty; uncompiled they are the same ops. Why: prompts arrive a few at a time, and
+    the eager forward of a few prompts is bound by the host: on an H100 at 64 clients (d20, 512-token prompts) the
+    server's 24 prefill forwards took 0.44 s, with the eager forward's Python lines the replica thread's largest
+    share. Not yet measured on a GPU, so off unless PICOCHAT_PIECE_PREFILL=1 (`piece_prefill`). Returns fp32
+    logits (B, V) of position `last`."""
     m, dec = engine.model, engine.decoder
     pre, post, head = row_pieces(engine)
     c, dt = m.config, m.compute_dtype
@@ -488,7 +485,7 @@ class Replica:
         # the Gumbel-max sampler's zeroed scratch (2, rows), one per replica: its launches run on this thread only
         self.gumbel = self.batched and gumbel_sampling(engine.device)
         self.scratch = torch.zeros(2, pool.max_rows, dtype=torch.long, device=engine.device) if self.gumbel else None
-        self.piece_prefill = self.batched and piece_prefill(engine)
+        self.piece_prefill = self.batched and piece_prefill()
 
     # -- admission ------------------------------------------------------------------------------------------------
 
@@ -723,6 +720,9 @@ class Replica:
             prev = cache.prev_embed.clone() if pos > 0 else None  # the smear of a later chunk reads it
             try:
                 return prefill_rows(self.engine, cache, ids, ids.shape[1] - 1)
+            except torch.OutOfMemoryError:  # not the pieces' fault: the job fails, the path stays
+                cache.pos = pos
+                raise
             except Exception as e:
                 warnings.warn(f"[serve] prefill through the decode step's pieces failed ({type(e).__name__}: {e}); "
                               f"prefilling with the model's forward from now on (slower)")

@@ -1196,9 +1196,10 @@ def bench_main(args: argparse.Namespace) -> dict:
         return {**row, "server": _timing_delta(before, app.state.pool.timing, row["wall_s"])}
 
     try:
-        # warm-up, untimed: one stream, then the largest level in full, so the timed levels run in steady state:
-        # allocations, compiled kernels and the CUDA graphs of the row counts and cache lengths they reach, which a
-        # long-running server captures once each (on an H100, one capture at 64 clients took 0.53 s of a 1.5 s level)
+        # warm-up, untimed: one stream, then the largest level in full: allocations, compiled kernels and the CUDA
+        # graphs of the row counts and cache lengths it reaches, which a long-running server captures once each (on
+        # an H100, one capture at 64 clients took 0.53 s of a 1.5 s level). A smaller level can still reach a new
+        # (rows, length) bucket; each level's `captures` says so
         level(1, min(4, new_tokens))
         level(max(levels), new_tokens)
         for c in levels:
