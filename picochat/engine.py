@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from picochat import scaling
+from picochat import scaling, warmup
 from picochat.checkpoint import find_run_with_stage, load_model
 from picochat.model import GPT, GPTConfig, KVCache, apply_rotary, build_model, rms_norm
 from picochat.ops import attention
@@ -208,6 +208,9 @@ class _GPTDecoder:
             self._one = torch.ones(1, device=self.device)
         self._pre, self._post, self._head = _attn_pre, _attn_post_mlp, _lm_head
         if compile and self.device.type == "cuda":
+            # the keyed Inductor/Triton cache under PICOCHAT_HOME, as training uses: a restarted server or chat
+            # finds these pieces (and the batcher's) compiled where only PICOCHAT_HOME survives the machine
+            warmup.use_compile_cache(self.device)
             try:
                 kw = dict(fullgraph=True, dynamic=False)
                 # one specialisation per (batch size, with/without value embeds): raise dynamo's default limit of 8

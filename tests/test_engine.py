@@ -1,6 +1,7 @@
 """Engine: KV-cache decode == full forward for every architecture feature, sampling, rows, tools, UTF-8 streaming."""
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -338,3 +339,19 @@ def test_cuda_gemv_matches_torch(N, K):
     out, _ = kernels.gemv(x, w, residual=r)
     want = w.float() @ x.float() + r.float()
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine compiles its pieces on CUDA only")
+def test_engine_compiles_into_the_keyed_cache_under_picochat_home(tmp_path, monkeypatch):
+    from picochat import warmup
+    from picochat.serving.serve import _BenchTokenizer
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # set, then unset: restored after the test
+        monkeypatch.setenv(var, "unused")
+        monkeypatch.delenv(var)
+    dev = torch.device("cuda")
+    m = build_model(GPTConfig(sequence_len=64, vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=64), device=dev)
+    Engine(m, _BenchTokenizer(320), compile=True)
+    want = tmp_path / "cache" / "compile" / warmup.compile_cache_key(dev)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(want)
