@@ -241,6 +241,18 @@ class RowCache:
 
 
 @torch.no_grad()
+def _layer_pre(engine: Engine, pre, i: int, ids: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Layer i's attention pre-part (`row_pieces`' pre) for tokens `ids`: its value embeddings, gate and q/k/v
+    weights (fused where the decoder fused them) gathered from the model. Returns (x, q, k, v)."""
+    m, dec = engine.model, engine.decoder
+    a = m.blocks[i].attn
+    ve = m.value_embeds[str(i)](ids) if str(i) in m.value_embeds else None
+    gate_w = a.ve_gate.weight if a.ve_gate is not None else None
+    wq, wk, wv = dec.qkv[i] if dec.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
+    return pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin)
+
+
 def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
                 t: int) -> torch.Tensor:
     """One token per row: tok (n, 1) at positions pos (n,), row j writing cache slot slot[j] and attending to the
@@ -248,7 +260,6 @@ def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.T
     Writes the cache; returns fp32 logits (n, V). The same math as the engine's decode step
     (`_GPTDecoder._step`), with per-row positions, and the same (compiled, on CUDA) pieces."""
     m = engine.model
-    dec = engine.decoder
     pre, post, head = cache.pieces
     c = m.config
     dt = m.compute_dtype
@@ -268,10 +279,7 @@ def decode_rows(engine: Engine, cache: RowCache, tok: torch.Tensor, pos: torch.T
     causal = kpos[None, :] <= pos[:, None]  # (n, t)
     for i, block in enumerate(m.blocks):
         a = block.attn
-        ve = m.value_embeds[str(i)](tok) if str(i) in m.value_embeds else None
-        gate_w = a.ve_gate.weight if a.ve_gate is not None else None
-        wq, wk, wv = dec.qkv[i] if dec.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
-        x, q, k, v = pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin)
+        x, q, k, v = _layer_pre(engine, pre, i, tok, x, x0, cos, sin)
         cache.k[i].index_put_((slot, pos), k[:, 0].to(cache.k.dtype))
         cache.v[i].index_put_((slot, pos), v[:, 0].to(cache.v.dtype))
         w = m.window_sizes[i]
@@ -310,7 +318,7 @@ def prefill_rows(engine: Engine, cache: KVCache, ids: torch.Tensor, last: int) -
     server's 24 prefill forwards took 0.44 s, with the eager forward's Python lines the replica thread's largest
     share. Not yet measured on a GPU, so off unless PICOCHAT_PIECE_PREFILL=1 (`piece_prefill`). Returns fp32
     logits (B, V) of position `last`."""
-    m, dec = engine.model, engine.decoder
+    m = engine.model
     pre, post, head = row_pieces(engine)
     c, dt = m.config, m.compute_dtype
     B, T = ids.shape
@@ -322,10 +330,7 @@ def prefill_rows(engine: Engine, cache: KVCache, ids: torch.Tensor, last: int) -
     x0 = x_mid = x
     for i, block in enumerate(m.blocks):
         a = block.attn
-        ve = m.value_embeds[str(i)](ids) if str(i) in m.value_embeds else None
-        gate_w = a.ve_gate.weight if a.ve_gate is not None else None
-        wq, wk, wv = dec.qkv[i] if dec.qkv else (a.c_q.weight, a.c_k.weight, a.c_v.weight)
-        x, q, k, v = pre(x, x0, m.resid_lambdas[i], m.x0_lambdas[i], wq, wk, wv, ve, gate_w, cos, sin)
+        x, q, k, v = _layer_pre(engine, pre, i, ids, x, x0, cos, sin)
         k, v = cache.insert(i, k, v)
         y = attention.cached_attention(q, k, v, q_offset=t0, window=m.window_sizes[i])
         x = post(x, y.reshape(B, T, -1), a.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)
