@@ -122,8 +122,9 @@ def test_every_file_and_meta_json_carry_checksums_and_a_hand_edit_is_caught():
     assert meta["checksums"]["algorithm"] == "sha256"
     assert set(files) == {"model.pt", "optim_rank0.pt", "state_rank0.pt"}
     for n, rec in files.items():
-        assert rec["bytes"] == (ck / n).stat().st_size
-        assert rec["digest"] == hashlib.sha256((ck / n).read_bytes()).hexdigest()
+        data = (ck / n).read_bytes()
+        assert rec["bytes"] == len(data) and rec["chunk_bytes"] == checkpoint.CHUNK_BYTES
+        assert rec["digest"] == _chunked_sha256(data, rec["chunk_bytes"])
     assert verify_checkpoint(ck) == []
     update_meta(ck, metrics={"core": 0.5})  # a rewrite by picochat reseals meta.json
     assert verify_checkpoint(ck) == []
@@ -135,6 +136,38 @@ def test_every_file_and_meta_json_carry_checksums_and_a_hand_edit_is_caught():
     del edited["meta_checksum"]  # the way out the message names, after a deliberate edit
     (ck / "meta.json").write_text(json.dumps(edited))
     assert verify_checkpoint(ck) == []
+
+
+def _chunked_sha256(data: bytes, chunk: int) -> str:
+    """The digest a checkpoint records, computed independently: sha256 over the sha256s of the chunks."""
+    parts = [data[i:i + chunk] for i in range(0, max(len(data), 1), chunk)]
+    return hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).hexdigest()
+
+
+def test_chunked_digests_catch_a_flip_in_any_chunk_and_whole_file_records_still_verify(monkeypatch):
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)  # the tiny model's files span many chunks
+    ck, _ = _tiny_model_checkpoint(checkpoints_dir("chunks", "base"))
+    meta = json.loads((ck / "meta.json").read_text())
+    rec = meta["checksums"]["files"]["model.pt"]
+    data = (ck / "model.pt").read_bytes()
+    assert rec["chunk_bytes"] == 4096 and len(data) > 3 * 4096
+    assert rec["digest"] == _chunked_sha256(data, 4096) and verify_checkpoint(ck) == []
+    for at in (0, 4096 + 17, len(data) - 1):  # the first chunk, a middle one, the last (partial) one
+        bad = bytearray(data)
+        bad[at] ^= 0xFF
+        (ck / "model.pt").write_bytes(bytes(bad))
+        assert verify_checkpoint(ck) == ["model.pt: sha256 mismatch (corrupted)"], at
+    swapped = data[4096:8192] + data[:4096] + data[8192:]  # the same chunks in another order
+    (ck / "model.pt").write_bytes(swapped)
+    assert verify_checkpoint(ck) == ["model.pt: sha256 mismatch (corrupted)"]
+    (ck / "model.pt").write_bytes(data)
+    # a record of the whole file's sha256 (exports; checkpoints written before chunking) verifies as before
+    meta["checksums"]["files"]["model.pt"] = {"bytes": len(data), "digest": hashlib.sha256(data).hexdigest()}
+    meta["meta_checksum"] = checkpoint._meta_digest(meta)
+    (ck / "meta.json").write_text(json.dumps(meta))
+    assert verify_checkpoint(ck) == []
+    (ck / "model.pt").write_bytes(swapped)
+    assert verify_checkpoint(ck) == ["model.pt: sha256 mismatch (corrupted)"]
 
 
 def _tiny_model_checkpoint(root: Path, step: int = 1, tok_dir: Path | None = None, **meta):
