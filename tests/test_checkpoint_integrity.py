@@ -587,3 +587,28 @@ def test_a_chat_stage_skips_a_damaged_checkpoint_and_refuses_resume_never():
     with pytest.raises(UserError, match="run 'cut' stage sft.*--resume wipe"):
         _chat_train(replace(cfg, run="cut", resume="never"))
     assert _tree_digest(stage_dir("cut", "sft")) == before
+
+
+def test_loads_for_an_accelerator_are_memory_mapped_and_cpu_loads_are_not(monkeypatch, tmp_path):
+    ck, m = _tiny_model_checkpoint(checkpoints_dir("mm", "base"))
+    seen = []
+    real_load = torch.load
+
+    def spy(*a, **kw):
+        seen.append(kw.get("mmap", False))
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    on_cpu = checkpoint.load_model_state(ck, "cpu")
+    assert seen == [False] and torch.equal(on_cpu["lm_head.weight"], m.lm_head.weight)
+    seen.clear()
+    # "meta" stands in for a GPU here: not the CPU, so the file is mapped (and nothing is read into memory)
+    off_cpu = checkpoint.load_model_state(ck, torch.device("meta"))
+    assert seen == [True] and off_cpu["lm_head.weight"].device.type == "meta"
+    assert off_cpu["lm_head.weight"].shape == m.lm_head.weight.shape
+    # a file in torch's old serialization cannot be mapped: it is read whole instead
+    old = tmp_path / "old.pt"
+    torch.save({"w": torch.arange(4.0)}, old, _use_new_zipfile_serialization=False)
+    seen.clear()
+    assert checkpoint.torch_load(old, torch.device("meta"), weights_only=True)["w"].device.type == "meta"
+    assert seen == [True, False]
