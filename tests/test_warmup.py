@@ -114,7 +114,8 @@ def test_pretraining_reports_its_startup(capsys):
     out = run(cfg)
     assert out["startup"]["first_step_s"] >= 0 and out["startup"]["total_s"] >= out["startup"]["first_step_s"]
     assert "graphs" not in out["startup"]  # not compiled on a CPU by default
-    assert set(out["startup"]["model_parts"]) == {"plan + build", "dtype/fp8", "attention plan", "compile setup"}
+    assert set(out["startup"]["model_parts"]) == {"plan + build", "dtype/fp8", "attention plan",
+                                                  "compile cache + artifacts", "compile setup"}
     assert "[startup] first step done" in capsys.readouterr().out
     recs = [json.loads(line) for line in (Path(os.environ["PICOCHAT_HOME"]) / "runs" / "startup" / "base" /
                                           "metrics.jsonl").read_text().splitlines()]
