@@ -1089,11 +1089,11 @@ async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temp
     the time to first token of each."""
     import httpx
 
-    async def one(client, prompt: list[int]) -> tuple[float, int]:
+    async def one(client, prompt: list[int]) -> tuple[float, int, int]:
         body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": temperature, "stream": True,
                 "stream_options": {"include_usage": True}, **({} if top_k is None else {"top_k": top_k})}
         t0 = time.perf_counter()
-        ttft, tokens = None, 0
+        ttft, tokens, chunks = None, 0, 0
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise UserError(f"bench serve: the server answered {r.status_code}: {(await r.aread())[:200]!r}")
@@ -1101,25 +1101,28 @@ async def _bench_level(url: str, prompts: list[list[int]], new_tokens: int, temp
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
-                if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - t0
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-        return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+        return (ttft if ttft is not None else time.perf_counter() - t0), tokens, chunks
 
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
         got = await asyncio.gather(*(one(client, p) for p in prompts))
         wall = time.perf_counter() - t0
-    ttfts = sorted(t for t, _ in got)
-    tokens = sum(n for _, n in got)
+    ttfts = sorted(t for t, _, _ in got)
+    tokens = sum(n for _, n, _ in got)
 
     def pct(q: float) -> float:
         return round(ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] * 1e3, 2)
 
     return {"clients": len(prompts), "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99)}
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99),
+            "chunks": sum(c for _, _, c in got)}
 
 
 def _timing_delta(before: dict, after: dict, wall: float) -> dict:
@@ -1206,10 +1209,11 @@ def bench_main(args: argparse.Namespace) -> dict:
             row = level(c, new_tokens)
             sv = row["server"]
             print(f"[bench serve] {c:3d} clients: {row['tokens_per_s']:,.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
-                  f"p99 {row['ttft_p99_ms']} ms; scheduler: {sv['steps']} steps ({sv['chained']} chained) of "
-                  f"{sv['rows_per_step']} rows, per step: launch "
-                  f"{sv['step_ms']} ms, draw {sv['draw_ms']} ms, emit {sv['emit_ms']} ms; prefill {sv['prefill_s']} s in {sv['prefills']} forwards, "
-                  f"{sv['captures']} graph captures {sv['capture_s']} s, busy {sv['busy']:.0%}", flush=True)
+                  f"p99 {row['ttft_p99_ms']} ms, {row['tokens'] / max(row['chunks'], 1):.1f} tokens per chunk; "
+                  f"scheduler: {sv['steps']} steps ({sv['chained']} chained) of {sv['rows_per_step']} rows, per "
+                  f"step: launch {sv['step_ms']} ms, draw {sv['draw_ms']} ms, emit {sv['emit_ms']} ms; prefill "
+                  f"{sv['prefill_s']} s in {sv['prefills']} forwards, {sv['captures']} graph captures "
+                  f"{sv['capture_s']} s, busy {sv['busy']:.0%}", flush=True)
             results.append(row)
     finally:
         clients.shutdown()
