@@ -294,7 +294,7 @@ def test_bench_serve_runs_in_seconds(engine, tmp_path, capsys):
     assert res["top_k"] == 0  # sampled as `bench infer` samples, not with the server's default top-k
     for r in res["results"]:
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
-        assert r["clients"] <= r["chunks"] <= r["tokens"]  # each stream's text came in one chunk or more
+        assert 0 < r["chunks"] <= r["tokens"]  # a chunk carries one token's text or more
         sv = r["server"]  # the scheduler's own breakdown of the level
         assert sv["steps"] > 0 and sv["rows_per_step"] >= 1 and 0 < sv["busy"] <= 1.5 and sv["chained"] == 0
     assert cli.main(["bench", "serve", "--clients", "1,x"]) == 2  # one line, before any model is built
