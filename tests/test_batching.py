@@ -279,6 +279,20 @@ def test_lone_stream_on_the_engine_path_then_joined_by_a_batch(server, engine, s
     assert got == want
 
 
+def test_bench_serve_splits_a_level_over_client_processes_and_merges_their_figures():
+    from picochat.serving.serve import _level_result, client_processes
+
+    # one process per 16 streams, at most a quarter of the cores, never none
+    assert [client_processes(n, cpus=16) for n in (1, 8, 16, 17, 32, 64, 200)] == [1, 1, 1, 2, 2, 4, 4]
+    assert client_processes(64, cpus=2) == 1 and client_processes(64, cpus=8) == 2
+    a = {"start": 100.0, "end": 101.5, "streams": [(0.010, 128, 100), (0.030, 128, 128)]}
+    b = {"start": 100.2, "end": 102.0, "streams": [(0.020, 64, 64), (0.040, 128, 120)]}
+    r = _level_result([a, b])
+    assert r["clients"] == 4 and r["tokens"] == 448 and r["chunks"] == 412 and r["client_processes"] == 2
+    assert r["wall_s"] == 2.0 and r["tokens_per_s"] == 224.0  # from the first start to the last end
+    assert r["ttft_p50_ms"] == 30.0 and r["ttft_p99_ms"] == 40.0  # over every stream of both processes
+
+
 def test_bench_serve_runs_in_seconds(engine, tmp_path, capsys):
     from picochat import cli
 
