@@ -565,3 +565,27 @@ def test_piece_prefill_switch():
     assert batcher.piece_prefill({"PICOCHAT_PIECE_PREFILL": "1"}) is True
     with pytest.raises(UserError, match="PICOCHAT_PIECE_PREFILL='yes'"):
         batcher.piece_prefill({"PICOCHAT_PIECE_PREFILL": "yes"})
+
+
+def test_post_wakes_a_loop_once_while_its_drain_is_pending_and_keeps_each_jobs_order():
+    from types import SimpleNamespace
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    real = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda cb, *a: (wakeups.append(cb), real(cb, *a))[1]
+    a, b = (SimpleNamespace(loop=loop, events=asyncio.Queue(), cancelled=threading.Event()) for _ in range(2))
+    batcher.post([(a, ("delta", 1)), (b, ("delta", 1))])
+    batcher.post([(a, ("delta", 2))])  # the loop has not drained yet: no second wake-up
+    batcher.post([(b, ("delta", 2)), (a, ("end", "done"))])
+    assert len(wakeups) == 1
+    loop.run_until_complete(asyncio.sleep(0))  # the one drain runs
+    assert [a.events.get_nowait() for _ in range(3)] == [("delta", 1), ("delta", 2), ("end", "done")]
+    assert [b.events.get_nowait() for _ in range(2)] == [("delta", 1), ("delta", 2)]
+    batcher.post([(a, ("delta", 3))])  # drained: the next post wakes the loop again
+    assert len(wakeups) == 2
+    loop.run_until_complete(asyncio.sleep(0))
+    assert a.events.get_nowait() == ("delta", 3) and a.events.empty()
+    loop.close()
+    batcher.post([(a, ("delta", 4))])  # the loop is gone: nobody listens, the job is cancelled
+    assert a.cancelled.is_set() and not b.cancelled.is_set() and loop not in batcher._posted

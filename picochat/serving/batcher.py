@@ -1022,9 +1022,19 @@ class Replica:
             self.fail(job, e)
 
 
+_posted: dict[Any, list[tuple[Any, tuple]]] = {}  # per event loop: events waiting for its scheduled `_drain`
+_posted_lock = threading.Lock()
+
+
 def post(messages: list[tuple[Any, tuple]]) -> None:
-    """Each job's event, with one wake-up per event loop for the lot: 64 streams at hundreds of steps a second
-    would otherwise be tens of thousands of cross-thread wake-ups a second. Jobs without a loop use `send`."""
+    """Each job's event, with at most one wake-up per event loop pending: 64 streams at hundreds of steps a second
+    would otherwise be tens of thousands of cross-thread wake-ups a second. While a loop has not yet drained what
+    an earlier step posted, a later step's events join that batch instead of writing to the loop's wake-up socket
+    again: the write gives the interpreter's lock to the loop's thread, which a replica thread then waits to get
+    back (on the 2-core CPU machine, under cProfile, a replica's 824 wake-up writes at 64 clients averaged 0.47 ms
+    each; there, 15% of posts joined a pending batch; on a GPU, with shorter steps, not yet measured). Order per job
+    is kept: one queue per loop, drained in order, and `Job.send`'s own wake-ups run after a drain scheduled before
+    them. Jobs without a loop use `send`."""
     by_loop: dict[Any, list[tuple[Any, tuple]]] = {}
     for job, item in messages:
         if getattr(job, "loop", None) is None or getattr(job, "events", None) is None:
@@ -1032,14 +1042,25 @@ def post(messages: list[tuple[Any, tuple]]) -> None:
         else:
             by_loop.setdefault(job.loop, []).append((job, item))
     for loop, items in by_loop.items():
+        with _posted_lock:
+            waiting = _posted.get(loop)
+            if waiting is not None and not loop.is_closed():  # a drain is scheduled, not yet run: it takes these
+                waiting.extend(items)
+                continue
+            _posted[loop] = (waiting or []) + items
         try:
-            loop.call_soon_threadsafe(_put_all, items)
+            loop.call_soon_threadsafe(_drain, loop)
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-            for job, _ in items:
+            with _posted_lock:
+                gone = _posted.pop(loop, [])
+            for job, _ in gone:
                 job.cancelled.set()
 
 
-def _put_all(items: list[tuple[Any, tuple]]) -> None:
+def _drain(loop: Any) -> None:
+    """On `loop`: every event posted for it since its last drain, into each job's queue, in order."""
+    with _posted_lock:
+        items = _posted.pop(loop, [])
     for job, item in items:
         job.events.put_nowait(item)
 
