@@ -81,7 +81,7 @@ def _warn_once(key: str, line: str) -> None:
 
 class _HashingWriter:
     """A binary file torch.save writes through: every byte is hashed on its way to disk, chunk by chunk
-    (`chunked_digest`), so the checksum costs no second read, and a full disk surfaces as the OSError (ENOSPC) of
+    (as `digests` checks it), so the checksum costs no second read, and a full disk surfaces as the OSError (ENOSPC) of
     Python's own write, not as torch's errno-less RuntimeError that a path argument gives."""
 
     def __init__(self, f: Any, chunk_bytes: int):
