@@ -1152,7 +1152,8 @@ def _timing_delta(before: dict, after: dict, wall: float) -> dict:
     return {"steps": d["steps"], "chained": d["chained"], "rows_per_step": round(d["step_rows"] / steps, 1),
             "step_ms": round(d["step_s"] / steps * 1e3, 2), "draw_ms": round(d["draw_s"] / steps * 1e3, 2),
             "emit_ms": round(d["emit_s"] / steps * 1e3, 2), "prefill_s": round(d["prefill_s"], 3),
-            "prefills": d["prefills"], "captures": d["captures"], "capture_s": round(d["capture_s"], 3), "busy": round(busy / max(wall, 1e-9), 3)}
+            "prefills": d["prefills"], "captures": d["captures"], "capture_s": round(d["capture_s"], 3),
+            "busy": round(busy / max(wall, 1e-9), 3)}
 
 
 def _bench_client(url: str, prompts: list[list[int]], new_tokens: int, temperature: float, top_k: int | None,
