@@ -300,9 +300,10 @@ PIECE_PREFILL_ENV = "PICOCHAT_PIECE_PREFILL"  # "1": prefill through `prefill_ro
 
 
 def piece_prefill(env: dict | None = None) -> bool:
-    """Whether a replica prefills through `prefill_rows` (PICOCHAT_PIECE_PREFILL=1). Off by default: it pays only
-    where the pieces are compiled (CUDA), where it is not yet measured against the model's forward (and the first
-    prefill of each kind compiles the pieces for its shapes); uncompiled, the pieces are the forward's own ops."""
+    """Whether a replica prefills through `prefill_rows` (PICOCHAT_PIECE_PREFILL=1). Off by default: on an H100
+    (`bench serve --depth 20`, f69e3a2) it cut the 64-client level's prefill from 0.70 to 0.59 s but raised the
+    32-client level's from 0.24 to 0.30 s, with no consistent change in tokens/s; uncompiled (off CUDA) the pieces
+    are the forward's own ops."""
     flag = (os.environ if env is None else env).get(PIECE_PREFILL_ENV, "")
     if flag not in ("", "0", "1"):
         raise UserError(f"{PIECE_PREFILL_ENV}={flag!r}: use 1 (prefill through the decode step's pieces) or 0 "
@@ -316,8 +317,8 @@ def prefill_rows(engine: Engine, cache: KVCache, ids: torch.Tensor, last: int) -
     the eager forward has about forty; uncompiled they are the same ops. Why: prompts arrive a few at a time, and
     the eager forward of a few prompts is bound by the host: on an H100 at 64 clients (d20, 512-token prompts) the
     server's 24 prefill forwards took 0.44 s, with the eager forward's Python lines the replica thread's largest
-    share. Not yet measured on a GPU, so off unless PICOCHAT_PIECE_PREFILL=1 (`piece_prefill`). Returns fp32
-    logits (B, V) of position `last`."""
+    share. Measured, it did not pay consistently, so it is off unless PICOCHAT_PIECE_PREFILL=1 (`piece_prefill`).
+    Returns fp32 logits (B, V) of position `last`."""
     m = engine.model
     pre, post, head = row_pieces(engine)
     c, dt = m.config, m.compute_dtype
