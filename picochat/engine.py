@@ -576,8 +576,7 @@ def host_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch
 def device_ints(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 values (indices) on `device` without waiting for its stream: `torch.tensor(values, device=cuda)`
     copies synchronously, which in the server's chained steps would wait for the step already in flight."""
-    host = host_buffer((len(values),), torch.long, device)
-    host.copy_(torch.tensor(values, dtype=torch.long))
+    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")  # see host_buffer
     return host.to(device, non_blocking=True)
 
 
