@@ -253,30 +253,82 @@ def test_full_queue_is_a_503_and_oversized_requests_a_400(engine, slow_steps):
         create_app(ServeConfig(batch_tokens=10), engines=[engine])
 
 
-def test_lone_stream_on_the_engine_path_then_joined_by_a_batch(server, engine, slow_steps, monkeypatch):
-    """With the batch-1 path on (CUDA's fused kernels), a lone request runs on Engine.generate and later ones
-    decode beside it; both give their greedy text."""
+def test_lone_stream_on_the_engine_path_then_joins_the_batch(server, engine, slow_steps, monkeypatch):
+    """With the batch-1 path on (CUDA's fused kernels), a lone request runs on Engine.generate; when a second one
+    is admitted, the first joins the batch mid-stream (its prompt and output prefilled again) instead of stepping
+    beside it. Both give their greedy text, and the first's text does not restart or repeat."""
     kw = dict(max_tokens=40, temperature=0)
     want = [chat_stream(server, p, **kw) for p in ("first", "second")]
     replica = server.pool.replicas[0]
     real = engine.generate
+    emitted = []
 
     def slow_generate(*a, **k):
         for item in real(*a, **k):
             time.sleep(0.01)
+            emitted.append(item[0][0])
             yield item
 
     monkeypatch.setattr(engine, "generate", slow_generate)
     replica.solo_ok = True
+    joined = server.pool.timing["joined"]
     try:
         with ThreadPoolExecutor(2) as ex:
             f1 = ex.submit(chat_stream, server, "first", **kw)
-            wait_for(lambda: replica.solo is not None, "the lone request did not take the engine path")
+            wait_for(lambda: len(emitted) >= 3, "the lone request did not take the engine path")
             f2 = ex.submit(chat_stream, server, "second", **kw)
             got = [f1.result(), f2.result()]
     finally:
         replica.solo_ok = False
     assert got == want
+    assert server.pool.timing["joined"] == joined + 1
+    assert 3 <= len(emitted) < 40  # the engine path stopped mid-stream: the batch emitted the rest
+    assert replica.solo is None and not replica.rows
+
+
+def test_a_lone_stream_joins_the_batch_unless_its_state_lives_in_generate(engine):
+    """Admission counts the row a joining lone job will take; it joins ahead of the newer job with its prompt and
+    output. A lone job that scores its tokens, or whose output began a python call, stays on `generate` (the tool
+    state machine lives there) and the newer job decodes beside it."""
+    pool = batcher.Pool([engine], serve.TokenStrings, max_rows=8, solo=True)
+    pool.close()  # its scheduler thread stops: the replica is driven by hand below
+    for t in pool.threads:
+        t.join(5)
+    rep = pool.replicas[0]
+    loop = asyncio.new_event_loop()  # never run: the events only queue
+
+    def job(**kw):
+        p = serve.Params(messages=[], max_tokens=8, temperature=0.0, top_k=None, top_p=None, n=1, seed=0, stop=[],
+                         stream=False, include_usage=False, **kw)
+        return serve.Job(prompt=[engine.bos, 5, 6], params=p, loop=loop, events=asyncio.Queue())
+
+    def reset():
+        rep.solo, rep.prefills, rep.gens = None, [], {}
+
+    try:
+        first = job()
+        rep.start(first)
+        assert rep.solo is not None and rep.solo_plain
+        rep.solo = (first, iter([([7], [1])]))
+        rep.solo_step()  # one token emitted on the engine path
+        assert rep.solo_tokens == [7] and rep.reserved() == (1, batcher.need_positions(first))
+        second = job()
+        rep.start(second)
+        assert rep.solo is None and [p.job for p in rep.prefills] == [first, second]
+        assert rep.prefills[0].tokens == [engine.bos, 5, 6, 7] and rep.prefills[0].taken == 1
+        reset()
+
+        for lone, out in ((job(logprobs=0), []), (job(), [([engine.python_start], [1])])):
+            rep.start(lone)
+            if out:
+                rep.solo = (lone, iter(out))
+                rep.solo_step()
+            assert not rep.solo_plain and rep.reserved() == (0, 0)
+            rep.start(job())
+            assert rep.solo is not None and rep.solo[0] is lone and len(rep.prefills) == 1
+            reset()
+    finally:
+        loop.close()
 
 
 def test_bench_serve_splits_a_level_over_client_processes_and_merges_their_figures():

@@ -27,7 +27,10 @@ nothing else needs the scheduler, steps are chained (`Replica.run`): the next st
 tokens on the device before the host reads them, so the host's emitting overlaps the GPU's next step.
 
 A lone request on a CUDA replica with the fused batch-1 kernels runs on `Engine.generate` instead (the batch-1
-fast path), stepped once per iteration beside the batch, so one user keeps single-stream speed. Engines that are
+fast path), so one user keeps single-stream speed. When a second request is admitted, the lone one joins the batch
+(`Replica.join_solo`): its prompt and the tokens it has emitted are prefilled as one more prompt, and it goes on
+from its next token, keyed as `generate` would key it. Otherwise the lone stream would take a step of its own
+beside every batch step and keep the batch from chaining, for as long as it runs. Engines that are
 not a picochat `Engine` over a `GPT` (stubs in tests, wrappers) run one request at a time through their
 `generate`, as before.
 
@@ -364,7 +367,7 @@ class Pool:
         # it, in `draw`): `bench serve` reports it per level. Diagnostics, updated without the lock: with several
         # replicas an increment can be lost
         self.timing = {"iterations": 0, "steps": 0, "chained": 0, "step_rows": 0, "prefills": 0, "prefill_s": 0.0,
-                       "step_s": 0.0, "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0}
+                       "step_s": 0.0, "draw_s": 0.0, "emit_s": 0.0, "captures": 0, "capture_s": 0.0, "joined": 0}
         self.closed = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -466,6 +469,12 @@ class _Prefill:
     row: int = 0                    # the prompt's row in it (prompts prefilled together share one)
     done: int = 0                   # prompt tokens already in it
     logits: torch.Tensor | None = None
+    tokens: list[int] | None = None  # what to prefill: the job's prompt, or (a joining lone job) it + its output
+    taken: int = 0                  # tokens the job already emitted (a joining lone job)
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = self.job.prompt
 
 
 class Replica:
@@ -486,6 +495,8 @@ class Replica:
         self.rows: list[_Row] = []
         self.prefills: list[_Prefill] = []
         self.solo: tuple[Any, Any] | None = None  # (job, generator) on Engine.generate
+        self.solo_tokens: list[int] = []  # what the lone job emitted so far, while it can still join the batch
+        self.solo_plain = True  # no forced token, tool call or logprobs so far: it can join the batch
         self.gens: dict[int, torch.Generator] = {}
         self.strings = None
         # the Gumbel-max sampler's zeroed scratch (2, rows), one per replica: its launches run on this thread only
@@ -496,9 +507,10 @@ class Replica:
     # -- admission ------------------------------------------------------------------------------------------------
 
     def reserved(self) -> tuple[int, int]:
-        """(rows, longest row's positions) of the live and prefilling jobs."""
-        rows = len(self.rows) + sum(p.job.params.n for p in self.prefills)
-        t = max([need_positions(r.job) for r in self.rows] + [need_positions(p.job) for p in self.prefills] + [0])
+        """(rows, longest row's positions) of the live and prefilling jobs, and of a lone job that would join them."""
+        jobs = [p.job for p in self.prefills] + ([self.solo[0]] if self.solo is not None and self.solo_plain else [])
+        rows = len(self.rows) + sum(j.params.n for j in jobs)
+        t = max([need_positions(r.job) for r in self.rows] + [need_positions(j) for j in jobs] + [0])
         return rows, t
 
     def fits(self, job: Any) -> bool:
@@ -536,12 +548,30 @@ class Replica:
             scored = p.logprobs is not None
             gen = e.generate(job.prompt, num_samples=p.n, max_tokens=p.max_tokens, temperature=p.temperature,
                              top_k=p.top_k, top_p=p.top_p, seed=p.seed, **({"logprobs": p.logprobs} if scored else {}))
-            self.solo = (job, gen)
+            self.solo, self.solo_tokens, self.solo_plain = (job, gen), [], self.batched and not scored
             return
+        self.join_solo()
         g = torch.Generator(device=e.device)
         g.manual_seed(p.seed)
         self.gens[id(job)] = g
         self.prefills.append(_Prefill(job))
+
+    def join_solo(self) -> None:
+        """The lone job on Engine.generate, if any and if it can, into the batch ahead of the newer jobs: its prompt
+        and emitted tokens are prefilled again (one forward), and its next token is drawn as its row's `taken`-th,
+        the key `generate` would have used. A job that forced tokens, called a tool or scores its tokens stays on
+        `generate` until it ends."""
+        if self.solo is None or not self.solo_plain:
+            return
+        job, gen = self.solo
+        self.solo = None
+        if hasattr(gen, "close"):
+            gen.close()
+        g = torch.Generator(device=self.engine.device)
+        g.manual_seed(job.params.seed)
+        self.gens[id(job)] = g
+        self.prefills.insert(0, _Prefill(job, tokens=job.prompt + self.solo_tokens, taken=len(self.solo_tokens)))
+        self.pool.timing["joined"] += 1
 
     # -- ending jobs ----------------------------------------------------------------------------------------------
 
@@ -676,9 +706,9 @@ class Replica:
         m = self.engine.model
         while budget > 0 and self.prefills:
             p = self.prefills[0]
-            L = len(p.job.prompt)
+            L = len(p.tokens)
             if p.cache is None and L <= budget:
-                group = [q for q in self.prefills if q.cache is None and len(q.job.prompt) == L][:budget // L]
+                group = [q for q in self.prefills if q.cache is None and len(q.tokens) == L][:budget // L]
                 budget -= L * len(group)
                 self.prefill_together(group)
                 continue
@@ -686,7 +716,7 @@ class Replica:
                 if p.cache is None:  # longer than the budget: in chunks, alone
                     p.cache = m.kv_cache(1, _round_up(L, CACHE_BUCKET))
                 n = min(budget, L - p.done)
-                ids = torch.tensor([p.job.prompt[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
+                ids = torch.tensor([p.tokens[p.done:p.done + n]], dtype=torch.long, device=self.engine.device)
                 p.logits = self.forward(ids, p.cache)
                 p.done += n
                 budget -= n
@@ -700,10 +730,10 @@ class Replica:
     def prefill_together(self, group: list[_Prefill]) -> None:
         """Whole prompts of one length in one batched forward, each then placed into its rows."""
         m = self.engine.model
-        L = len(group[0].job.prompt)
+        L = len(group[0].tokens)
         try:
             cache = m.kv_cache(len(group), _round_up(L, CACHE_BUCKET))
-            ids = torch.tensor([q.job.prompt for q in group], dtype=torch.long, device=self.engine.device)
+            ids = torch.tensor([q.tokens for q in group], dtype=torch.long, device=self.engine.device)
             logits = self.forward(ids, cache)
         except Exception as e:
             for q in group:
@@ -741,14 +771,14 @@ class Replica:
 
     def place(self, p: _Prefill) -> None:
         """A prefilled job's rows into slots, each with its first token sampled from the prompt's last logits."""
-        job, P, n = p.job, len(p.job.prompt), p.job.params.n
+        job, P, n = p.job, len(p.tokens), p.job.params.n
         self.ensure(len(self.rows) + n, max([need_positions(r.job) for r in self.rows] + [need_positions(job)]))
         base = len(self.rows)
         c = self.cache
         c.k[:, base:base + n, :P] = p.cache.k[:, p.row:p.row + 1, :P]
         c.v[:, base:base + n, :P] = p.cache.v[:, p.row:p.row + 1, :P]
         c.prev[base:base + n] = p.cache.prev_embed[p.row].view(1, 1, -1)
-        new = [_Row(job, i, P) for i in range(n)]
+        new = [_Row(job, i, P, taken=p.taken) for i in range(n)]
         self.rows.extend(new)
         self.pool.count("rows", n)
         self.choose(new, p.logits.expand(n, -1))
@@ -1008,6 +1038,9 @@ class Replica:
                 self.finish(job)
                 return
             col, mask, *lps = item
+            if self.solo_plain:  # a forced token or a tool call (its state lives in `generate`) keeps it here
+                self.solo_plain = mask[0] == 1 and col[0] != self.engine.python_start
+                self.solo_tokens.append(col[0])
             deltas = []
             for i, (t, m) in enumerate(zip(col, mask)):
                 if job.choices[i].finish is None:

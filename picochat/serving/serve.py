@@ -1144,7 +1144,7 @@ def _timing_delta(before: dict, after: dict, wall: float) -> dict:
     """The scheduler's time over one bench level (Pool.timing after - before): decode steps (those chained:
     launched before the previous step's tokens were read), and per step the host time launching it (step),
     sampling and waiting for the GPU (draw) and emitting tokens (emit); seconds of prefill (and its forwards: one
-    per group of prompts that arrived together) and of graph captures;
+    per group of prompts that arrived together) and of graph captures; lone streams that joined the batch;
     busy = the share of the level's wall time inside those."""
     d = {k: after[k] - before[k] for k in before}
     steps = max(d["steps"], 1)
@@ -1153,6 +1153,7 @@ def _timing_delta(before: dict, after: dict, wall: float) -> dict:
             "step_ms": round(d["step_s"] / steps * 1e3, 2), "draw_ms": round(d["draw_s"] / steps * 1e3, 2),
             "emit_ms": round(d["emit_s"] / steps * 1e3, 2), "prefill_s": round(d["prefill_s"], 3),
             "prefills": d["prefills"], "captures": d["captures"], "capture_s": round(d["capture_s"], 3),
+            "joined": d.get("joined", 0),
             "busy": round(busy / max(wall, 1e-9), 3)}
 
 
@@ -1222,12 +1223,13 @@ def bench_main(args: argparse.Namespace) -> dict:
         return {**row, "server": _timing_delta(before, app.state.pool.timing, row["wall_s"])}
 
     try:
-        # warm-up, untimed: one stream, then the largest level in full: allocations, compiled kernels and the CUDA
-        # graphs of the row counts and cache lengths it reaches, which a long-running server captures once each (on
-        # an H100, one capture at 64 clients took 0.53 s of a 1.5 s level). A smaller level can still reach a new
-        # (rows, length) bucket; each level's `captures` says so
+        # warm-up, untimed: every level once in full, largest first: allocations, compiled kernels and the CUDA
+        # graphs of the row counts and cache lengths each reaches, which a long-running server captures once each
+        # (on an H100, one capture took 0.53 s of a 1.5 s 64-client level; a smaller level met one when only the
+        # largest was warmed up). Each timed level's `captures` says whether one was still new
         level(1, min(4, new_tokens))
-        level(max(levels), new_tokens)
+        for c in sorted(set(levels), reverse=True):
+            level(c, new_tokens)
         for c in levels:
             row = level(c, new_tokens)
             sv = row["server"]
@@ -1236,7 +1238,7 @@ def bench_main(args: argparse.Namespace) -> dict:
                   f"scheduler: {sv['steps']} steps ({sv['chained']} chained) of {sv['rows_per_step']} rows, per "
                   f"step: launch {sv['step_ms']} ms, draw {sv['draw_ms']} ms, emit {sv['emit_ms']} ms; prefill "
                   f"{sv['prefill_s']} s in {sv['prefills']} forwards, {sv['captures']} graph captures "
-                  f"{sv['capture_s']} s, busy {sv['busy']:.0%}", flush=True)
+                  f"{sv['capture_s']} s, {sv['joined']} lone streams joined, busy {sv['busy']:.0%}", flush=True)
             results.append(row)
     finally:
         clients.shutdown()
