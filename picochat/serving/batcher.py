@@ -107,6 +107,19 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def check_capacity(job: Any, max_rows: int, batch_tokens: int, context: int) -> None:
+    """Raise Rejected for a job no replica of a batching pool could ever hold: more rows than --max-batch, or more
+    cache positions than --batch-tokens."""
+    n, need = job.params.n, _round_up(need_positions(job), CACHE_BUCKET)
+    if n > max_rows:
+        raise Rejected(400, f"n={n} rows exceed this server's {max_rows} rows per replica (--max-batch)",
+                       "n", "capacity_exceeded")
+    if n * min(need, context) > batch_tokens:
+        raise Rejected(400, f"{n} row(s) of {need_positions(job)} tokens (prompt + max_tokens) exceed this "
+                            f"server's KV cache of {batch_tokens} tokens per replica (--batch-tokens): "
+                            f"lower max_tokens or n", "max_tokens", "capacity_exceeded")
+
+
 def need_positions(job: Any) -> int:
     """Cache positions one row of `job` writes: the prompt and every generated token but the last."""
     return len(job.prompt) + max(job.params.max_tokens, 1) - 1
@@ -382,16 +395,8 @@ class Pool:
 
     def check(self, job: Any) -> None:
         """Refuse a job no replica could ever hold (more rows or cache positions than one replica has)."""
-        if not batchable(self.engines[0]):
-            return
-        n, need = job.params.n, _round_up(need_positions(job), CACHE_BUCKET)
-        if n > self.max_rows:
-            raise Rejected(400, f"n={n} rows exceed this server's {self.max_rows} rows per replica (--max-batch)",
-                           "n", "capacity_exceeded")
-        if n * min(need, self.engines[0].max_context) > self.batch_tokens:
-            raise Rejected(400, f"{n} row(s) of {need_positions(job)} tokens (prompt + max_tokens) exceed this "
-                                f"server's KV cache of {self.batch_tokens} tokens per replica (--batch-tokens): "
-                                f"lower max_tokens or n", "max_tokens", "capacity_exceeded")
+        if batchable(self.engines[0]):
+            check_capacity(job, self.max_rows, self.batch_tokens, self.engines[0].max_context)
 
     def submit(self, jobs: list, loop, events) -> None:
         """Queue the jobs of one HTTP request (all or none); their events all go to `events`. Raises Rejected."""

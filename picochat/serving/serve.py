@@ -84,6 +84,9 @@ class ServeConfig:
         "help": "prompt tokens prefilled between two decode steps (bounds the stall a new prompt causes; "
                 "0 = 4096 on CUDA, 512 elsewhere)"})
     model_name: str | None = field(default=None, metadata={"help": "model id shown by /v1/models"})
+    engine_process: str = field(default="auto", metadata={
+        "help": "run the model and its scheduler in a child process, apart from HTTP, so the two do not share one "
+                "interpreter lock (auto = on CUDA)", "choices": ["auto", "on", "off"]})
     allow_host: list[str] = field(default_factory=list, metadata={
         "help": "host name clients may address besides localhost/127.0.0.1/[::1] and --host (repeatable; '*' = "
                 "any). Checked while bound to loopback, or whenever set"})
@@ -843,8 +846,51 @@ def completion_jobs(body: Any, cfg: ServeConfig, tok, context: int) -> list[Job]
 # The app
 
 
-def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | None = None):
-    """Build the FastAPI app. `engines` (one per replica) are loaded from the checkpoint when not given."""
+def engine_process_on(cfg: ServeConfig) -> bool:
+    """--engine-process: on, off, or auto (on where the model runs on CUDA)."""
+    if cfg.engine_process != "auto":
+        return cfg.engine_process == "on"
+    from picochat.runtime import detect_device  # lazy: it imports torch
+
+    return detect_device(cfg.device).type == "cuda"
+
+
+def _check_batch_tokens(cfg: ServeConfig, context: int) -> None:
+    if cfg.batch_tokens and cfg.batch_tokens < context:
+        raise UserError(f"--batch-tokens {cfg.batch_tokens} is less than this model's context ({context}): one "
+                        f"full-length request would never fit; give at least {context} (or 0 for automatic)")
+
+
+def _make_pool(cfg: ServeConfig, engines: list | None, factory: tuple | None):
+    """(pool, tokenizer, context, replicas, model name): the replicas in this process (`engines` given, or
+    --engine-process off), else in a child process that builds them with `factory` = (function, args), by default
+    loading the checkpoint (serving/worker.py)."""
+    from picochat.serving.batcher import Pool  # lazy: it imports torch (~2 s); --help starts without it
+
+    kw = dict(max_rows=cfg.max_batch, batch_tokens=cfg.batch_tokens, max_queue=cfg.max_queue,
+              prefill_chunk=cfg.prefill_chunk)
+    if engines is None and (factory is not None or engine_process_on(cfg)):
+        from picochat.serving.worker import ProcessPool
+
+        pool = ProcessPool(*(factory or (load_replicas, (cfg,))), Job, TokenStrings, **kw)
+        try:
+            _check_batch_tokens(cfg, pool.context)
+        except UserError:
+            pool.close()
+            raise
+        return pool, pool.tokenizer, pool.context, len(pool.replicas), pool.model_name
+    name = None
+    if engines is None:
+        engines, name = load_replicas(cfg)
+    _check_batch_tokens(cfg, engines[0].max_context)
+    pool = Pool(engines, TokenStrings, **kw)
+    return pool, engines[0].tokenizer, engines[0].max_context, len(engines), name
+
+
+def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | None = None,
+               factory: tuple | None = None):
+    """Build the FastAPI app. `engines` (one per replica, served in this process) are loaded from the checkpoint
+    when not given; `factory` = (function, args) builds them in a child process instead (see _make_pool)."""
     _require_server_deps()
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse
@@ -853,19 +899,11 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     for name, low in (("max_batch", 1), ("batch_tokens", 0), ("max_queue", 0), ("prefill_chunk", 0)):
         if getattr(cfg, name) < low:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
-    from picochat.serving.batcher import Pool, Rejected  # lazy: it imports torch (~2 s); --help starts without it
+    from picochat.serving.batcher import Rejected  # lazy: it imports torch (~2 s); --help starts without it
 
-    if engines is None:
-        engines, model_name = load_replicas(cfg)
-    model_name = cfg.model_name or model_name or "picochat"
+    pool, tok, context, replicas, loaded_name = _make_pool(cfg, engines, factory)
+    model_name = cfg.model_name or model_name or loaded_name or "picochat"
     api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get("PICOCHAT_API_KEY") or None)
-    tok = engines[0].tokenizer
-    context = engines[0].max_context
-    if cfg.batch_tokens and cfg.batch_tokens < context:
-        raise UserError(f"--batch-tokens {cfg.batch_tokens} is less than this model's context ({context}): one "
-                        f"full-length request would never fit; give at least {context} (or 0 for automatic)")
-    pool = Pool(engines, TokenStrings, max_rows=cfg.max_batch, batch_tokens=cfg.batch_tokens,
-                max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
 
     def submit(jobs: list[Job], events: asyncio.Queue) -> None:
         try:
@@ -893,7 +931,7 @@ def create_app(cfg: ServeConfig, engines: list | None = None, model_name: str | 
     async def health(request: Request):
         if not authorized(api_key, request.headers):  # alive, and nothing about the model or load to strangers
             return {"status": "ok"}
-        return {"status": "ok", "model": model_name, "replicas": len(engines), "queued": pool.queued(),
+        return {"status": "ok", "model": model_name, "replicas": replicas, "queued": pool.queued(),
                 "auth": bool(api_key), "context": context, **pool.stats}
 
     @app.get("/v1/models")
@@ -1046,6 +1084,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     parser.add_argument("--prefill-chunk", type=int, default=0, help="the server's --prefill-chunk (0: its default)")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: auto)")
+    parser.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"],
+                        help="the server's --engine-process (auto = on CUDA)")
 
 
 class _BenchTokenizer:
@@ -1067,6 +1107,12 @@ class _BenchTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) - 97 for c in text if "a" <= c <= "z"]
+
+
+def _bench_engines(opts: dict) -> tuple[list, str]:
+    """`_bench_engine` as an engine process's factory: ([engine], what)."""
+    engine, what = _bench_engine(argparse.Namespace(**opts))
+    return [engine], what
 
 
 def _bench_engine(args: argparse.Namespace):
@@ -1185,13 +1231,22 @@ def bench_main(args: argparse.Namespace) -> dict:
     require(0.0 <= args.temperature <= 2.0, f"--temperature {args.temperature}: must be between 0 and 2")
     require(args.top_k is None or 0 <= args.top_k <= 1000, f"--top-k {args.top_k}: must be between 0 (off) and 1000")
     levels = [int(c) for c in str(args.clients).split(",")]
-    engine, what = _bench_engine(args)
-    tok = engine.tokenizer
-    n_prompt = max(1, min(args.prompt_tokens, engine.max_context - args.new_tokens))
-    new_tokens = min(args.new_tokens, engine.max_context - n_prompt)
-    cfg = ServeConfig(api_key="", max_batch=args.max_batch, max_tokens_limit=max(new_tokens, 1),
-                      max_total_chars=10**9, max_queue=0, prefill_chunk=args.prefill_chunk)
-    app = create_app(cfg, engines=[engine], model_name="bench")
+    # requests ask for at most the model's context; completion_jobs clamps max_tokens to it
+    cfg = ServeConfig(api_key="", max_batch=args.max_batch, max_tokens_limit=max(args.new_tokens, 1),
+                      max_total_chars=10**9, max_queue=0, prefill_chunk=args.prefill_chunk,
+                      engine_process=args.engine_process, device=args.device)
+    if engine_process_on(cfg):
+        opts = {k: getattr(args, k) for k in ("device", "checkpoint", "source", "run", "depth", "vocab_size")}
+        app = create_app(cfg, model_name="bench", factory=(_bench_engines, (opts,)))
+        pool = app.state.pool
+        context, device, mode, tok, what = (pool.context, pool.info["device"], pool.info["mode"], pool.tokenizer,
+                                            pool.model_name + ", engine process")
+    else:
+        engine, what = _bench_engine(args)
+        app = create_app(cfg, engines=[engine], model_name="bench")
+        context, device, mode, tok = engine.max_context, str(engine.device), engine.mode, engine.tokenizer
+    n_prompt = max(1, min(args.prompt_tokens, context - args.new_tokens))
+    new_tokens = min(args.new_tokens, context - n_prompt)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -1206,7 +1261,7 @@ def bench_main(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     specials = set(tok.special_tokens.values())
     ids = [i for i in range(min(tok.vocab_size, 4096)) if i not in specials]
-    print(f"[bench serve] {what} on {engine.device} ({engine.mode}): prompt {n_prompt} tokens, {new_tokens} new, "
+    print(f"[bench serve] {what} on {device} ({mode}): prompt {n_prompt} tokens, {new_tokens} new, "
           f"clients {levels}", flush=True)
     results = []
     clients = concurrent.futures.ProcessPoolExecutor(client_processes(max(levels)),
@@ -1244,7 +1299,7 @@ def bench_main(args: argparse.Namespace) -> dict:
         clients.shutdown()
         server.should_exit = True
         thread.join(30)
-    return {"model": what, "device": str(engine.device), "mode": engine.mode, "prompt_tokens": n_prompt,
+    return {"model": what, "device": device, "mode": mode, "prompt_tokens": n_prompt,
             "new_tokens": new_tokens, "temperature": args.temperature,
             "top_k": cfg.top_k if args.top_k is None else args.top_k, "max_batch": args.max_batch,
             "prefill_chunk": app.state.pool.prefill_chunk,
