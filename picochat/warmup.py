@@ -15,8 +15,11 @@ Triton builds every kernel. Three things cut or explain it:
   (torch.compiler's cache artifacts) into the run's folder, keyed like the cache; a later process of the run loads
   them before compiling. A resume on a new machine whose run folder came along (a volume, a synced bucket) but
   whose PICOCHAT_HOME cache did not starts warm.
-- `CompileWatch`: counts compiled graphs and their seconds through Dynamo's compile callbacks, names the cache state
-  in the heartbeat ("compiling graph 3, cache warm") and gives the start-up breakdown printed after the first step.
+- `CompileWatch`: counts compiled graphs and their seconds through Dynamo's compile callbacks, and Inductor's cache
+  hits, misses and bypasses from torch's counters; names them in the heartbeat ("compiling graph 3 (compile cache
+  warm: 2 hits, 0 misses)") and gives the start-up breakdown printed after the first step. A warm folder says only
+  that files exist: the hits say whether they served this run (a whole-model d12 resume on an H100 compiled as
+  long as a cold start from a warm folder).
 """
 
 from __future__ import annotations
@@ -172,8 +175,25 @@ def compile_blocks(model: torch.nn.Module, **compile_kw: Any) -> torch.nn.Module
 # What warm-up is doing
 
 
+# torch's counters (torch._dynamo.utils.counters) of Inductor's FX graph cache and AOTAutograd's cache, per outcome
+_CACHE_COUNTERS = {"hits": (("inductor", "fxgraph_cache_hit"),), "misses": (("inductor", "fxgraph_cache_miss"),),
+                   "bypassed": (("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_bypass"))}
+
+
+def cache_counts() -> dict[str, int]:
+    """Inductor's compiled-graph cache outcomes so far in this process ({} where torch has no such counters): a
+    graph whose compiled code was loaded (hits), compiled anew (misses), or could not be cached at all
+    (bypassed)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {k: sum(counters[group][name] for group, name in keys) for k, keys in _CACHE_COUNTERS.items()}
+
+
 class CompileWatch:
-    """Count Dynamo compilations and their wall time while the block runs; keep a heartbeat's text current.
+    """Count Dynamo compilations and their wall time while the block runs, and the compile cache's hits, misses and
+    bypasses among them; keep a heartbeat's text current.
 
     Dynamo's start/end callbacks (torch._dynamo.callback) fire around every graph it compiles, including the
     backward and optimizer graphs compiled lazily. Where this torch has no such hook, the watch only times."""
@@ -182,17 +202,27 @@ class CompileWatch:
         self.cache, self.heartbeat = cache or {"state": "off"}, heartbeat
         self.graphs, self.compile_s, self._t = 0, 0.0, 0.0
         self._handler = None
+        self._base: dict[str, int] | None = None  # the counters when the watch began
+
+    def counts(self) -> dict[str, int]:
+        """The cache outcomes since the watch began ({} before it began, or where torch has no counters)."""
+        if self._base is None:
+            return {}
+        return {k: v - self._base.get(k, 0) for k, v in cache_counts().items()}
 
     def _start(self, *args: Any) -> None:
         self.graphs += 1
         self._t = time.perf_counter()
         if self.heartbeat is not None:  # the next heartbeat line says it; no extra line now
-            self.heartbeat.what = f"compiling graph {self.graphs} (compile cache {self.cache['state']})"
+            c = self.counts()
+            so_far = f": {c['hits']} hits, {c['misses']} misses so far" if c and self.graphs > 1 else ""
+            self.heartbeat.what = f"compiling graph {self.graphs} (compile cache {self.cache['state']}{so_far})"
 
     def _end(self, *args: Any) -> None:
         self.compile_s += time.perf_counter() - self._t
 
     def __enter__(self) -> "CompileWatch":
+        self._base = cache_counts()
         try:
             from torch._dynamo.callback import callback_handler
         except ImportError:
@@ -224,6 +254,8 @@ def startup_breakdown(marks: dict[str, float], watch: CompileWatch | None, first
         out["model_parts"] = {k: round(v, 2) for k, v in split.items()}
     if watch is not None:
         out.update(graphs=watch.graphs, compile_s=watch.compile_s, cache=watch.cache["state"])
+        if watch.graphs:
+            out.update({f"cache_{k}": v for k, v in watch.counts().items()})
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -233,7 +265,10 @@ def format_breakdown(b: dict[str, Any]) -> str:
             f"model {b['model_s']:.1f}s{f' ({parts})' if parts else ''}, optimizer/data/resume {b['setup_s']:.1f}s, "
             f"first step {b['first_step_s']:.1f}s")
     if b.get("graphs"):
-        text += f" (of which Dynamo+Inductor compiled {b['graphs']} graphs in {b['compile_s']:.1f}s, cache {b['cache']})"
+        text += f" (of which Dynamo+Inductor compiled {b['graphs']} graphs in {b['compile_s']:.1f}s, cache {b['cache']}"
+        if "cache_hits" in b:
+            text += f": {b['cache_hits']} hits, {b['cache_misses']} misses, {b['cache_bypassed']} bypassed"
+        text += ")"
     return text
 
 

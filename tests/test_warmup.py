@@ -89,6 +89,33 @@ def test_compile_watch_keeps_the_heartbeat_current():
     assert watch.graphs == 1
 
 
+def test_compile_watch_counts_cache_misses_then_hits(tmp_path, monkeypatch):
+    """A warm folder is not a warm start: the watch counts what Inductor's cache actually served, and says so in
+    the heartbeat and the start-up line."""
+    pytest.importorskip("torch._inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+
+    def f(x):
+        return (x * 2 + 1).sin()
+
+    hb = training.Heartbeat("pretrain", "running the first step")
+    outcomes = []
+    for _ in range(2):
+        torch._dynamo.reset()  # a new process, as far as Dynamo's in-memory state goes
+        with warmup.CompileWatch({"state": "warm"}, hb) as watch:
+            torch.compile(f)(torch.ones(8))
+            torch.compile(lambda x: f(x) * 3)(torch.ones(8))
+        outcomes.append(watch.counts())
+    assert outcomes[0]["misses"] == 2 and outcomes[0]["hits"] == 0, outcomes
+    assert outcomes[1]["hits"] == 2 and outcomes[1]["misses"] == 0, outcomes
+    assert hb.what == "compiling graph 2 (compile cache warm: 1 hits, 0 misses so far)"
+    t0 = warmup.PROCESS_T0
+    b = warmup.startup_breakdown({"setup": t0 + 1, "model": t0 + 2, "loop": t0 + 3}, watch, 5.0)
+    assert (b["cache_hits"], b["cache_misses"], b["cache_bypassed"]) == (2, 0, 0)
+    assert "cache warm: 2 hits, 0 misses, 0 bypassed)" in warmup.format_breakdown(b)
+
+
 def test_startup_breakdown_adds_up():
     t0 = warmup.PROCESS_T0
     marks = {"setup": t0 + 2.0, "model": t0 + 3.5, "loop": t0 + 4.0}
