@@ -21,6 +21,7 @@ response reads them as before. If the engine process dies, every open request ge
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import threading
 from dataclasses import dataclass, field
@@ -168,7 +169,8 @@ class _Cancel(threading.Event):
 
 
 class ProcessPool:
-    """`Pool`'s interface for serve.py, with the Pool in a child process (see the module docstring)."""
+    """`Pool`'s interface for serve.py, with the Pool in a child process (see the module docstring). The child is
+    spawned, so a script that builds one must do so under `if __name__ == "__main__":` (the CLI does)."""
 
     def __init__(self, factory: Callable, args: tuple, job_cls: type, strings: Callable, max_rows: int = 64,
                  batch_tokens: int = 0, max_queue: int = 256, prefill_chunk: int = 0):
@@ -202,6 +204,9 @@ class ProcessPool:
         self._lock = threading.RLock()
         self.reader = threading.Thread(target=self._read, name="picochat-engine-reader", daemon=True)
         self.reader.start()
+        # a server that never ran its shutdown (an app built and dropped, an exception) still stops the child at
+        # exit, before multiprocessing's own exit handler joins it (handlers run last registered, first)
+        atexit.register(self.close)
 
     # -- Pool's interface -------------------------------------------------------------------------------------
 
