@@ -367,6 +367,21 @@ def test_bench_serve_runs_in_seconds(engine, tmp_path, capsys):
     assert "--clients '1,x'" in capsys.readouterr().err
 
 
+def test_bench_serve_with_the_engine_process(capsys):
+    """The GPU default: the model built by a factory in a spawned child; the figures come back through the pipe."""
+    import json
+
+    from picochat import cli
+
+    rc = cli.main(["bench", "serve", "--depth", "1", "--vocab-size", "320", "--prompt-tokens", "16",
+                   "--new-tokens", "6", "--clients", "2", "--device", "cpu", "--top-k", "0", "--engine-process", "on"])
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert rc == 0 and "engine process" in res["model"] and res["device"] == "cpu"
+    r = res["results"][0]
+    assert r["tokens"] > 0 and r["server"]["steps"] > 0  # the child's scheduler counters reached the bench
+
+
 def test_padding_rows_write_only_the_scratch_slot(engine):
     """A captured step runs a bucket of rows; its padding rows (slot = scratch) must leave live slots untouched."""
     cache = batcher.RowCache(engine, 4, 64)
