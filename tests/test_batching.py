@@ -288,8 +288,8 @@ def test_lone_stream_on_the_engine_path_then_joins_the_batch(server, engine, slo
 
 def test_a_lone_stream_joins_the_batch_unless_its_state_lives_in_generate(engine):
     """Admission counts the row a joining lone job will take; it joins ahead of the newer job with its prompt and
-    output. A lone job that scores its tokens, or whose output began a python call, stays on `generate` (the tool
-    state machine lives there) and the newer job decodes beside it."""
+    output. A lone job that scores its tokens, whose output began a python call or holds a forced token stays on
+    `generate` (the tool state machine lives there) and the newer job decodes beside it."""
     pool = batcher.Pool([engine], serve.TokenStrings, max_rows=8, solo=True)
     pool.close()  # its scheduler thread stops: the replica is driven by hand below
     for t in pool.threads:
@@ -318,7 +318,7 @@ def test_a_lone_stream_joins_the_batch_unless_its_state_lives_in_generate(engine
         assert rep.prefills[0].tokens == [engine.bos, 5, 6, 7] and rep.prefills[0].taken == 1
         reset()
 
-        for lone, out in ((job(logprobs=0), []), (job(), [([engine.python_start], [1])])):
+        for lone, out in ((job(logprobs=0), []), (job(), [([engine.python_start], [1])]), (job(), [([9], [0])])):
             rep.start(lone)
             if out:
                 rep.solo = (lone, iter(out))
