@@ -556,10 +556,14 @@ class Replica:
             self.solo, self.solo_tokens, self.solo_plain = (job, gen), [], self.batched and not scored
             return
         self.join_solo()
-        g = torch.Generator(device=e.device)
-        g.manual_seed(p.seed)
-        self.gens[id(job)] = g
+        self.seed(job)
         self.prefills.append(_Prefill(job))
+
+    def seed(self, job: Any) -> None:
+        """The batched job's own generator (its sampling rows off CUDA draw from it), seeded by the request."""
+        g = torch.Generator(device=self.engine.device)
+        g.manual_seed(job.params.seed)
+        self.gens[id(job)] = g
 
     def join_solo(self) -> None:
         """The lone job on Engine.generate, if any and if it can, into the batch ahead of the newer jobs: its prompt
@@ -572,9 +576,7 @@ class Replica:
         self.solo = None
         if hasattr(gen, "close"):
             gen.close()
-        g = torch.Generator(device=self.engine.device)
-        g.manual_seed(job.params.seed)
-        self.gens[id(job)] = g
+        self.seed(job)
         self.prefills.insert(0, _Prefill(job, tokens=job.prompt + self.solo_tokens, taken=len(self.solo_tokens)))
         self.pool.timing["joined"] += 1
 

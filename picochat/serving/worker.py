@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from picochat.config import UserError
-from picochat.serving.batcher import Pool, Rejected, batchable, check_capacity
+from picochat.serving.batcher import Pool, Rejected, batchable, check_capacity, post
 
 # ----------------------------------------------------------------------------------------------------------------
 # The engine process
@@ -268,7 +268,7 @@ class ProcessPool:
             except (EOFError, OSError, ValueError):
                 break
             _, items, self.stats, self.timing = msg
-            by_loop: dict[Any, list] = {}
+            got = []
             for jid, item in items:
                 job = self.jobs.get(jid)
                 if job is None:
@@ -278,12 +278,8 @@ class ProcessPool:
                     continue
                 if item[0] in ("end", "error"):
                     del self.jobs[jid]
-                by_loop.setdefault(job.loop, []).append((job, item))
-            for loop, got in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, got)
-                except RuntimeError:  # that request's loop is gone (shutdown)
-                    pass
+                got.append((job, _mirror(job, item)))
+            post(got)  # to each request's event loop, as the in-process scheduler posts them
         self._gone()
 
     def _gone(self) -> None:
@@ -293,27 +289,20 @@ class ProcessPool:
         open_jobs, self.jobs = self.jobs, {}
         self.waiting.clear()
         why = f"the engine process stopped ({self.dead})"
-        by_loop: dict[Any, list] = {}
-        for job in open_jobs.values():
-            by_loop.setdefault(job.loop, []).append((job, ("error", why, [c.tokens for c in job.choices])))
-        for loop, got in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, got)
-            except RuntimeError:
-                pass
+        post([(job, ("error", why)) for job in open_jobs.values()])
 
 
-def _deliver(got: list) -> None:
-    """On the request's event loop: update each job's copy of its choices, then hand the event to its handler."""
-    for job, item in got:
-        if item[0] == "delta":
-            for i, text, finish, entries in item[1]:
-                c = job.choices[i - job.index0]
-                c.text += text
-                c.finish = finish or c.finish
-                c.entries.extend(entries)
-        elif item[0] in ("end", "error"):
-            for c, n in zip(job.choices, item[2]):
-                c.tokens = n
-            item = item[:2]
-        job.events.put_nowait(item)
+def _mirror(job: Any, item: tuple) -> tuple:
+    """Update the server's copy of a job's choices from one of its events (before the event reaches the request's
+    handler, which reads the choices only once the job has ended); the event as the handler expects it."""
+    if item[0] == "delta":
+        for i, text, finish, entries in item[1]:
+            c = job.choices[i - job.index0]
+            c.text += text
+            c.finish = finish or c.finish
+            c.entries.extend(entries)
+    elif item[0] in ("end", "error"):
+        for c, n in zip(job.choices, item[2]):
+            c.tokens = n
+        item = item[:2]
+    return item
