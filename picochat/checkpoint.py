@@ -638,6 +638,14 @@ def newest_loadable(ckpt_root: Path) -> Path:
 MODEL_FILES = {"model.pt", "model.safetensors", "tokenizer/tokenizer.json"}  # what loading a model reads
 
 
+def require_tokenizer(ckpt: Path, meta: dict) -> None:
+    """A checkpoint pretrained on --data random holds token ids with no text behind them: one clear error."""
+    if not meta.get("tokenizer_dir"):
+        raise UserError(f"{ckpt}: this checkpoint has no tokenizer (it was pretrained on --data random), so it cannot "
+                        f"be chatted with, fine-tuned, exported, evaluated on text or served; pretrain on text (the "
+                        f"default synthetic corpus or --data DIR) for a model that can")
+
+
 def load_model(ckpt: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, meta).
 
@@ -651,6 +659,7 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     meta = read_meta(ckpt)
     if "model_config" not in meta:
         raise UserError(f"{ckpt}/meta.json: no model_config; this checkpoint cannot be loaded as a model")
+    require_tokenizer(ckpt, meta)
     cfg = GPTConfig.from_saved(meta["model_config"])
     tok = Tokenizer.load(meta["tokenizer_dir"], expect_vocab_size=cfg.vocab_size)
     model = build_model(cfg, device=device)

@@ -101,3 +101,19 @@ def test_piped_stdin_through_cli(tmp_path, capsys, monkeypatch):
     assert cli.main(["chat", "--max-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "User: Hello" in out and "Assistant: " in out
+
+
+def test_a_random_data_checkpoint_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    """A base pretrained on --data random saves no tokenizer_dir: chat, sft and export each say so in one line (it
+    was a TypeError traceback from Path(None))."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    cfg = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)
+    meta = {"stage": "base", "run": "rnd", "model_config": to_dict(cfg), "tokenizer_dir": None, "config": {}}
+    save_checkpoint(checkpoints_dir("rnd", "base"), 1, build_model(cfg).state_dict(), None, meta)
+    for argv in (["chat", "--run", "rnd", "--source", "base", "-p", "hi"], ["sft", "--run", "rnd", "--device", "cpu"],
+                 ["export", "--run", "rnd", "--source", "base", "--out", str(tmp_path / "x")]):
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "has no tokenizer" in err and "--data random" in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "x").exists()

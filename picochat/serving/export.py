@@ -35,7 +35,7 @@ import torch
 
 from picochat import __version__, hf
 from picochat.checkpoint import (STAGES, check_checkpoint, file_checksums, find_run_with_stage, load_model_state,
-                                 read_meta, seal_meta)
+                                 read_meta, require_tokenizer, seal_meta)
 from picochat.config import UserError, add_config_args, check_run_name, config_from_args, require_checkpoint_dir
 from picochat.files import atomic_path
 from picochat.model import GPTConfig
@@ -127,9 +127,9 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         raise UserError(f"--out {out}: overlaps the checkpoint being exported ({ckpt}); choose a folder outside it")
     check_checkpoint(ckpt, {"model.pt", "model.safetensors"})
     meta = read_meta(ckpt)
-    if "model_config" not in meta or not meta.get("tokenizer_dir"):
-        raise UserError(f"{ckpt}/meta.json: no model_config or tokenizer_dir; not a model checkpoint picochat "
-                        f"can export")
+    if "model_config" not in meta:
+        raise UserError(f"{ckpt}/meta.json: no model_config; not a model checkpoint picochat can export")
+    require_tokenizer(ckpt, meta)
     tok_dir = Path(meta["tokenizer_dir"])
     if not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"{ckpt}: its tokenizer {tok_dir} is missing (tokenizer.json); the export needs it")
