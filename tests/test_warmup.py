@@ -216,3 +216,42 @@ def test_a_start_that_loaded_the_artifacts_does_not_write_them_again(tmp_path, m
     info = {"compiled": True, "device": CPU, "marks": {"setup": now - 3, "model": now - 2, "loop": now - 1},
             "artifacts": {"folder": str(tmp_path), "loaded": 3}}
     assert "artifacts_saved" not in warmup.report_startup(info, warmup.CompileWatch(), 1, 0.5, Metrics(), now=now)
+
+
+def test_a_graph_holding_the_fused_loss_is_served_by_the_autograd_cache(tmp_path, monkeypatch):
+    """The training graph holds torch.autograd.Functions (the fused loss here); AOTAutograd's cache bypasses such a
+    graph unless `cache_autograd_functions` allows it, and a warm start then re-traces forward + backward."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+
+    from picochat.ops.loss import fused_linear_cross_entropy
+
+    if not hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        pytest.skip("this torch has no switch for caching graphs with autograd.Functions")
+    monkeypatch.setattr(functorch_config, "autograd_cache_allow_custom_autograd_functions", False)
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", env["TORCHINDUCTOR_CACHE_DIR"])
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    assert warmup.cache_autograd_functions({warmup.AUTOGRAD_FN_ENV: "0"}) is False  # torch's own switch wins
+    assert warmup.use_compile_cache(CPU, env)["state"] == "user"
+    assert functorch_config.autograd_cache_allow_custom_autograd_functions is True
+
+    def loss_fn(x, w, t):
+        return fused_linear_cross_entropy(torch.tanh(x), w, t, vocab_size=24, softcap=15.0)
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 8, generator=g), torch.randn(32, 8, generator=g)
+    t = torch.randint(0, 24, (16,), generator=g)
+    got = []
+    for _ in range(2):
+        torch._dynamo.reset()  # a new process, as far as Dynamo's in-memory state goes
+        before = dict(counters["aot_autograd"])
+        xs = x.clone().requires_grad_()
+        loss = torch.compile(loss_fn)(xs, w, t)
+        loss.backward()
+        got.append({k: counters["aot_autograd"][k] - before.get(k, 0) for k in
+                    ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")} | {"grad": xs.grad})
+    assert got[0]["autograd_cache_bypass"] == 0 and got[0]["autograd_cache_miss"] == 1, got
+    assert got[1]["autograd_cache_hit"] == 1 and got[1]["autograd_cache_bypass"] == 0, got
+    torch.testing.assert_close(got[0]["grad"], got[1]["grad"], rtol=0, atol=0)
