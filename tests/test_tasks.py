@@ -166,3 +166,13 @@ def test_synth_tasks_read_the_synth_formats(tmp_path):
     assert train.evaluate(t, f"so {t['answer']}.") and not train.evaluate(t, "no idea")
     test = synth_arithmetic("test", tmp_path)
     assert len(test) >= 1 and test.evaluate(test[0], test[0]["answer"])
+
+
+def test_missing_synth_sets_name_the_file_and_the_way_out(tmp_path):
+    from picochat.data.tasks import synth_arithmetic
+
+    with pytest.raises(UserError, match=r"chat_train.jsonl: the synthetic chat set is missing; run `picochat data "
+                                        r"synth` first \(or pass --task gsm8k or jsonl:PATH\)"):
+        synth_arithmetic("train", tmp_path)
+    with pytest.raises(UserError, match="eval.jsonl: the synthetic eval set is missing"):
+        synth_arithmetic("test", tmp_path)

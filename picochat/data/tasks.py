@@ -904,6 +904,9 @@ def synth_arithmetic(split: str = "train", directory: str | Path | None = None) 
     the tool's output); test: the held-out `gen` items of eval.jsonl (operand triples never seen in chat data)."""
     d = Path(directory or synth_dir())
     if split == "train":
+        if not (d / "chat_train.jsonl").exists():
+            raise UserError(f"{d / 'chat_train.jsonl'}: the synthetic chat set is missing; run `picochat data synth` "
+                            f"first (or pass --task gsm8k or jsonl:PATH)")
         rows = []
         for conv in JSONLConversations(d / "chat_train.jsonl"):
             msgs = conv["messages"]
