@@ -4,14 +4,20 @@ on CPU in fp32 with fixed seeds, asserted bit-exact against `tests/golden/trajec
 A behaviour-preserving change (a refactor, a move) keeps these green. A change that moves the numerics on purpose
 regenerates the file (`PICOCHAT_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py`) and says in its commit why,
 with measured evidence that the new trajectory is no worse.
+
+The runs happen in a child process whose CPU math is pinned (PINNED): torch picks its vectorized kernels and MKL its
+code path by the CPU, so the same commit gave other last bits on an AVX2 AMD machine than on the AVX-512 machine
+that recorded the file. With SIMD dispatch capped and MKL in its reproducible mode, the trajectory is a property of
+the code, not of the machine CI lands on.
 """
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from picochat.data import synth
@@ -20,9 +26,10 @@ from picochat.stages.pretrain import PretrainConfig, run as pretrain_run
 from picochat.stages.sft import SFTConfig, run as sft_run
 from picochat.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 GOLDEN = Path(__file__).parent / "golden" / "trajectories.json"
+# set before torch loads: no CPU-specific SIMD kernels in torch, MKL's reproducible code path, one thread
+PINNED = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+          "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _losses(home: Path, stage: str) -> list[float]:
@@ -52,12 +59,19 @@ def _trajectories(home: Path) -> dict[str, list[float]]:
 
 
 def test_golden_trajectories_are_bit_exact():
-    home = Path(os.environ["PICOCHAT_HOME"])
-    got = _trajectories(home)
+    env = {**os.environ, **PINNED, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(got["pretrain"]) == 20 and len(got["sft"]) == 10
     if os.environ.get("PICOCHAT_REGEN_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"torch": torch.__version__, **got}, indent=1) + "\n")
+        GOLDEN.write_text(json.dumps({"torch": torch.__version__, "pinned": PINNED, **got}, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
     assert got["pretrain"] == want["pretrain"], "pretrain trajectory moved (see this file's docstring)"
     assert got["sft"] == want["sft"], "SFT trajectory moved (see this file's docstring)"
+
+
+if __name__ == "__main__":  # the child process of the test, under PINNED and the test's PICOCHAT_HOME
+    torch.set_num_threads(1)
+    print(json.dumps(_trajectories(Path(os.environ["PICOCHAT_HOME"]))))

@@ -192,3 +192,22 @@ def test_rank_without_text_is_a_clear_error(corpus, tmp_path):
         with pytest.raises(UserError, match="rank 1 of 2 got no text"):
             loader.next_batch()
         loader.close()
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
+
+
+def test_a_held_batch_comes_back_in_its_loaders_layout(corpus):
+    """The compiled model specializes on its inputs' strides and offsets: a resumed run's held batch must come back
+    in the layout its loader's next_batch gives, or the resume compiles the training graph again (a CUDA resume
+    did: .cpu() had turned the batch into two separate tensors)."""
+    from picochat.stages.pretrain import RandomTokens
+
+    for loader in (_loader(corpus), RandomTokens(64, 4, 64)):
+        x, y = loader.next_batch()
+        held = (x.clone(), y.clone())  # what .cpu() of a CUDA batch gives: each half its own contiguous tensor
+        assert _layout(held[0]) != _layout(x) or _layout(held[1]) != _layout(y)
+        hx, hy = loader.batch_from(*held)
+        assert (_layout(hx), _layout(hy)) == (_layout(x), _layout(y)), type(loader).__name__
+        assert torch.equal(hx, x) and torch.equal(hy, y)

@@ -276,6 +276,14 @@ class DataLoader:
             t = t.to(self.device)
         return t[0], t[1]
 
+    def batch_from(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A held batch (a resume's first) in the layout `next_batch` gives: the halves of one (2, B, T) tensor.
+        The compiled model specializes on its inputs' strides and offsets, and a held batch saved from CUDA comes
+        back from .cpu() as two separate tensors: on an H100 such a d12 resume missed the compile cache and
+        compiled its training graph twice (docs/LOG.md)."""
+        t = torch.stack([x, y]).to(self.device)
+        return t[0], t[1]
+
     def _to_cuda(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # Two pinned staging buffers in turn; before refilling one, wait until its previous copy has finished.
         if not self._pinned:

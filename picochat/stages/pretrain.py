@@ -267,6 +267,11 @@ class RandomTokens:
             rows = rows.to(self.device)
         return rows[:, :-1], rows[:, 1:]
 
+    def batch_from(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A held batch (a resume's first) in the layout `next_batch` gives: views of one (B, T+1) tensor."""
+        rows = torch.cat([x, y[:, -1:]], dim=1).to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
     def __iter__(self):
         while True:
             yield self.next_batch()
@@ -665,8 +670,8 @@ def _resume(ck: Path | None, model: Any, opt: Any, loader: Any, rt: Any, plan: P
     loop = rank_state.get("loop", {})
     step = int(loop.get("step", 0))
     held = rank_state.get("held_batch")
-    if held is not None:
-        held = (held[0].to(rt.device), held[1].to(rt.device))
+    if held is not None:  # the compiled model specializes on strides: the loader's own layout, or a recompile
+        held = loader.batch_from(*held)
     if scaler is not None and loop.get("scaler"):
         scaler.load_state_dict(loop["scaler"])
     reached = loop.get("target_reached") or (read_meta(ck).get("metrics") or {}).get("core_target")
