@@ -877,6 +877,8 @@ def prepare_model(model: torch.nn.Module, *, device: torch.device, dtype: torch.
             if artifacts["loaded"]:
                 print0(f"[compile] loaded {artifacts['loaded']} compile artifacts saved by this run "
                        f"({artifacts['file']})")
+            elif artifacts["in_cache"]:
+                print0(f"[compile] the compile cache already holds this run's saved artifacts ({artifacts['file']})")
     t3 = time.perf_counter()
     cmodel = maybe_compile(model, compile, device, activation_budget)
     # seconds of each part, for the start-up line: "compile setup" took 5.8 s of a d20 start on an H100, so the

@@ -24,6 +24,7 @@ Triton builds every kernel. Three things cut or explain it:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
@@ -139,14 +140,46 @@ def load_artifacts(folder: str | Path, device: torch.device) -> dict[str, Any]:
     caches. A damaged or foreign file costs a warning and a cold compile, never the run. {"folder", "file",
     "loaded"}."""
     path = artifacts_file(folder, device)
-    out = {"folder": str(folder), "file": str(path), "loaded": 0}
+    out = {"folder": str(folder), "file": str(path), "loaded": 0, "in_cache": False}
     if not path.is_file() or not hasattr(torch.compiler, "load_cache_artifacts"):
+        return out
+    mark = _marker(path)
+    if mark is not None and mark.is_file() and mark.read_text() == _stamp(path):
+        out["in_cache"] = True  # written or loaded into this very cache before: loading again costs seconds for nothing
         return out
     try:
         out["loaded"] = _count(torch.compiler.load_cache_artifacts(path.read_bytes()))
     except Exception as e:
         print0(f"[compile] ignoring the saved compile artifacts {path} ({type(e).__name__}: {e}); compiling anew")
+        return out
+    _write_marker(path)
     return out
+
+
+def _marker(path: Path) -> Path | None:
+    """Where the compile cache in use notes that it holds the artifacts of file `path` (None: no cache folder set).
+    Why: loading a d12 run's 127 artifacts (74 MB) into a cache that already held them took 7.0 s of a warm
+    resume's start (H100, docs/LOG.md)."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        return None
+    return Path(folder) / "picochat-artifacts" / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _write_marker(path: Path) -> None:
+    mark = _marker(path)
+    if mark is None:
+        return
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(mark, _stamp(path).encode())
+    except OSError:  # only a shortcut for the next start: without it that start loads the file again
+        pass
 
 
 def save_artifacts(folder: str | Path, device: torch.device) -> dict[str, Any] | None:
@@ -162,6 +195,7 @@ def save_artifacts(folder: str | Path, device: torch.device) -> dict[str, Any] |
         path = artifacts_file(folder, device)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
+        _write_marker(path)
     except Exception as e:  # a full disk or a torch quirk must not stop training: the next start compiles anew
         print0(f"[compile] could not save the compile artifacts ({type(e).__name__}: {e}); training goes on")
         return None
@@ -308,7 +342,7 @@ def report_startup(info: dict[str, Any], watch: CompileWatch, step: int, first_s
     art = info.get("artifacts")
     # a start that loaded the run's artifacts compiled from them: writing the same file again on every resume would
     # only add seconds of serialization and I/O to each start
-    if info["compiled"] and art is not None and not art["loaded"]:
+    if info["compiled"] and art is not None and not art["loaded"] and not art.get("in_cache"):
         saved = save_artifacts(art["folder"], info["device"])
         if saved is not None:
             b["artifacts_saved"] = saved["artifacts"]

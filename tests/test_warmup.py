@@ -154,6 +154,7 @@ class _Info:
 
 
 def test_compile_artifacts_saved_with_the_run_and_loaded_by_its_next_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # no cache folder: no marker, always loaded
     blob, loaded = b"compiled-artifacts", []
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (blob, _Info()))
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loaded.append(data) or _Info())
@@ -255,3 +256,36 @@ def test_a_graph_holding_the_fused_loss_is_served_by_the_autograd_cache(tmp_path
     assert got[0]["autograd_cache_bypass"] == 0 and got[0]["autograd_cache_miss"] == 1, got
     assert got[1]["autograd_cache_hit"] == 1 and got[1]["autograd_cache_bypass"] == 0, got
     torch.testing.assert_close(got[0]["grad"], got[1]["grad"], rtol=0, atol=0)
+
+
+def test_artifacts_already_in_the_compile_cache_are_not_loaded_again(tmp_path, monkeypatch):
+    """Loading a run's artifacts into the cache that produced (or already loaded) them costs seconds for nothing: a
+    marker in the cache folder, keyed by the file's path, size and mtime, skips it; another cache folder (a new
+    machine) or a rewritten file loads."""
+    blob, loaded = b"compiled-artifacts", []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (blob, _Info()))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loaded.append(data) or _Info())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache_a"))
+    run = tmp_path / "run"
+    warmup.save_artifacts(run, CPU)
+    got = warmup.load_artifacts(run, CPU)
+    assert got["in_cache"] and got["loaded"] == 0 and loaded == []  # this cache compiled them
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache_b"))  # a new machine's empty cache
+    assert warmup.load_artifacts(run, CPU)["loaded"] == 3 and len(loaded) == 1
+    assert warmup.load_artifacts(run, CPU)["in_cache"] and len(loaded) == 1  # loaded once per cache
+    path = warmup.artifacts_file(run, CPU)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # rewritten by a later process
+    assert warmup.load_artifacts(run, CPU)["loaded"] == 3 and len(loaded) == 2
+
+    def no_save():
+        raise AssertionError("saved although the cache already held the artifacts")
+
+    class Metrics:
+        def log(self, record):
+            pass
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", no_save)
+    now = 1e9
+    info = {"compiled": True, "device": CPU, "marks": {"setup": now - 3, "model": now - 2, "loop": now - 1},
+            "artifacts": {"folder": str(run), "loaded": 0, "in_cache": True}}
+    assert "artifacts_saved" not in warmup.report_startup(info, warmup.CompileWatch(), 1, 0.5, Metrics(), now=now)
