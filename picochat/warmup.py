@@ -7,19 +7,20 @@ Triton builds every kernel. Three things cut or explain it:
   `PICOCHAT_HOME/cache/compile/<key>`, not a per-user folder in /tmp that a new machine never has, so a restart
   with a persistent PICOCHAT_HOME starts warm. (The Modal launcher already points TORCHINDUCTOR_CACHE_DIR at a
   keyed folder on its volume; a folder set like that is respected.) The key names torch, Triton, CUDA, the GPU and
-  Python, so an upgrade or another GPU starts a fresh folder instead of loading stale artifacts.
+  Python, so an upgrade or another GPU starts a fresh folder instead of loading stale artifacts. It also lets
+  AOTAutograd's cache keep the training graph, which holds torch.autograd.Functions (`cache_autograd_functions`).
 - `compile_blocks` (PICOCHAT_COMPILE_SCOPE=blocks): compile one transformer block and reuse it for every layer
   (Dynamo reuses a graph across module instances when parameters are graph inputs), plus the head, instead of one
   graph of the whole model whose size grows with depth.
 - `load_artifacts` / `save_artifacts`: after its first step a process that loaded none saves what it compiled
   (torch.compiler's cache artifacts) into the run's folder, keyed like the cache; a later process of the run loads
-  them before compiling. A resume on a new machine whose run folder came along (a volume, a synced bucket) but
-  whose PICOCHAT_HOME cache did not starts warm.
+  them before compiling, unless the compile cache in use already holds them (a marker). A resume on a new machine
+  whose run folder came along (a volume, a synced bucket) but whose PICOCHAT_HOME cache did not starts warm.
 - `CompileWatch`: counts compiled graphs and their seconds through Dynamo's compile callbacks, and Inductor's cache
   hits, misses and bypasses from torch's counters; names them in the heartbeat ("compiling graph 3 (compile cache
   warm: 2 hits, 0 misses)") and gives the start-up breakdown printed after the first step. A warm folder says only
-  that files exist: the hits say whether they served this run (a whole-model d12 resume on an H100 compiled as
-  long as a cold start from a warm folder).
+  that files exist: the hits say whether they served this run (a d12 resume on an H100 missed: its first batch
+  had other strides than the cold run's, docs/LOG.md).
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def cache_autograd_functions(env: Mapping[str, str]) -> bool:
     The training graph holds two (the fused loss, the fp8 matmul), and by default AOTAutograd bypasses its cache for
     such a graph: a warm start then hits Inductor's cache for the compiled kernels but re-traces and re-partitions
     forward + backward first. On the CPU machine (tiny preset, whole-model compile) that kept the training graph's
-    warm compile at 6.6 s; cached, 2.9 s. torch leaves it off because Python a Function runs outside what Dynamo
-    traces would not be in the key; Dynamo traces both of ours whole (forward and backward become subgraphs of the
-    keyed graph), and a code change that alters them changes the key."""
+    warm compile at 6.6 s; cached, 2.9 s (on an H100, a d12 resume whose training graph hit both caches compiled it
+    in 7.1 s, 39.6 s cold). torch leaves it off because code a Function runs outside what Dynamo traces would not be
+    in the key; Dynamo traces both of ours whole (forward and backward become subgraphs of the keyed graph), and a
+    code change that alters them changes the key."""
     from torch._functorch import config as functorch_config
 
     if not hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
@@ -138,14 +140,14 @@ def _count(info: Any) -> int:
 def load_artifacts(folder: str | Path, device: torch.device) -> dict[str, Any]:
     """Before the first compile: hand the artifacts an earlier process of this run saved (same key) to torch's
     caches. A damaged or foreign file costs a warning and a cold compile, never the run. {"folder", "file",
-    "loaded"}."""
+    "loaded" (artifacts handed over), "in_cache" (skipped: the cache in use already holds this very file's)}."""
     path = artifacts_file(folder, device)
     out = {"folder": str(folder), "file": str(path), "loaded": 0, "in_cache": False}
     if not path.is_file() or not hasattr(torch.compiler, "load_cache_artifacts"):
         return out
     mark = _marker(path)
     if mark is not None and mark.is_file() and mark.read_text() == _stamp(path):
-        out["in_cache"] = True  # written or loaded into this very cache before: loading again costs seconds for nothing
+        out["in_cache"] = True  # written or loaded into this cache before: loading again costs seconds for nothing
         return out
     try:
         out["loaded"] = _count(torch.compiler.load_cache_artifacts(path.read_bytes()))
