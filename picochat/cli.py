@@ -7,6 +7,7 @@ Each command lives in its own module, which provides `add_cli(parser)` (its flag
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -75,6 +76,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# file-system errors about a path the user chose (a flag, PICOCHAT_HOME): one line naming it, not a traceback;
+# writes that matter are atomic (files.py), so such a failure leaves no half-written file under a final name
+FS_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR,
+             errno.EEXIST, errno.EDQUOT}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -103,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"picochat {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in FS_ERRNOS or not e.filename:
+            raise
+        print(f"picochat {args.command}: error: {e.filename}: {e.strerror}; check that path (the flag or "
+              f"PICOCHAT_HOME that leads to it), its permissions and the free space, then run the command again",
+              file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -106,6 +106,8 @@ CASES: list[tuple[str, str]] = [
     ("data download --shards 1 --out {file}", "--out {file}"),
     ("data download --shards 0 --out {tmp}/d", "--shards 0"),
     ("data synth --out {file}", "--out {file}"),
+    ("data synth --out {file}/sub", "{file}/sub: Not a directory; check that path"),  # an OSError: one line too
+    ("tokenizer train --data {good} --out {file}/tok", "{file}/tok"),
     ("data synth --n-docs -1 --out {tmp}/s", "--n-docs -1"),
     ("data synth --docs-per-shard 0 --out {tmp}/s", "--docs-per-shard 0"),
     ("data synth --eval-mc-fraction 2 --out {tmp}/s", "--eval-mc-fraction 2.0"),
