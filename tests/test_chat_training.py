@@ -368,4 +368,7 @@ def test_rl_update_padded_to_a_bucket_shape_gives_the_same_loss_and_gradients():
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    # the padded shapes sum in another order: resid_lambdas' gradient differed by 2.6e-6 of 0.13 on an AVX2 CPU
+    # (atol 1e-6 alone failed there); a padding row or position that leaked in would differ by far more
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
