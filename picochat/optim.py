@@ -376,7 +376,15 @@ class MuonAdamW:
                 p = b.params[0]
                 beta1, beta2 = group["betas"]
                 local_p = p.data[b.rows[0]:b.rows[1]] if b.per_rank else p.data
-                self._adamw_fn(local_p, g.to(local_p.dtype), b.state["exp_avg"], b.state["exp_avg_sq"], step_t,
+                # AdamW is elementwise: compiled, it runs on flattened tensors of a dynamic length, one graph for
+                # every parameter (and one for single numbers) instead of one per shape: four at d12, 3.7 s of a
+                # cold H100 start (TORCH_TRACE, docs/LOG.md). view, not reshape: the update is in place.
+                flat = [t.view(-1) for t in (local_p, b.state["exp_avg"], b.state["exp_avg_sq"])]
+                flat.insert(1, g.to(local_p.dtype).reshape(-1))
+                if self._compile and flat[0].numel() > 1:
+                    for t in flat:
+                        torch._dynamo.mark_dynamic(t, 0)
+                self._adamw_fn(*flat, step_t,
                                self._hparam(f"lr{id(b)}", lr), self._hparam(f"b1{id(b)}", beta1),
                                self._hparam(f"b2{id(b)}", beta2), self._hparam(f"eps{id(b)}", group["eps"]),
                                self._hparam(f"wd{id(b)}", group["weight_decay"]))
