@@ -257,8 +257,8 @@ class CompileWatch:
     Dynamo's start/end callbacks (torch._dynamo.callback) fire around every graph it compiles, including the
     backward and optimizer graphs compiled lazily. Where this torch has no such hook, the watch only times."""
 
-    def __init__(self, cache: dict[str, Any] | None = None, heartbeat: Any = None):
-        self.cache, self.heartbeat = cache or {"state": "off"}, heartbeat
+    def __init__(self, cache: dict[str, Any] | None = None, heartbeat: Any = None, compiled: bool = True):
+        self.cache, self.heartbeat, self.compiled = cache or {"state": "off"}, heartbeat, compiled
         self.graphs, self.compile_s, self._t = 0, 0.0, 0.0
         self._handler = None
         self._base: dict[str, int] | None = None  # the counters when the watch began
@@ -281,6 +281,8 @@ class CompileWatch:
         self.compile_s += time.perf_counter() - self._t
 
     def __enter__(self) -> "CompileWatch":
+        if not self.compiled:  # an eager stage: importing Dynamo to watch it cost an eager SFT start seconds
+            return self
         self._base = cache_counts()
         try:
             from torch._dynamo.callback import callback_handler
@@ -303,11 +305,12 @@ def startup_breakdown(marks: dict[str, float], watch: CompileWatch | None, first
     phase. `marks` holds time.time() stamps: 'setup' (imports and runtime done), 'model' (model built or loaded,
     and prepared in pretraining), optionally 'built' (pretraining: plan made and model built, before it is
     prepared) and 'loop' (optimizer, data, resume and run header done; chat stages prepare the model here). `parts`:
-    prepare_model's own seconds by part. An eval before the first step counts in the total only."""
+    prepare_model's own seconds by part. "before_s" is the rest up to the first step (an eval before it, say), so
+    the parts add up to the total."""
     t_end = marks["loop"] + first_step_s if now is None else now
     out: dict[str, Any] = {"start_s": marks["setup"] - PROCESS_T0, "model_s": marks["model"] - marks["setup"],
-                           "setup_s": marks["loop"] - marks["model"], "first_step_s": first_step_s,
-                           "total_s": t_end - PROCESS_T0}
+                           "setup_s": marks["loop"] - marks["model"], "before_s": t_end - first_step_s - marks["loop"],
+                           "first_step_s": first_step_s, "total_s": t_end - PROCESS_T0}
     split = ({"plan + build": marks["built"] - marks["setup"]} if "built" in marks else {}) | (parts or {})
     if split:
         out["model_parts"] = {k: round(v, 2) for k, v in split.items()}
@@ -322,7 +325,8 @@ def format_breakdown(b: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in b.get("model_parts", {}).items() if v >= 0.05)
     text = (f"[startup] first step done {b['total_s']:.1f}s after start: imports/runtime {b['start_s']:.1f}s, "
             f"model {b['model_s']:.1f}s{f' ({parts})' if parts else ''}, optimizer/data/resume {b['setup_s']:.1f}s, "
-            f"first step {b['first_step_s']:.1f}s")
+            + (f"before the first step {b['before_s']:.1f}s, " if b.get("before_s", 0) >= 0.05 else "")
+            + f"first step {b['first_step_s']:.1f}s")
     if b.get("graphs"):
         text += f" (of which Dynamo+Inductor compiled {b['graphs']} graphs in {b['compile_s']:.1f}s, cache {b['cache']}"
         if "cache_hits" in b:

@@ -682,7 +682,8 @@ def train_loop(st: Stage, *, step_fn: Callable[[Stage], StepOut], evaluate: Call
             meter.saved(time.monotonic() - t0)
 
     try:
-        with training.Heartbeat(st.name, doing, meter=meter) as hb, warmup.CompileWatch(st.info["cache"], hb) as watch:
+        with (training.Heartbeat(st.name, doing, meter=meter) as hb,
+              warmup.CompileWatch(st.info["cache"], hb, st.info["compiled"]) as watch):
             first = st.step + 1
             while st.step < st.num_steps:
                 if st.eval_due():

@@ -692,7 +692,8 @@ def fit(ctx: Stage, st: LoopState, batch: Any) -> dict[str, Any]:
     first = "running the first step (compiling)" if ctx.info["compiled"] else "running the first step"
     ctx.meter = CostMeter.from_env()
     try:
-        with Heartbeat("pretrain", first, meter=ctx.meter) as hb, warmup.CompileWatch(ctx.info["cache"], hb) as watch:
+        with (Heartbeat("pretrain", first, meter=ctx.meter) as hb,
+              warmup.CompileWatch(ctx.info["cache"], hb, ctx.info["compiled"]) as watch):
             if target_met(cfg, st):
                 print0(f"[pretrain] {cfg.run} already reached CORE {st.target_reached['core']:.4f} >= "
                        f"{cfg.core_target:g} at step {st.step}; nothing to train (--resume wipe starts over)")
@@ -1019,7 +1020,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(rt.device)
     t0 = time.time()
     first_at = None  # seconds from process start to the end of the first optimizer step
-    with Heartbeat("bench", "compiling and warming up") as hb, warmup.CompileWatch(info["cache"], hb) as watch:
+    with (Heartbeat("bench", "compiling and warming up") as hb,
+          warmup.CompileWatch(info["cache"], hb, info["compiled"]) as watch):
         loss = None
         if args.warmup:
             loss = steps(0, 1)
