@@ -269,15 +269,20 @@ def synth_dir() -> Path:
     return default_data_dir("synth")
 
 
+def require_synth(path: Path, what: str, also: str = "") -> Path:
+    """`path` of the synthetic corpus (`picochat data synth` writes it), or one error naming it and the way out."""
+    if not path.exists():
+        raise UserError(f"{path}: the synthetic {what} set is missing; run `picochat data synth` first{also}")
+    return path
+
+
 class SynthChat(JSONLConversations):
     """The embedded world's chat conversations (`picochat data synth` writes them)."""
 
     def __init__(self, split: str = "train", directory: str | Path | None = None, **kw: Any):
         if split not in ("train", "val"):
             raise UserError(f"synth chat split {split!r}: expected train or val")
-        path = Path(directory or synth_dir()) / f"chat_{split}.jsonl"
-        if not path.exists():
-            raise UserError(f"{path}: the synthetic chat set is missing; run `picochat data synth` first")
+        path = require_synth(Path(directory or synth_dir()) / f"chat_{split}.jsonl", "chat")
         super().__init__(path, name=f"synth_chat:{split}", **kw)
 
 
@@ -292,9 +297,7 @@ class SynthMC(MCTask):
 
     def __init__(self, path: str | Path | None = None, **kw: Any):
         super().__init__(**kw)
-        self.path = Path(path) if path else synth_dir() / "eval.jsonl"
-        if not self.path.exists():
-            raise UserError(f"{self.path}: the synthetic eval set is missing; run `picochat data synth` first")
+        self.path = require_synth(Path(path) if path else synth_dir() / "eval.jsonl", "eval")
         self.items = []
         for row in read_jsonl(self.path):
             conv = synth_row_to_mc(row)
@@ -904,11 +907,9 @@ def synth_arithmetic(split: str = "train", directory: str | Path | None = None) 
     the tool's output); test: the held-out `gen` items of eval.jsonl (operand triples never seen in chat data)."""
     d = Path(directory or synth_dir())
     if split == "train":
-        if not (d / "chat_train.jsonl").exists():
-            raise UserError(f"{d / 'chat_train.jsonl'}: the synthetic chat set is missing; run `picochat data synth` "
-                            f"first (or pass --task gsm8k or jsonl:PATH)")
         rows = []
-        for conv in JSONLConversations(d / "chat_train.jsonl"):
+        for conv in JSONLConversations(require_synth(d / "chat_train.jsonl", "chat",
+                                                     " (or pass --task gsm8k or jsonl:PATH)")):
             msgs = conv["messages"]
             if len(msgs) != 2 or isinstance(msgs[1]["content"], str):
                 continue
@@ -919,9 +920,7 @@ def synth_arithmetic(split: str = "train", directory: str | Path | None = None) 
                 rows.append({"messages": msgs, "answer": outs[0]})
         return NumberAnswerTask(rows, name="synth_arith:train")
     if split in ("test", "val"):
-        path = d / "eval.jsonl"
-        if not path.exists():
-            raise UserError(f"{path}: the synthetic eval set is missing; run `picochat data synth` first")
+        path = require_synth(d / "eval.jsonl", "eval")
         rows = [{"messages": [{"role": "user", "content": r["question"]},
                               {"role": "assistant", "content": str(r["answer"])}], "answer": str(r["answer"])}
                 for r in read_jsonl(path) if r.get("kind") == "gen"]

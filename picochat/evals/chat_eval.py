@@ -40,7 +40,7 @@ import torch
 from picochat.config import UserError
 from picochat.conversation import render_for_completion
 from picochat.data.synth import LETTERS, load_eval
-from picochat.data.tasks import ARC, GSM8K, HumanEval, MMLU, SpellingBee, normalise_number
+from picochat.data.tasks import ARC, GSM8K, HumanEval, MMLU, SpellingBee, normalise_number, require_synth
 from picochat.sandbox import unavailable_message
 from picochat.engine import Engine, parts_to_text, tokens_to_parts
 from picochat.evals.core_eval import scored_logits
@@ -79,9 +79,7 @@ def synth_tasks(path: str | Path | None = None) -> list[ChatTask]:
     text (which already lists the lettered options for MC) as the user turn."""
     if path is None:
         path = default_data_dir("synth") / "eval.jsonl"
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: the synthetic eval set is missing; run `picochat data synth` first")
+    path = require_synth(Path(path), "eval")
     mc, gen = [], []
     for row in load_eval(path):
         if row["kind"] == "mc":
